@@ -1,0 +1,1 @@
+"""Registration stage of MaX4Zero: matching, Moving Least Squares warp, fringe masks (plain PyTorch)."""
