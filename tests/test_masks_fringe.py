@@ -1,0 +1,207 @@
+"""Tests for warping.masks and warping.fringe on small hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from max4zero.warping.fringe import composite, fringe_masks
+from max4zero.warping.masks import bbox, dilate, erode, resize_to_grid, to_bool
+
+
+def grid(rows: list[str]) -> torch.Tensor:
+    """'#' = on, '.' = off → bool [H, W]."""
+    return torch.tensor([[c == "#" for c in r] for r in rows])
+
+
+# ---------------------------------------------------------------- masks
+
+
+def test_resize_nearest_picks_top_left_of_each_cell():
+    m = torch.zeros(4, 6)
+    m[0, 0] = m[2, 4] = m[1, 1] = 1.0
+    out = resize_to_grid(m, (2, 3))
+    assert out.dtype == torch.float32 and out.shape == (2, 3)
+    assert out.tolist() == [[1, 0, 0], [0, 0, 1]]
+
+
+def test_resize_keep_thin_keeps_straps():
+    m = torch.zeros(1, 32, 48, dtype=torch.bool)
+    m[0, 5, :] = True  # a 1-px horizontal strap
+    m[0, :, 29] = True  # a 1-px vertical strap
+    nearest = resize_to_grid(m, (4, 6))
+    thin = resize_to_grid(m, (4, 6), keep_thin=True)
+    assert nearest.dtype == torch.bool and nearest.shape == (1, 4, 6)
+    assert not nearest.any()
+    expected = torch.zeros(1, 4, 6, dtype=torch.bool)
+    expected[0, 0, :] = True
+    expected[0, :, 3] = True
+    assert torch.equal(thin, expected)
+    # superset of nearest on a generic mask; upsampling works too
+    g = torch.Generator().manual_seed(0)
+    r = torch.rand(2, 1, 30, 20, generator=g) > 0.8
+    assert (resize_to_grid(r, 7, keep_thin=True) >= resize_to_grid(r, 7)).all()
+    assert resize_to_grid(r, (60, 40)).shape == (2, 1, 60, 40)
+
+
+def test_layout_and_dtype_rule():
+    m = torch.zeros(2, 1, 9, 7, dtype=torch.float16)
+    m[:, :, 4, 3] = 0.6  # soft value above 0.5 → on
+    d = dilate(m, 3)
+    assert d.shape == m.shape and d.dtype == torch.float16
+    assert set(d.unique().tolist()) == {0.0, 1.0} and d.sum().item() == 2 * 9
+    assert dilate(m[:, 0].to(torch.bfloat16), 3).dtype == torch.bfloat16
+    u8 = (m[0, 0] > 0).to(torch.uint8) * 255
+    assert dilate(u8, 3).dtype == torch.uint8 and dilate(u8, 3).sum().item() == 9
+    assert to_bool(m).dtype == torch.bool and to_bool(m).shape == m.shape
+    with pytest.raises(ValueError, match="multi-channel"):
+        dilate(torch.zeros(1, 3, 4, 4), 3)
+
+
+def test_dilate_hand_cases():
+    m = grid([".....", ".....", "..#..", ".....", "....."])
+    assert torch.equal(dilate(m, 3), grid([".....", ".###.", ".###.", ".###.", "....."]))
+    assert dilate(m, 5).all()
+    assert torch.equal(dilate(m, 1), m)
+    big = torch.zeros(31, 40, dtype=torch.bool)
+    big[15, 20] = True
+    d = dilate(big, 13)
+    assert d.sum().item() == 169 and d[9:22, 14:27].all()
+    corner = torch.zeros(10, 10, dtype=torch.bool)
+    corner[0, 0] = True
+    assert dilate(corner, 19).sum().item() == 100
+
+
+def test_erode_hand_cases():
+    m = grid([".......", ".#####.", ".#####.", ".#####.", ".#####.", "......."])
+    assert torch.equal(erode(m, 3), grid([".......", ".......", "..###..", "..###..", ".......", "......."]))
+    # the image border does not eat into the mask
+    full = torch.ones(5, 6, dtype=torch.bool)
+    assert erode(full, 3).all()
+    edge = grid(["###..", "###..", "###.."])
+    assert torch.equal(erode(edge, 3), grid(["##...", "##...", "##..."]))
+    # duality with dilation away from the border
+    g = torch.Generator().manual_seed(1)
+    r = torch.zeros(20, 20, dtype=torch.bool)
+    r[3:17, 3:17] = torch.rand(14, 14, generator=g) > 0.3
+    assert torch.equal(erode(r, 3), ~dilate(~r, 3))  # border pixels are off in r, so no border effect
+
+
+def test_kernel_validation():
+    m = torch.ones(4, 4)
+    for k in (0, 2, 4, -3, 2.0, True):
+        with pytest.raises(ValueError, match="odd"):
+            dilate(m, k)
+        with pytest.raises(ValueError, match="odd"):
+            erode(m, k)
+
+
+def test_bbox():
+    m = torch.zeros(1, 20, 30)
+    m[0, 5:8, 10:14] = 1
+    assert bbox(m) == (10, 5, 14, 8)
+    assert bbox(m, pad=2) == (8, 3, 16, 10)
+    assert bbox(m, pad=0.5) == (8, 3, 16, 10)  # 0.5 × longer side 4 = 2 px
+    assert bbox(m, pad=20) == (0, 0, 30, 20)  # clamped
+    assert bbox(m, square=True) == (10, 5, 14, 9)
+    assert bbox(m, pad=1, square=True) == (9, 4, 15, 10)
+    near_edge = torch.zeros(10, 10)
+    near_edge[0, 2:9] = 1
+    assert bbox(near_edge, square=True) == (2, 0, 9, 7)  # shifted down, not clamped to 1 row
+    batch = torch.zeros(2, 1, 10, 10, dtype=torch.bool)
+    batch[0, 0, 1, 1] = batch[1, 0, 6, 8] = True
+    assert bbox(batch) == (1, 1, 9, 7)  # union
+    with pytest.raises(ValueError, match="empty"):
+        bbox(torch.zeros(5, 5))
+    with pytest.raises(ValueError, match="pad"):
+        bbox(m, pad=-1)
+
+
+# ---------------------------------------------------------------- fringe
+
+
+def test_fringe_hand_case():
+    target = grid(["......", ".####.", ".####.", ".####.", "......"]).float()
+    warped = grid(["......", "..###.", "..###.", "#.....", "......"]).float()
+    F, D = fringe_masks(target, warped, dilation=3)
+    assert F.dtype == torch.float32 and F.shape == (5, 6)
+    assert F.bool().tolist() == grid(["......", ".#....", ".#....", ".####.", "......"]).tolist()
+    assert D.bool().tolist() == grid(["......", ".##...", ".####.", ".####.", "......"]).tolist()
+    F1, D1 = fringe_masks(target, warped, dilation=1)
+    assert torch.equal(F1, D1)
+
+
+def test_fringe_default_19_non_square_batch_broadcast():
+    H, W = 40, 64
+    target = torch.zeros(3, 1, H, W, dtype=torch.bool)
+    target[:, :, 5:35, 10:60] = True
+    warped = torch.zeros(1, 1, H, W, dtype=torch.bool)  # batch 1: shared
+    warped[..., 5:35, 10:40] = True
+    F, D = fringe_masks(target, warped)
+    assert F.shape == D.shape == (3, 1, H, W) and F.dtype == torch.bool
+    expF = torch.zeros(H, W, dtype=torch.bool)
+    expF[5:35, 40:60] = True
+    expD = torch.zeros(H, W, dtype=torch.bool)
+    expD[5:35, 31:60] = True  # grown 9 px left, clipped to the target elsewhere
+    assert (F == expF).all() and (D == expD).all()
+    assert (D >= F).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fringe_low_precision(dtype):
+    t = torch.zeros(2, 8, 12, dtype=dtype)
+    t[:, 2:6, 2:10] = 1
+    w = torch.zeros(2, 8, 12, dtype=dtype)
+    w[:, 2:6, 2:6] = 1
+    F, D = fringe_masks(t, w, dilation=3)
+    assert F.dtype == D.dtype == dtype and F.shape == (2, 8, 12)
+    assert F.sum().item() == 2 * 16 and D.sum().item() == 2 * 20
+
+
+def test_fringe_errors():
+    with pytest.raises(ValueError, match=r"\(4, 5\).*\(4, 6\)"):
+        fringe_masks(torch.zeros(4, 5), torch.zeros(4, 6))
+    with pytest.raises(ValueError, match="batch"):
+        fringe_masks(torch.zeros(2, 4, 5), torch.zeros(3, 4, 5))
+    with pytest.raises(ValueError, match="odd"):
+        fringe_masks(torch.zeros(4, 5), torch.zeros(4, 5), dilation=18)
+
+
+# ---------------------------------------------------------------- composite
+
+
+def test_composite_hand_case():
+    target = torch.zeros(1, 2, 3, 4)
+    warped = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4) + 1
+    tm = grid(["##..", "##..", "...."])
+    wm = grid(["#.#.", "#...", "#..."]).float()
+    out = composite(target, warped, wm, tm)
+    keep = grid(["#...", "#...", "...."])
+    assert torch.equal(out, torch.where(keep, warped, target))
+    assert out[0, 1, 1, 0].item() == 17 and out[0, 0, 0, 2].item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_composite_dtype_and_batch_broadcast(dtype):
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 3, 6, 10, generator=g).to(dtype)
+    warped = torch.rand(1, 3, 6, 10, generator=g)  # float32, batch 1: cast and broadcast
+    tm = torch.rand(3, 6, 10, generator=g) > 0.5
+    wm = (torch.rand(1, 1, 6, 10, generator=g) > 0.5).to(dtype)
+    out = composite(target, warped, wm, tm)
+    assert out.dtype == dtype and out.shape == (3, 3, 6, 10)
+    keep = (tm & wm[:, 0].bool())[:, None]
+    assert torch.equal(out, torch.where(keep, warped.to(dtype), target))
+
+
+def test_composite_errors():
+    img = torch.zeros(1, 3, 8, 8)
+    m = torch.ones(8, 8)
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        composite(torch.zeros(8, 8, 3), img, m, m)
+    with pytest.raises(ValueError, match=r"\(1, 3, 8, 8\).*\(1, 3, 8, 9\)"):
+        composite(img, torch.zeros(1, 3, 8, 9), m, m)
+    with pytest.raises(ValueError, match=r"target_mask has shape \(7, 8\).*8x8"):
+        composite(img, img, m, torch.ones(7, 8))
+    with pytest.raises(ValueError, match="batch"):
+        composite(torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8), m, m)
