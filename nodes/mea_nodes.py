@@ -1,0 +1,334 @@
+"""ComfyUI nodes: Masked Extended Attention model patch and the Leffa flow view (V3 schema).
+
+Thin faces over :mod:`.mea_patch` (the patch) and :mod:`.trace` (recording and flow views).
+
+Recording switch: the MEA node declares the hidden inputs PROMPT and UNIQUE_ID. At run time it scans
+the queued prompt for nodes that take its ``trace`` output (a link ``[its id, 1]``); only then does
+it record attention (and it reads the connected flow view's τ, which must be known while sampling).
+Unconnected, the trace is disabled and MEA runs its fast path: recording costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..warping import masks as _masks
+from .convert import NodeInputError, check_choice, check_same_size, image_to_bchw, mask_to_bhw
+from .features import check_unet
+from .mea_patch import (
+    BACKGROUND_CHOICES,
+    DEFAULT_LAYERS,
+    GUIDANCE_MODES,
+    LAYER_CHOICES,
+    MeaPatch,
+    attn1_slots,
+    center_crop_multiple,
+    neutralise_background,
+    trace_consumers,
+)
+from .trace import FLOW_LAYER_CHOICES, FLOW_MODES, MeaTrace, mls_flow_from_matches, render_flow_view
+
+__all__ = ["MaskedExtendedAttentionNode", "FlowViewNode", "TRACE", "NODE_CLASSES"]
+
+log = logging.getLogger(__name__)
+
+TRACE = io.Custom("MAX4ZERO_TRACE")
+MATCHES = io.Custom("MAX4ZERO_MATCHES")
+
+MEA_ID = "MaX4ZeroMaskedExtendedAttention"
+FLOW_ID = "MaX4ZeroFlowView"
+MEA_NAME = "MaX4Zero Masked Extended Attention"
+FLOW_NAME = "MaX4Zero Leffa Flow View"
+TRACE_OUTPUT_INDEX = 1
+MLS_KINDS = ("affine", "similarity", "rigid")
+
+
+class MaskedExtendedAttentionNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=MEA_ID,
+            display_name=MEA_NAME,
+            category="MaX4Zero",
+            description=(
+                "Patches the MODEL so the try-on region of the target reads the garment from a reference image "
+                "(MaX4Zero's Masked Extended Attention, SPEC §3b): target self-attention in the chosen decoder "
+                "layers attends over its own tokens plus the garment tokens of the reference, which is run "
+                "through the same model at the current noise level each step. Use it for the last part of the "
+                "schedule (paper: 0.7 → 1.0) with any sampler. The input MODEL is not modified. Connect 'trace' "
+                "to a Leffa Flow View to see where each pixel reads from (recording is off otherwise)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5/SD2/SDXL UNet to patch (an inpainting model for try-on; "
+                               "LoRAs and ControlNets applied to it keep working)."),
+                io.Vae.Input("vae", tooltip="The VAE of that model; it encodes the reference image."),
+                io.Image.Input("reference", tooltip="The garment photo (one image; any size, cropped to a multiple "
+                               "of 8 like VAE Encode does)."),
+                io.Mask.Input("garment_mask", tooltip="Garment pixels of the reference (white = garment), same size "
+                              "as the reference. Eroded by 1 px (3x3) as in the paper. Empty = no effect."),
+                io.Mask.Input("target_mask", tooltip="The try-on region of the image being generated (white = "
+                              "repaint), same aspect as the latent; batch 1 or one per latent. Only queries inside "
+                              "it read the garment. Empty = no effect."),
+                io.Conditioning.Input("positive", tooltip="Text conditioning for the reference pass (e.g. the "
+                                      "garment prompt); the first entry is used."),
+                io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="paper",
+                               tooltip="paper: three branches, eps = eps_u + cfg*(eps_c - eps_u) + s_mea*M*(eps_MEA - "
+                               "eps_u); the normal passes run without MEA plus one extra positive pass with it "
+                               "(about 2x per MEA step). fused: MEA inside the normal positive pass (cheaper, "
+                               "about 1.5x)."),
+                io.Float.Input("s_mea", default=15.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Weight of the MEA branch in paper guidance (paper: 15; 0 = off). Not used "
+                               "in fused mode."),
+                io.Float.Input("contrast", default=1.25, min=0.0, max=4.0, step=0.05,
+                               tooltip="Attention contrast on the reference half (paper: 1.25; 1.0 = off and "
+                               "fastest)."),
+                io.Float.Input("start", default=0.7, min=0.0, max=1.0, step=0.01,
+                               tooltip="Start of the MEA window as a fraction of the schedule (0.7 = t <= 300 of "
+                               "1000, the paper's last 15 of 50 steps)."),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the MEA window as a fraction of the schedule (1.0 = to the end)."),
+                io.Combo.Input("layers", options=list(LAYER_CHOICES), default=DEFAULT_LAYERS,
+                               tooltip="Self-attention layers that get MEA, by token grid relative to the image "
+                               "(works for SD1.5, SD2 and SDXL; SDXL has no attention at 1/8)."),
+                io.Int.Input("reference_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the fixed noise that re-noises the reference to each step's noise "
+                             "level."),
+                io.Combo.Input("background", options=list(BACKGROUND_CHOICES), default="kept",
+                               tooltip="kept: encode the reference as it is (paper). neutralised: flat grey outside "
+                               "the garment mask first, so the result cannot depend on the reference background."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The patched model (a clone) for KSampler / "
+                                "KSamplerAdvanced."),
+                TRACE.Output(display_name="trace", tooltip="Attention trace for the Leffa Flow View (records only "
+                             "when connected)."),
+            ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
+        layers, reference_seed, background,
+    ) -> io.NodeOutput:
+        node = MEA_NAME
+        check_choice(node, "guidance", guidance, GUIDANCE_MODES)
+        check_choice(node, "layers", layers, list(LAYER_CHOICES))
+        check_choice(node, "background", background, BACKGROUND_CHOICES)
+        if not (0.0 <= float(start) <= float(end) <= 1.0):
+            raise NodeInputError(node, f"start={start} is after end={end}",
+                                 "set start <= end (fractions of the schedule, paper: 0.7 and 1.0)")
+        dm = check_unet(model, node)
+        selection = LAYER_CHOICES[layers]
+        keys = attn1_slots(dm, selection.parts)
+        if not keys:
+            raise NodeInputError(node, f"the UNet has no self-attention in the parts chosen by layers={layers!r}",
+                                 "pick another 'layers' choice")
+
+        ref = image_to_bchw(reference, node, "reference")
+        if ref.shape[0] != 1:
+            raise NodeInputError(node, f"reference holds {ref.shape[0]} images", "give one reference image "
+                                 "(it is shared by every image of the batch); pick one with 'ImageFromBatch'")
+        gm = mask_to_bhw(garment_mask, node, "garment_mask")
+        if gm.shape[0] != 1:
+            raise NodeInputError(node, f"garment_mask holds {gm.shape[0]} masks", "give the one mask of the "
+                                 "reference image")
+        check_same_size(node, "reference", ref.shape[-2:], "garment_mask", gm.shape[-2:])
+        tm = mask_to_bhw(target_mask, node, "target_mask")
+        ctx = _positive_context(positive, node)
+
+        img = ref[:, :3].permute(0, 2, 3, 1)  # IMAGE [1, H, W, 3]
+        if background == "neutralised":
+            img = neutralise_background(img, gm)
+        ratio = vae.spacial_compression_encode()
+        ratio = int(ratio) if isinstance(ratio, int) else 8
+        H, W = int(img.shape[1]), int(img.shape[2])
+        if H < ratio or W < ratio:
+            raise NodeInputError(node, f"reference is {W}x{H}", f"give a reference of at least {ratio}x{ratio} px")
+        img_c = center_crop_multiple(img, ratio, (1, 2))
+        gm_c = center_crop_multiple(gm, ratio, (1, 2))
+        crop = ((H % ratio) // 2, (W % ratio) // 2, int(img_c.shape[1]), int(img_c.shape[2]))
+
+        latent = vae.encode(img_c.contiguous())
+        channels = int(model.model.latent_format.latent_channels)
+        if latent.dim() != 4 or latent.shape[1] != channels:
+            raise NodeInputError(node, f"the VAE gives {tuple(latent.shape)} latents but the model expects "
+                                 f"{channels} channels", "connect the VAE that belongs to this model")
+        lat = model.model.process_latent_in(latent.detach().float().cpu())
+        gen = torch.Generator().manual_seed(int(reference_seed))
+        noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32)
+        garment = _masks.erode(gm_c > 0.5, 3)
+        if not bool(garment.any()):
+            log.warning("%s: the garment mask is empty (after 1 px erosion): the model is returned unchanged in "
+                        "effect", node)
+        if not bool((tm > 0.5).any()):
+            log.warning("%s: the target mask is empty: the model is returned unchanged in effect", node)
+
+        trace = _make_trace(cls.hidden)
+        trace.reference_size = (H, W)
+        trace.reference_crop = crop
+        trace.window = (float(start), float(end))
+
+        patch = MeaPatch(
+            mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
+            layers=selection, attn1_keys=keys, ref_latent=lat, ref_noise=noise, ref_context=ctx,
+            garment_mask=garment, target_mask=tm, trace=trace,
+        )
+        patched = model.clone()
+        patch.install(patched)
+        return io.NodeOutput(patched, trace)
+
+
+def _positive_context(positive, node: str) -> torch.Tensor:
+    ok = isinstance(positive, (list, tuple)) and positive and isinstance(positive[0], (list, tuple))
+    ctx = positive[0][0] if ok else None
+    if not isinstance(ctx, torch.Tensor) or ctx.dim() != 3:
+        raise NodeInputError(node, "positive is not a CONDITIONING", "connect a CLIP Text Encode output to "
+                             "'positive'")
+    return ctx[:1].detach()
+
+
+def _make_trace(hidden) -> MeaTrace:
+    """A recording trace when a node of the queued prompt consumes our trace output, else a disabled one."""
+    prompt = getattr(hidden, "prompt", None) if hidden is not None else None
+    uid = getattr(hidden, "unique_id", None) if hidden is not None else None
+    consumers = trace_consumers(prompt, uid, TRACE_OUTPUT_INDEX)
+    if not consumers:
+        return MeaTrace(enabled=False)
+    taus = []
+    for class_type, inputs in consumers:
+        if class_type == FLOW_ID:
+            t = inputs.get("tau", 1.0)
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
+                taus.append(float(t))
+    tau = taus[0] if taus else 1.0
+    if len(set(taus)) > 1:
+        log.warning("%s: connected flow views ask for different tau %s; recording at tau=%s", MEA_NAME,
+                    sorted(set(taus)), tau)
+    return MeaTrace(enabled=True, tau=tau)
+
+
+class FlowViewNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=FLOW_ID,
+            display_name=FLOW_NAME,
+            category="MaX4Zero",
+            description=(
+                "Shows where each generated pixel read the garment from (Leffa attention flow, SPEC §4), from "
+                "the attention recorded by the Masked Extended Attention node during sampling: flow as a colour "
+                "wheel, the reference warped by the attention, how much each pixel relies on the reference, how "
+                "sharp that attention is, and the disagreement with the MLS warp of the registration stage."
+            ),
+            inputs=[
+                TRACE.Input("trace", tooltip="The 'trace' output of MaX4Zero Masked Extended Attention."),
+                io.Image.Input("reference", tooltip="The same reference image given to the MEA node."),
+                io.Latent.Input("samples", tooltip="The LATENT sampled with the patched model: connecting it makes "
+                                "this node run after sampling and sets the output size (8x the latent)."),
+                io.Combo.Input("layers", options=list(FLOW_LAYER_CHOICES), default="all MEA layers",
+                               tooltip="Which recorded layers to average, by token grid."),
+                io.Float.Input("step_start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First recorded MEA evaluation to use, as a fraction (0 = first, 1 = last)."),
+                io.Float.Input("step_end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Last recorded MEA evaluation to use, as a fraction."),
+                io.Float.Input("tau", default=1.0, min=0.05, max=10.0, step=0.05,
+                               tooltip="Leffa temperature: flow from softmax(QK/sqrt(d)/tau) over the garment "
+                               "tokens (1 = the attention the model used; Leffa trains with 2). Read by the MEA "
+                               "node when sampling starts."),
+                io.Combo.Input("mode", options=list(FLOW_MODES), default="absolute",
+                               tooltip="Colour the absolute reading position (absolute) or its offset from the "
+                               "pixel's own position (displacement)."),
+                MATCHES.Input("matches", optional=True, tooltip="Optional: the correspondence matches; the MLS "
+                              "warp they define is compared with the attention flow (end-point error)."),
+                io.Image.Input("mls_warped", optional=True, tooltip="Optional: the MLS-warped reference; without "
+                               "matches, the disagreement is its colour difference from the attention-warped "
+                               "reference."),
+                io.Combo.Input("mls_kind", options=list(MLS_KINDS), default="affine", optional=True,
+                               tooltip="MLS kind used by the MLS warp node (paper: affine)."),
+                io.Float.Input("mls_alpha", default=0.1, min=0.01, max=4.0, step=0.01, optional=True,
+                               tooltip="MLS alpha used by the MLS warp node (paper: 0.1)."),
+                io.Float.Input("epe_scale_px", default=32.0, min=1.0, max=1024.0, step=1.0, optional=True,
+                               tooltip="End-point error (reference pixels) shown as white in the disagreement mask."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="flow", tooltip="Flow colour wheel (black: no MEA there)."),
+                io.Image.Output(display_name="warped_reference", tooltip="The reference warped by the attention "
+                                "flow."),
+                io.Mask.Output(display_name="reliance", tooltip="Share of the attention on the reference (row mass, "
+                               "0..1)."),
+                io.Mask.Output(display_name="sharpness", tooltip="exp(-entropy) of the reference attention: 1 = "
+                               "reads one token, 1/n = spread over n tokens."),
+                io.Mask.Output(display_name="disagreement", tooltip="End-point error vs the MLS warp / epe_scale_px "
+                               "(with matches), else colour difference vs mls_warped, else 0."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(
+        cls, trace, reference, samples, layers, step_start, step_end, tau, mode, matches=None, mls_warped=None,
+        mls_kind="affine", mls_alpha=0.1, epe_scale_px=32.0,
+    ) -> io.NodeOutput:
+        node = FLOW_NAME
+        check_choice(node, "layers", layers, list(FLOW_LAYER_CHOICES))
+        check_choice(node, "mode", mode, FLOW_MODES)
+        check_choice(node, "mls_kind", mls_kind, MLS_KINDS)
+        if not all(hasattr(trace, a) for a in ("enabled", "tau", "records", "reference_crop")):
+            raise NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
+                                 "MaX4Zero Masked Extended Attention")
+        rerun = ("ComfyUI reused a cached sampling result: change the sampler's seed (or any input of the MEA "
+                 "node) and queue again")
+        if not trace.enabled:
+            raise NodeInputError(node, "the MEA node did not record attention (this view was not connected when it "
+                                 "ran)", rerun)
+        if abs(trace.tau - float(tau)) > 1e-6:
+            raise NodeInputError(node, f"the attention was recorded at tau={trace.tau}, this view asks for "
+                                 f"tau={tau}", rerun)
+        records = trace.records
+        if not records:
+            win = trace.window or (None, None)
+            raise NodeInputError(node, "nothing was recorded: no sampling step used MEA", f"check the MEA window "
+                                 f"(start={win[0]}, end={win[1]}) against the sampler's steps, the masks, and that "
+                                 "the patched model goes to the sampler that made 'samples'")
+        lat = samples.get("samples") if isinstance(samples, dict) else None
+        if not isinstance(lat, torch.Tensor) or lat.dim() != 4:
+            raise NodeInputError(node, "samples is not an image LATENT", "connect the sampler's LATENT output")
+        latent_hw = (int(lat.shape[-2]), int(lat.shape[-1]))
+        out_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
+
+        ref = image_to_bchw(reference, node, "reference")[:1, :3].float()
+        if trace.reference_crop is not None and tuple(ref.shape[-2:]) == tuple(trace.reference_size or ()):
+            top, left, h, w = trace.reference_crop
+            ref = ref[:, :, top : top + h, left : left + w]
+        ref_hw = (int(ref.shape[-2]), int(ref.shape[-1]))
+
+        mls_flow = None
+        if matches is not None:
+            mls_flow = mls_flow_from_matches(matches, ref_hw, out_hw, mls_kind, float(mls_alpha))
+        view = render_flow_view(
+            records, ref, latent_hw, out_hw, levels=FLOW_LAYER_CHOICES[layers], step_start=float(step_start),
+            step_end=float(step_end), mode=mode, mls_flow=mls_flow,
+        )
+        if view.epe is not None:
+            disagreement = (view.epe / float(epe_scale_px)).clamp(0.0, 1.0)
+        elif mls_warped is not None:
+            mw = image_to_bchw(mls_warped, node, "mls_warped")[:, :3].float()
+            if tuple(mw.shape[-2:]) != out_hw:
+                mw = torch.nn.functional.interpolate(mw, size=out_hw, mode="bilinear", align_corners=False)
+            mw = mw.permute(0, 2, 3, 1)
+            disagreement = (view.warped - mw).abs().mean(-1) * view.covered
+        else:
+            disagreement = torch.zeros_like(view.reliance)
+        gray = lambda m: m.float().clamp(0, 1)[..., None].expand(*m.shape, 3)  # noqa: E731
+        preview = torch.cat([view.flow_rgb, view.warped, gray(view.reliance), gray(view.sharpness)], dim=2)
+        return io.NodeOutput(
+            view.flow_rgb, view.warped, view.reliance, view.sharpness, disagreement.contiguous(),
+            ui=ui.PreviewImage(preview, cls=cls),
+        )
+
+
+NODE_CLASSES = [MaskedExtendedAttentionNode, FlowViewNode]

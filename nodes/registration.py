@@ -1,0 +1,143 @@
+"""Stage-1 glue between the nodes and ``warping/``: masks at the feature grid, features → matches,
+matches → MLS warp, and the double mask. Pure torch (no ComfyUI import), tested in the normal suite.
+
+Layouts: images ``[B, C, H, W]``, masks ``[B, H, W]`` float unless stated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..warping import fringe as _fringe
+from ..warping import masks as _masks
+from ..warping import matching as _matching
+from ..warping import mls as _mls
+from .matches import Matches
+from .preview import grid_lines
+
+__all__ = [
+    "OUTLIER_FILTERS", "CONTROL_POINT_MODES", "MLS_KINDS", "SAMPLINGS", "FEATURE_STRIDE",
+    "grid_mask", "matches_from_features", "warp_garment", "double_mask", "grey_out",
+]
+
+OUTLIER_FILTERS = ("ransac", "none")
+CONTROL_POINT_MODES = ("random", "deterministic", "all")
+MLS_KINDS = _mls.KINDS
+SAMPLINGS = ("bilinear", "nearest")
+FEATURE_STRIDE = 16  # image pixels per feature token (decoder features at 1/16)
+
+
+def grid_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A ``[1, H, W]`` / ``[H, W]`` mask at the feature grid, bool ``[h, w]``.
+
+    Nearest neighbour (paper). If that loses a non-empty mask entirely (a garment thinner than a
+    token), the any-pixel rule (``keep_thin``) is used instead, so a visible garment is never empty.
+    """
+    m = mask if mask.ndim == 2 else mask[0]
+    out = _masks.resize_to_grid(m > 0.5, grid)
+    if not bool(out.any()) and bool((m > 0.5).any()):
+        out = _masks.resize_to_grid(m > 0.5, grid, keep_thin=True)
+    return out
+
+
+def matches_from_features(
+    feat_ref: torch.Tensor,
+    feat_tgt: torch.Tensor,
+    ref_grid_mask: torch.Tensor,
+    tgt_grid_mask: torch.Tensor,
+    ref_work_hw: tuple[int, int],
+    tgt_work_hw: tuple[int, int],
+    ref_hw: tuple[int, int],
+    tgt_hw: tuple[int, int],
+    outlier_filter: str = "ransac",
+    outlier_threshold: float = 5.0,
+    control_points: str = "random",
+    score_threshold: float = 0.5,
+    seed: int = 0,
+) -> Matches:
+    """SPEC §2b-c: mutual nearest neighbours inside the masks → outlier filter → pixel control points.
+
+    Features were computed on images resized to ``*_work_hw`` (multiples of 16); the control points
+    are returned in the pixels of the original ``*_hw`` images.
+
+    Raises:
+        ValueError: (from ``warping.matching``) empty masks at the grid, no match, none kept.
+    """
+    grid_r = tuple(feat_ref.shape[-2:])
+    grid_t = tuple(feat_tgt.shape[-2:])
+    ia, ib, sc = _matching.mutual_nearest_neighbors(feat_ref, feat_tgt, ref_grid_mask, tgt_grid_mask)
+    if outlier_filter == "ransac":
+        ia, ib, sc = _matching.filter_matches(ia, ib, sc, grid_r, grid_t, threshold=float(outlier_threshold),
+                                              seed=int(seed))
+    pa, pb, w = _matching.control_points(ia, ib, sc, grid_r, grid_t, stride=FEATURE_STRIDE, mode=control_points,
+                                         seed=int(seed), threshold=float(score_threshold))
+    work = Matches(pa, pb, w, ref_work_hw, tgt_work_hw)
+    return work.rescaled(ref_hw, tgt_hw) if (tuple(ref_hw), tuple(tgt_hw)) != (tuple(ref_work_hw), tuple(tgt_work_hw)) else work
+
+
+def warp_garment(
+    reference: torch.Tensor,
+    garment_mask: torch.Tensor,
+    matches: Matches,
+    target_hw: tuple[int, int],
+    kind: str = "affine",
+    alpha: float = 0.1,
+    stride: int = _mls.DEFAULT_STRIDE,
+    sampling: str = "bilinear",
+    grid_step: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §2d: warp the reference garment onto the target with MLS (backward mapping).
+
+    Args:
+        reference: ``[1, C, Hr, Wr]``; garment_mask ``[1, Hr, Wr]`` (already eroded if wanted).
+        matches: control points; rescaled here if they were made for other image sizes.
+        target_hw: output size.
+
+    Returns:
+        ``(warped [1, C, Ht, Wt], warped_mask [1, Ht, Wt] (0/1), warped_grid [1, Ht, Wt])``. Samples
+        that fall outside the reference read 0 (outside the garment).
+    """
+    Hr, Wr = int(reference.shape[-2]), int(reference.shape[-1])
+    Ht, Wt = (int(s) for s in target_hw)
+    m = matches
+    if tuple(m.reference_size) != (Hr, Wr) or tuple(m.target_size) != (Ht, Wt):
+        m = m.rescaled((Hr, Wr), (Ht, Wt))
+    bmap = _mls.backward_map(m.target_points, m.reference_points, Ht, Wt, kind=kind, alpha=float(alpha),
+                             stride=int(stride))
+    bmap = bmap.to(reference.device)
+    warped = _mls.warp(reference.float(), bmap, mode=sampling)
+    wm = _mls.warp((garment_mask.float() > 0.5).float()[:, None].to(reference.device), bmap, mode=sampling)[:, 0]
+    grid = _mls.warp(grid_lines(Hr, Wr, grid_step).to(reference.device), bmap, mode="bilinear")[:, 0]
+    return warped, (wm > 0.5).float(), grid
+
+
+def double_mask(
+    target_mask: torch.Tensor,
+    warped_mask: torch.Tensor,
+    protect_mask: Optional[torch.Tensor] = None,
+    target_dilation: int = 13,
+    fringe_dilation: int = 19,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §1 preprocessing + §2e fringes.
+
+    ``target = dilate(target ∧ ¬protect, target_dilation)``; ``F = target ∧ ¬warped``;
+    ``D = dilate(F, fringe_dilation) ∧ target``. Dilation 1 switches a step off.
+
+    Returns:
+        ``(target, F, D)``, float 0/1 ``[B, H, W]`` (common batch of the inputs).
+    """
+    t = target_mask > 0.5
+    if protect_mask is not None:
+        t = t & ~(protect_mask > 0.5)
+    t = _masks.dilate(t, int(target_dilation))
+    thin, dil = _fringe.fringe_masks(t, warped_mask > 0.5, dilation=int(fringe_dilation))
+    B = thin.shape[0]
+    return t.expand(B, -1, -1).float(), thin.float(), dil.float()
+
+
+def grey_out(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` with pixels where ``round(mask) == 1`` set to 0.5 (InpaintModelConditioning's rule)."""
+    keep = (1.0 - mask.float().round())[:, None]
+    return (image.float() - 0.5) * keep + 0.5

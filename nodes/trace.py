@@ -1,0 +1,242 @@
+"""The ``MAX4ZERO_TRACE`` handle (MEA node → Leffa flow view) and the flow view's pure computations.
+
+Recording (SPEC §4): while the MEA patch samples, each MEA layer call hands the reduced reference
+attention (flow, row mass, entropy, peak per query — never the heads × T × T_ref map) to an
+:class:`~max4zero.attention.flow.AttentionCapture`. Recording is switched on by the MEA node only when
+a node of the prompt consumes its trace output (hidden PROMPT + UNIQUE_ID inputs); otherwise
+:meth:`MeaTrace.capture_for` returns None and the attention runs its fast path, so an unconnected
+trace costs nothing.
+
+Because the flow view runs after sampling, what it may ask for must be known before: the Leffa
+temperature τ changes the recorded flow, so the MEA node reads τ from the connected flow view's widget
+at queue time. ComfyUI caches node results by their inputs; when only the flow view changed, sampling
+is not re-run and the flow view checks that the trace matches (τ, recording on) and otherwise says how
+to re-run. Layers, step window and colour mode are chosen afterwards from what was recorded.
+
+No ComfyUI import (tested in the normal suite).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..attention import flow as _flow
+from ..attention.flow import AttentionCapture, FlowRecord
+
+__all__ = [
+    "MeaTrace",
+    "FLOW_LAYER_CHOICES",
+    "FLOW_MODES",
+    "FlowView",
+    "select_for_view",
+    "render_flow_view",
+    "mls_flow_from_matches",
+]
+
+FLOW_MODES = ("absolute", "displacement")
+
+#: Flow view layer choices: label → token-grid levels (0 = latent grid = 1/8 of the image), None = all.
+FLOW_LAYER_CHOICES: dict[str, Optional[frozenset]] = {
+    "all MEA layers": None,
+    "1/8 grid": frozenset({0}),
+    "1/16 grid": frozenset({1}),
+    "1/32 grid": frozenset({2}),
+}
+
+
+class MeaTrace:
+    """What the MEA node hands to the flow view: settings, and the recorder filled during sampling.
+
+    Attributes:
+        enabled: recording on (a consumer of the trace output was connected when the MEA node ran).
+        tau: Leffa temperature the flow was recorded at.
+        capture: the :class:`AttentionCapture` (None when disabled).
+        runs: sampling runs seen (each run clears the previous records).
+        sample_sigmas: the last run's schedule (float list) or None.
+        reference_size: (H, W) of the reference IMAGE given to the MEA node.
+        reference_crop: (top, left, H, W) of the part of it that was encoded (VAE multiple of 8).
+        window: (start, end) schedule fractions of the MEA window, for messages.
+    """
+
+    def __init__(self, enabled: bool, tau: float = 1.0, want_entropy: bool = True) -> None:
+        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"tau must be a finite number > 0 (1 = the model's own attention, Leffa 2), got {tau!r}")
+        self.enabled = bool(enabled)
+        self.tau = float(tau)
+        self.capture: Optional[AttentionCapture] = (
+            AttentionCapture(want_entropy=want_entropy, tau=float(tau)) if self.enabled else None
+        )
+        self.runs = 0
+        self.sample_sigmas: Optional[list[float]] = None
+        self.reference_size: Optional[tuple[int, int]] = None
+        self.reference_crop: Optional[tuple[int, int, int, int]] = None
+        self.window: Optional[tuple[float, float]] = None
+
+    def __deepcopy__(self, memo: dict) -> "MeaTrace":
+        return self  # a handle: copies of the patched model must keep writing into the same trace
+
+    def __repr__(self) -> str:
+        n = 0 if self.capture is None else len(self.capture)
+        return f"MeaTrace(enabled={self.enabled}, tau={self.tau}, runs={self.runs}, records={n})"
+
+    def begin_run(self, sigmas: Any = None) -> None:
+        """A sampling run starts: forget the previous run's records."""
+        self.runs += 1
+        if isinstance(sigmas, torch.Tensor):
+            self.sample_sigmas = [float(s) for s in sigmas.detach().flatten().cpu()]
+        else:
+            self.sample_sigmas = None
+        if self.capture is not None:
+            self.capture.clear()
+
+    def capture_for(
+        self, *, layer: Any, step: Optional[int], sigma: float, query_hw: Sequence[int], ref_hw: Sequence[int]
+    ) -> Optional[AttentionCapture]:
+        """The recorder with its context set for one layer call, or None when recording is off."""
+        if self.capture is None:
+            return None
+        return self.capture.set_context(
+            layer=layer, step=step, sigma=float(sigma), query_hw=tuple(query_hw), ref_hw=tuple(ref_hw)
+        )
+
+    @property
+    def records(self) -> list[FlowRecord]:
+        return [] if self.capture is None else list(self.capture.records)
+
+
+# --------------------------------------------------------------------------------------------
+# flow view
+
+
+def _level(latent_hw: Sequence[int], hw: Sequence[int]) -> int:
+    from .mea_patch import grid_level
+
+    return grid_level(latent_hw, hw)
+
+
+def select_for_view(
+    records: Sequence[FlowRecord],
+    latent_hw: Sequence[int],
+    levels: Optional[frozenset] = None,
+    step_start: float = 0.0,
+    step_end: float = 1.0,
+) -> list[FlowRecord]:
+    """Records of the chosen grid levels whose model evaluation lies in [step_start, step_end].
+
+    The window is a fraction of the *recorded* evaluations, in sampling order (decreasing sigma):
+    0 = the first MEA evaluation, 1 = the last. A window that falls between two evaluations keeps the
+    one nearest to its centre, so a narrow window never comes back empty.
+    """
+    if not (0.0 <= step_start <= step_end <= 1.0):
+        raise ValueError(f"need 0 ≤ step_start ≤ step_end ≤ 1, got {step_start} and {step_end}")
+    chosen = [r for r in records if levels is None or _level(latent_hw, r.query_hw) in levels]
+    sigmas = sorted({float(r.sigma) for r in chosen if r.sigma is not None}, reverse=True)
+    if not sigmas:
+        return chosen
+    n = len(sigmas)
+    pos = {s: (i / (n - 1) if n > 1 else 0.0) for i, s in enumerate(sigmas)}
+    keep = {s for s, p in pos.items() if step_start - 1e-9 <= p <= step_end + 1e-9}
+    if not keep:
+        centre = 0.5 * (step_start + step_end)
+        keep = {min(pos, key=lambda s: abs(pos[s] - centre))}
+    return [r for r in chosen if r.sigma is not None and float(r.sigma) in keep]
+
+
+@dataclass
+class FlowView:
+    """Flow view outputs at the target's pixel size (H, W), batch B of the recorded target rows.
+
+    flow_rgb / warped: [B, H, W, 3] in 0..1 (black where no query used MEA); reliance (row mass),
+    sharpness (exp(−entropy) = 1 / effective number of reference tokens read) and epe: [B, H, W].
+    epe is in reference pixels (None without an MLS flow). flow [B, H, W, 2] normalised (x, y).
+    """
+
+    flow_rgb: torch.Tensor
+    warped: torch.Tensor
+    reliance: torch.Tensor
+    sharpness: torch.Tensor
+    epe: Optional[torch.Tensor]
+    flow: torch.Tensor
+    covered: torch.Tensor
+    n_records: int
+
+
+def render_flow_view(
+    records: Sequence[FlowRecord],
+    reference_bchw: torch.Tensor,
+    latent_hw: Sequence[int],
+    out_hw: Sequence[int],
+    *,
+    levels: Optional[frozenset] = None,
+    step_start: float = 0.0,
+    step_end: float = 1.0,
+    mode: str = "absolute",
+    mls_flow: Optional[torch.Tensor] = None,
+) -> FlowView:
+    """Average the selected records (flow weighted by row mass) and draw the views at ``out_hw``.
+
+    Args:
+        records: :class:`FlowRecord` list from a :class:`MeaTrace`.
+        reference_bchw: [1, C, Hr, Wr] the reference image the flow points into (the encoded part).
+        latent_hw: the target latent's (h, w), to name the records' grids.
+        out_hw: output size (the target image's pixels).
+        mls_flow: optional [H, W, 2] or [B, H, W, 2] MLS backward map in the normalised convention
+            (:func:`mls_flow_from_matches`) for the end-point-error map.
+    """
+    if mode not in FLOW_MODES:
+        raise ValueError(f"mode must be one of {FLOW_MODES}, got {mode!r}")
+    chosen = select_for_view(records, latent_hw, levels, step_start, step_end)
+    if not chosen:
+        raise ValueError("no recorded MEA layer call matches the chosen layers: pick 'all MEA layers' or another grid")
+    batch = {int(r.flow.shape[0]) for r in chosen}
+    if len(batch) > 1:
+        raise ValueError(f"the recorded calls have different batch sizes {sorted(batch)}; view one sampling layout")
+    finest = max((tuple(r.query_hw) for r in chosen), key=lambda hw: hw[0] * hw[1])
+    stats = _flow.accumulate_records(chosen, finest, mass_weighted=True)
+    H, W = int(out_hw[0]), int(out_hw[1])
+    flow_up = _flow.resize_flow(stats.flow, (H, W))
+    mass_up = _flow.resize_flow(stats.mass, (H, W)).clamp(0.0, 1.0)
+    covered = mass_up > 1e-6
+    cov = covered.unsqueeze(-1).float()
+    flow_rgb = _flow.flow_to_color(flow_up, mode) * cov
+    ref = reference_bchw.float()
+    warped = _flow.warp_by_flow(ref[:, :3], stats.flow, size=(H, W))  # [B, C, H, W]
+    warped = warped.permute(0, 2, 3, 1).clamp(0.0, 1.0) * cov
+    if stats.entropy is not None:
+        sharp = torch.exp(-_flow.resize_flow(stats.entropy, (H, W)).clamp_min(0.0)) * covered
+    else:
+        sharp = torch.zeros_like(mass_up)
+    epe = None
+    if mls_flow is not None:
+        mf = mls_flow.float()
+        mf = mf.unsqueeze(0) if mf.dim() == 3 else mf
+        mf = _flow.resize_flow(mf, (H, W)).expand(flow_up.shape[0], -1, -1, -1)
+        epe = _flow.end_point_error(flow_up, mf, pixel_size=tuple(ref.shape[-2:])) * covered
+    return FlowView(
+        flow_rgb=flow_rgb.contiguous(), warped=warped.contiguous(), reliance=mass_up.contiguous(),
+        sharpness=sharp.contiguous(), epe=None if epe is None else epe.contiguous(), flow=flow_up,
+        covered=covered, n_records=len(chosen),
+    )
+
+
+def mls_flow_from_matches(
+    matches: Any, ref_hw: Sequence[int], out_hw: Sequence[int], kind: str = "affine", alpha: float = 0.1, stride: int = 4
+) -> torch.Tensor:
+    """The MLS backward map of the registration stage as a normalised flow [H, W, 2] at ``out_hw``.
+
+    ``matches`` is a ``MAX4ZERO_MATCHES`` value (:class:`~max4zero.nodes.matches.Matches`); its points
+    are rescaled to the reference size ``ref_hw`` and the target size ``out_hw`` first. Same
+    construction as the MLS warp node (target points → reference points), so the end-point error is
+    measured against the warp that built the composite.
+    """
+    from ..warping.mls import backward_map
+
+    if len(matches) == 0:
+        raise ValueError("the matches hold no control point; run the correspondence node with looser filters")
+    m = matches.rescaled(tuple(ref_hw), tuple(out_hw))
+    pix = backward_map(m.target_points, m.reference_points, int(out_hw[0]), int(out_hw[1]), kind, alpha, stride)
+    return _flow.pixel_map_to_flow(pix, tuple(ref_hw))

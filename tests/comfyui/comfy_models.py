@@ -1,0 +1,554 @@
+"""Test harness for running the pack inside a real ComfyUI (``COMFYUI_PATH``), in-process, on CPU.
+
+Everything here is imported by ``tests/comfyui/conftest.py`` only after it has booted ComfyUI (so the
+``comfy``, ``nodes``, ``execution`` imports inside the functions resolve to the checkout in
+``COMFYUI_PATH``). What it offers:
+
+* :func:`boot` — put ComfyUI on ``sys.path`` (ahead of the pack root, which also has a ``nodes``
+  folder), force CPU, point its output/temp folders at a scratch dir, record progress-bar calls,
+  register the test-only nodes, and load THIS pack through ComfyUI's own ``nodes.load_custom_node``.
+* Random-weight models built from ComfyUI's own classes: :func:`small_sd15_model` (SD1.5 block
+  layout, ``model_channels`` 32, ``context_dim`` 768; plain or 9-channel inpainting),
+  :func:`small_vae` (``AutoencoderKL`` with a reduced ``ddconfig``), :func:`conditioning`
+  (CLIP-free ``[1, 77, 768]`` tensors), :func:`small_sdxl_model` + :func:`sdxl_conditioning` (SDXL
+  block layout), :func:`non_unet_model` (a DiT-like stand-in for error paths).
+* :func:`pack_module` — the pack's modules as ComfyUI loaded them (not the normal suite's ``max4zero``
+  copy); :func:`pack_node_classes` — the extension's node list.
+* :class:`Graph` + :func:`run_prompt` — build an API-format prompt, pass in-memory objects through
+  test-only loader nodes (``TestHarnessObject_<TYPE>``), capture any output with a test-only output
+  node (``TestHarnessCapture``), validate with ``execution.validate_prompt`` and run it through
+  ``execution.PromptExecutor`` (the same path the server uses), with a stub server. The result gives
+  captured values (``res["name"]``), any node's output (``res.output(node_id, i)``), UI outputs and the
+  progress-bar updates made during the run (``res.progress``: ``(node_id, value, total)``).
+  Only nodes.py's built-in nodes are registered (plus this pack); comfy_extras are not loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+SKIP_REASON = "COMFYUI_PATH is not set: these tests need a ComfyUI checkout (see README)"
+
+# The node ids this pack ships. The schema snapshot test compares ALL of the extension's nodes;
+# this list is what the loader test insists is present after ComfyUI's own loading path.
+REGISTRATION_NODE_IDS = (
+    "MaX4ZeroCorrespondence",
+    "MaX4ZeroMLSWarp",
+    "MaX4ZeroDoubleMaskInpaint",
+    "MaX4ZeroCropToMask",
+    "MaX4ZeroPasteBack",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Boot
+# ---------------------------------------------------------------------------------------------
+
+_STATE: dict[str, Any] = {}
+PROGRESS: list[tuple[Any, int, int]] = []  # (node_id, value, total) of every comfy.utils.ProgressBar update
+_OBJECTS: dict[str, Any] = {}
+_CAPTURED: dict[str, Any] = {}
+
+
+def boot(comfyui_path: str) -> dict[str, Any]:
+    """Import ComfyUI from ``comfyui_path`` (CPU), load this pack through ``nodes.load_custom_node``.
+
+    Idempotent. Returns ``{"pack_module": module, "node_ids": [...], "scratch": Path}``.
+    """
+    if _STATE:
+        return _STATE
+    root = str(Path(comfyui_path).resolve())
+    if not (Path(root) / "nodes.py").is_file() or not (Path(root) / "comfy").is_dir():
+        raise RuntimeError(f"COMFYUI_PATH={comfyui_path!r} is not a ComfyUI checkout (no nodes.py / comfy/)")
+    # ``python -m pytest`` run from the pack root puts the pack root ('' or its path) on sys.path,
+    # and the pack has a ``nodes/`` folder: ComfyUI's ``nodes.py`` must win.
+    pack = str(PACK_ROOT)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != pack]
+    sys.path.insert(0, root)
+    if "nodes" in sys.modules and not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(root):
+        raise RuntimeError("a module called 'nodes' that is not ComfyUI's was imported before the harness booted")
+
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    comfy.cli_args.args.disable_metadata = True
+    import comfy.model_management  # noqa: F401
+    import comfy.utils
+    import folder_paths
+    import nodes
+
+    scratch = Path(tempfile.mkdtemp(prefix="max4zero-comfy-"))
+    for sub in ("output", "temp", "input"):
+        (scratch / sub).mkdir()
+    folder_paths.set_output_directory(str(scratch / "output"))
+    folder_paths.set_temp_directory(str(scratch / "temp"))
+    folder_paths.set_input_directory(str(scratch / "input"))
+
+    from comfy_execution.utils import get_executing_context
+
+    def progress_hook(value, total, preview, prompt_id=None, node_id=None):
+        ctx = get_executing_context()
+        if node_id is None and ctx is not None:
+            node_id = ctx.node_id
+        PROGRESS.append((node_id, int(value), int(total)))
+
+    comfy.utils.set_progress_bar_global_hook(progress_hook)
+
+    _register_test_nodes()
+    builtin = set(nodes.NODE_CLASS_MAPPINGS)
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    ok = asyncio.run(nodes.load_custom_node(pack, ignore=builtin, module_parent="custom_nodes"))
+    if not ok:
+        raise RuntimeError(
+            f"ComfyUI failed to load the pack at {pack} (nodes.load_custom_node returned False): see the log above"
+        )
+    node_ids = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before)
+    pack_module = sys.modules[pack.replace(".", "_x_")]
+    _STATE.update(pack_module=pack_module, node_ids=node_ids, scratch=scratch, comfyui_path=root)
+    return _STATE
+
+
+def pack_module(name: str = ""):
+    """A submodule of the pack AS COMFYUI LOADED IT (e.g. ``pack_module("nodes.geometry")``).
+
+    The normal suite's ``max4zero.*`` (tests/conftest.py) is a second, separate copy of the same files:
+    its classes are not the ones flowing through the graph (``isinstance`` across copies fails).
+    """
+    import importlib
+
+    base = _STATE["pack_module"].__name__
+    return importlib.import_module(f"{base}.{name}" if name else base)
+
+
+def pack_node_classes() -> list[type]:
+    """The node classes of the pack's ComfyExtension, exactly as ComfyUI received them."""
+    ext = asyncio.run(_STATE["pack_module"].comfy_entrypoint())
+    return list(asyncio.run(ext.get_node_list()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-weight models from ComfyUI's own classes
+# ---------------------------------------------------------------------------------------------
+
+
+def init_random(module: torch.nn.Module, seed: int = 0) -> int:
+    """Initialise every layer with torch's default init; returns the number of layers touched.
+
+    ``comfy.ops`` layers override ``reset_parameters()`` with a no-op (weights normally come from a
+    checkpoint), so the torch base-class implementation is called explicitly.
+    """
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    n = 0
+    try:
+        for m in module.modules():
+            for base in type(m).__mro__[1:]:
+                if base.__module__.startswith("torch.nn") and "reset_parameters" in base.__dict__:
+                    base.reset_parameters(m)
+                    n += 1
+                    break
+    finally:
+        torch.random.set_rng_state(gen_state)
+    return n
+
+
+def sd15_unet_config(in_channels: int = 4, model_channels: int = 32) -> dict:
+    """The detected SD1.5 ``unet_config`` with a reduced width (block layout unchanged)."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": in_channels, "model_channels": model_channels,
+        "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 768,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+_MODEL_CACHE: dict[tuple, Any] = {}
+
+
+def small_sd15_model(inpaint: bool = False, seed: int = 0, model_channels: int = 32, cached: bool = True):
+    """A ``ModelPatcher`` around a random-weight SD1.5-layout ``BaseModel`` (EPS, float32, CPU).
+
+    ``inpaint=True`` gives the 9-channel inpainting variant (``concat_keys`` mask + masked_image).
+    ``cached=True`` returns one shared instance per argument set: callers must not mutate it (nodes
+    clone before patching, which is what the tests check).
+    """
+    key = (bool(inpaint), int(seed), int(model_channels))
+    if cached and key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.SD15(sd15_unet_config(9 if inpaint else 4, model_channels))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "model.diffusion_model.", device=mm.unet_offload_device())
+    init_random(model, seed)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+    if cached:
+        _MODEL_CACHE[key] = patcher
+    return patcher
+
+
+def small_sdxl_model(seed: int = 0):
+    """A random-weight SDXL-layout UNet (3 levels, ``model_channels`` 64, one transformer per block,
+    ``context_dim`` 2048, ADM 2816): checks that nothing assumes SD1.5 block numbers.
+
+    Conditioning needs ``{"pooled_output": tensor[1, 1280]}``: see :func:`sdxl_conditioning`.
+    """
+    key = ("sdxl", int(seed))
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+        "model_channels": 64, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 1, 1, 1, 1],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": True,
+        "context_dim": 2048, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    cfg = comfy.supported_models.SDXL(unet_config)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "model.diffusion_model.", device=mm.unet_offload_device())
+    init_random(model, seed)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+    _MODEL_CACHE[key] = patcher
+    return patcher
+
+
+def sdxl_conditioning(seed: int = 0, batch: int = 1) -> list:
+    """CLIP-free SDXL CONDITIONING: ``[[tensor[batch, 77, 2048], {"pooled_output": tensor[batch, 1280]}]]``."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, 77, 2048, generator=g), {"pooled_output": torch.randn(batch, 1280, generator=g)}]]
+
+
+def non_unet_model():
+    """A ``ModelPatcher`` whose diffusion model is not a UNet (stands in for DiT / Flux / SD3).
+
+    Built from the small SD1.5 ``BaseModel`` with its ``diffusion_model`` replaced by a tiny module
+    that has no ``output_blocks``: the pack must refuse it with a clear message.
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    base = small_sd15_model(inpaint=False, seed=123, cached=False).model
+
+    class TinyDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.in_channels = 4
+            self.dtype = torch.float32
+
+        def forward(self, x, timesteps=None, context=None, **kwargs):
+            return self.proj(x.movedim(1, -1)).movedim(-1, 1)
+
+    base.diffusion_model = TinyDiT()
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+_VAE_CACHE: dict[int, Any] = {}
+
+
+def small_vae(seed: int = 0, ch: int = 32):
+    """A random-weight ``comfy.sd.VAE``: ``AutoencoderKL`` with the SD ddconfig at width ``ch``.
+
+    Same 8× downscale and 4 latent channels as the SD VAE, so latents have SD1.5 shapes.
+    """
+    if (seed, ch) in _VAE_CACHE:
+        return _VAE_CACHE[(seed, ch)]
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+
+    ddconfig = {
+        "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": ch,
+        "ch_mult": [1, 2, 4, 4], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+    }
+    params = {"ddconfig": ddconfig, "embed_dim": 4}
+    ae = comfy.ldm.models.autoencoder.AutoencoderKL(**params)
+    init_random(ae, seed)
+    vae = comfy.sd.VAE(sd=ae.state_dict(), config={"params": params})
+    _VAE_CACHE[(seed, ch)] = vae
+    return vae
+
+
+def conditioning(seed: int = 0, batch: int = 1, tokens: int = 77, zero: bool = False) -> list:
+    """A CLIP-free CONDITIONING: ``[[tensor[batch, tokens, 768], {}]]`` (random, or zeros)."""
+    if zero:
+        t = torch.zeros(batch, tokens, 768)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        t = torch.randn(batch, tokens, 768, generator=g)
+    return [[t, {}]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic images
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_pair(size: int = 128, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Reference garment photo + person photo with masks, ComfyUI layouts (IMAGE [B,H,W,3], MASK [B,H,W]).
+
+    The reference shows a striped "garment" rectangle on a light background (garment_mask = the
+    rectangle); the target has a grey "person" with a different torso rectangle (target_mask),
+    shifted and scaled, so a warp has something to do.
+    """
+    g = torch.Generator().manual_seed(seed)
+    H = W = size
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+
+    ref = torch.full((H, W, 3), 0.92)
+    gm = ((yy >= H // 4) & (yy < 3 * H // 4) & (xx >= W // 4) & (xx < 3 * W // 4)).float()
+    stripes = ((yy // max(1, size // 16)) % 2).float()
+    garment = torch.stack([0.2 + 0.6 * stripes, 0.3 + 0.2 * (xx / W), 0.7 - 0.5 * stripes], -1)
+    ref = torch.where(gm[..., None] > 0, garment, ref)
+    ref = (ref + 0.02 * torch.randn(H, W, 3, generator=g)).clamp(0, 1)
+
+    tgt = torch.full((H, W, 3), 0.75)
+    tgt[..., 2] = 0.85
+    tm = ((yy >= 3 * H // 8) & (yy < 7 * H // 8) & (xx >= 5 * W // 16) & (xx < 13 * W // 16)).float()
+    person = ((xx - W // 2).abs() < W // 5) & (yy > H // 8)
+    tgt = torch.where(person[..., None], torch.tensor([0.55, 0.45, 0.4]), tgt)
+    tgt = torch.where(tm[..., None] > 0, torch.tensor([0.3, 0.6, 0.3]), tgt)
+    tgt = (tgt + 0.02 * torch.randn(H, W, 3, generator=g)).clamp(0, 1)
+
+    def b(x):
+        return x[None].expand(batch, *x.shape).contiguous()
+
+    return {"reference": b(ref), "garment_mask": b(gm), "target": b(tgt), "target_mask": b(tm)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-only nodes and prompt execution
+# ---------------------------------------------------------------------------------------------
+
+OBJECT_TYPES = (
+    "MODEL", "VAE", "CLIP", "CONDITIONING", "IMAGE", "MASK", "LATENT", "SIGMAS", "NOISE", "GUIDER", "SAMPLER",
+    "INT", "FLOAT", "STRING", "BOOLEAN",
+    "MAX4ZERO_MATCHES", "MAX4ZERO_CROP",
+)
+
+
+def loader_id(io_type: str) -> str:
+    return f"TestHarnessObject_{io_type}"
+
+
+def register_object_type(io_type: str) -> str:
+    """Register (once) a loader node that outputs an in-memory object of ``io_type``; returns its id.
+
+    The other pack-private types (e.g. the MEA trace handle) can be added by their tests this way.
+    """
+    import nodes
+    from comfy_api.latest import io
+
+    node_id = loader_id(io_type)
+    if node_id in nodes.NODE_CLASS_MAPPINGS:
+        return node_id
+    out_type = io.Custom(io_type)
+
+    class ObjectLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(
+                node_id=node_id,
+                category="testing",
+                inputs=[io.String.Input("key")],
+                outputs=[out_type.Output()],
+                not_idempotent=True,
+            )
+
+        @classmethod
+        def execute(cls, key):
+            return io.NodeOutput(_OBJECTS[key])
+
+    ObjectLoader.__name__ = ObjectLoader.__qualname__ = node_id
+    nodes.NODE_CLASS_MAPPINGS[node_id] = ObjectLoader
+    return node_id
+
+
+def _register_test_nodes() -> None:
+    import nodes
+    from comfy_api.latest import io
+
+    for t in OBJECT_TYPES:
+        register_object_type(t)
+
+    class Capture(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(
+                node_id="TestHarnessCapture",
+                category="testing",
+                inputs=[io.AnyType.Input("value"), io.String.Input("name")],
+                outputs=[],
+                is_output_node=True,
+                not_idempotent=True,
+            )
+
+        @classmethod
+        def execute(cls, value, name):
+            _CAPTURED[name] = value
+            return io.NodeOutput()
+
+    nodes.NODE_CLASS_MAPPINGS["TestHarnessCapture"] = Capture
+
+
+class NodeRef:
+    """A node in a :class:`Graph`; ``ref[i]`` (or ``ref.out(i)``) is a link to its output ``i``."""
+
+    def __init__(self, node_id: str):
+        self.id = node_id
+
+    def out(self, index: int) -> list:
+        return [self.id, index]
+
+    __getitem__ = out
+
+
+class Graph:
+    """Builds an API-format prompt (``{id: {"class_type", "inputs"}}``) for :func:`run_prompt`.
+
+    >>> g = Graph()
+    >>> model = g.obj(patcher, "MODEL")                 # in-memory object → link
+    >>> n = g.node("MaX4ZeroCropToMask", image=g.obj(img, "IMAGE"), mask=..., size=128)
+    >>> g.capture(n[0], "crop")                          # output node storing the value
+    >>> res = run_prompt(g); res["crop"]
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self):
+        self.nodes: dict[str, dict] = {}
+
+    def node(self, class_type: str, node_id: Optional[str] = None, **inputs) -> NodeRef:
+        nid = node_id or str(len(self.nodes) + 1)
+        while nid in self.nodes:
+            nid = str(int(nid) + 1) if nid.isdigit() else nid + "_"
+        self.nodes[nid] = {"class_type": class_type, "inputs": dict(inputs)}
+        return NodeRef(nid)
+
+    def obj(self, value: Any, io_type: str) -> list:
+        """Pass ``value`` into the graph as an output of type ``io_type``; returns the link."""
+        key = f"obj{next(self._ids)}"
+        _OBJECTS[key] = value
+        return self.node(register_object_type(io_type), key=key)[0]
+
+    def capture(self, link: list, name: str) -> NodeRef:
+        """Record the value at ``link`` under ``name`` in the result of :func:`run_prompt`."""
+        return self.node("TestHarnessCapture", value=link, name=name)
+
+    def prompt(self) -> dict:
+        return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in self.nodes.items()}
+
+
+class PromptFailed(Exception):
+    """A prompt failed validation or execution; ``.message`` is what ComfyUI would show the user."""
+
+    def __init__(self, message: str, node_id=None, node_type=None, exception_type=None, details=None):
+        super().__init__(f"[{node_type or '?'} #{node_id}] {exception_type or ''}: {message}")
+        self.message = message
+        self.node_id = node_id
+        self.node_type = node_type
+        self.exception_type = exception_type
+        self.details = details
+
+
+class StubServer:
+    """The parts of ``server.PromptServer`` that ``execution.PromptExecutor`` touches."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages: list[tuple[str, Any]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+@dataclass
+class PromptResult:
+    captured: dict[str, Any]
+    ui: dict[str, Any]
+    executor: Any
+    server: StubServer
+    progress: list[tuple[Any, int, int]] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.captured[name]
+
+    def output(self, node_id: str, index: int = 0) -> Any:
+        """Output ``index`` of any executed node (first list item), from the executor's cache."""
+        entry = self.executor.caches.outputs.get(node_id)
+        if entry is None:
+            raise KeyError(f"node {node_id} has no cached output")
+        return entry[index][0]
+
+
+def run_prompt(prompt: dict | Graph, validate: bool = True) -> PromptResult:
+    """Validate and execute a prompt with ComfyUI's own ``execution`` module; raise on failure.
+
+    Raises:
+        PromptFailed: validation errors (``exception_type`` = "validation") or the first node error
+        (``.message`` holds the node's exception message, ``.node_type`` its class_type).
+    """
+    import execution
+
+    if isinstance(prompt, Graph):
+        prompt = prompt.prompt()
+    prompt_id = str(uuid.uuid4())
+    if validate:
+        ok, err, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not ok or node_errors:
+            err = err or {"message": "some outputs failed validation", "details": ""}
+            detail = "; ".join(
+                f"#{nid} {e['class_type']}: " + ", ".join(f"{x['message']}: {x['details']}" for x in e["errors"])
+                for nid, e in node_errors.items()
+            )
+            raise PromptFailed(f"{err['message']}: {err['details']} {detail}", exception_type="validation",
+                               details=node_errors)
+    else:
+        import nodes
+
+        outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
+    server = StubServer()
+    executor = execution.PromptExecutor(server)
+    _CAPTURED.clear()
+    start = len(PROGRESS)
+    executor.execute(prompt, prompt_id, {}, outputs)
+    if not executor.success:
+        for event, data in executor.status_messages:
+            if event == "execution_error":
+                raise PromptFailed(
+                    data["exception_message"].strip(), data["node_id"], data["node_type"], data["exception_type"],
+                    details="".join(data["traceback"]),
+                )
+        raise PromptFailed("execution failed without an error message", details=executor.status_messages)
+    return PromptResult(
+        captured=dict(_CAPTURED), ui=executor.history_result.get("outputs", {}), executor=executor, server=server,
+        progress=PROGRESS[start:],
+    )

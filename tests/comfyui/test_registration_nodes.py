@@ -1,0 +1,411 @@
+"""Stage-1 nodes (correspondence, MLS warp, double-mask inpaint, crop/paste) run through ComfyUI's own
+execution on random-weight models, and the whole first stage through the stock KSamplerAdvanced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import comfy_models as cm
+from comfy_models import Graph, PromptFailed, run_prompt
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return cm.synthetic_pair(SIZE)
+
+
+def _correspondence(g: Graph, model, vae, pair, *, mode="paper", ensemble=2, outlier_filter="none",
+                    control_points="all", same=False, seed=0, **over):
+    ref, gm = pair["reference"], pair["garment_mask"]
+    tgt, tm = (ref, gm) if same else (pair["target"], pair["target_mask"])
+    inputs = dict(
+        model=g.obj(model, "MODEL"), vae=g.obj(vae, "VAE"), positive=g.obj(cm.conditioning(1), "CONDITIONING"),
+        reference_image=g.obj(ref, "IMAGE"), garment_mask=g.obj(gm, "MASK"),
+        target_image=g.obj(tgt, "IMAGE"), target_mask=g.obj(tm, "MASK"),
+        mode=mode, ensemble=ensemble, outlier_filter=outlier_filter, outlier_threshold=5.0,
+        control_points=control_points, score_threshold=0.5, seed=seed,
+    )
+    inputs.update(over)
+    return g.node("MaX4ZeroCorrespondence", **inputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pack_is_loaded_by_comfyui_own_loader(comfy_env):
+    import nodes
+
+    for nid in cm.REGISTRATION_NODE_IDS:
+        assert nid in comfy_env["node_ids"], f"{nid} not registered by nodes.load_custom_node"
+        cls = nodes.NODE_CLASS_MAPPINGS[nid]
+        assert cls.CATEGORY == "MaX4Zero"
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[nid].startswith("MaX4Zero ")
+        # loaded from this checkout through the real path (module key = folder path)
+        assert cls.RELATIVE_PYTHON_MODULE.startswith("custom_nodes.")
+
+
+def test_every_pack_node_documents_itself(comfy_env):
+    for cls in cm.pack_node_classes():
+        schema = cls.GET_SCHEMA()
+        assert schema.node_id.startswith("MaX4Zero"), schema.node_id
+        assert schema.description and len(schema.description) > 40, schema.node_id
+        for i in schema.inputs:
+            assert i.tooltip, f"{schema.node_id}.{i.id} has no tooltip"
+        for o in schema.outputs:
+            assert o.display_name and o.tooltip, f"{schema.node_id} output {o.id} lacks display_name/tooltip"
+
+
+# ------------------------------------------------------------------------------------------------
+# crop / paste
+# ------------------------------------------------------------------------------------------------
+
+
+def test_crop_then_paste_returns_original_outside_mask(comfy_env):
+    g = Graph()
+    H, W = 150, 230  # odd, non-square: the square crop must reach outside or shift
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    img = torch.stack([xx / W, yy / H, (xx + yy) % 7 / 7.0], -1)[None].float()
+    mask = ((yy > 40) & (yy < 120) & (xx > 150) & (xx < 220)).float()[None]
+    crop = g.node("MaX4ZeroCropToMask", image=g.obj(img, "IMAGE"), mask=g.obj(mask, "MASK"), size=64, padding=0.2)
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(img, "IMAGE"), generated_image=crop[0],
+                   crop_info=crop[2], mask=g.obj(mask, "MASK"), feather=3)
+    g.capture(crop[0], "crop")
+    g.capture(crop[1], "crop_mask")
+    g.capture(crop[2], "info")
+    g.capture(paste[0], "pasted")
+    res = run_prompt(g)
+    assert res["crop"].shape == (1, 64, 64, 3)
+    assert torch.equal(res.output(crop.id, 0), res["crop"])
+    assert res["crop_mask"].shape == (1, 64, 64)
+    info = res["info"]
+    assert info.original_size == (H, W) and info.box[2] - info.box[0] == info.box[3] - info.box[1]
+    out = res["pasted"]
+    assert out.shape == img.shape
+    outside = mask[0] < 0.5
+    assert torch.equal(out[0][outside], img[0][outside])
+    # inside: the crop went through a down/up resize, so close but not exact
+    assert (out[0][~outside] - img[0][~outside]).abs().mean() < 0.05
+
+
+def test_crop_rejects_empty_mask_naming_the_node(comfy_env):
+    g = Graph()
+    crop = g.node("MaX4ZeroCropToMask", image=g.obj(torch.rand(1, 64, 64, 3), "IMAGE"),
+                  mask=g.obj(torch.zeros(1, 64, 64), "MASK"), size=64, padding=0.1)
+    g.capture(crop[0], "x")
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(g)
+    assert "MaX4Zero Crop To Mask" in e.value.message and "empty" in e.value.message
+
+
+# ------------------------------------------------------------------------------------------------
+# correspondence
+# ------------------------------------------------------------------------------------------------
+
+
+def test_correspondence_paper_mode_on_inpainting_model(comfy_env, small_vae, pair):
+    model = cm.small_sd15_model(inpaint=True)
+    opts_before = repr(model.model_options)
+    g = Graph()
+    c = _correspondence(g, model, small_vae, pair, mode="paper")
+    g.capture(c[0], "matches")
+    g.capture(c[1], "preview")
+    res = run_prompt(g)
+    m = res["matches"]
+    assert len(m) > 0 and m.reference_size == (SIZE, SIZE) and m.target_size == (SIZE, SIZE)
+    # 'all' control points: 4 per match, on the 16-px token lattice (+0/8 offsets)
+    assert len(m) % 4 == 0
+    assert torch.all(m.reference_points % 8 == 0)
+    gm, tm = pair["garment_mask"][0], pair["target_mask"][0]
+    for pts, mask in ((m.reference_points, gm), (m.target_points, tm)):
+        # token corners lie inside the (nearest-resized) mask's tokens
+        tok = (pts // 16).long()
+        grid = mask[::16, ::16] > 0.5
+        assert grid[tok[:, 1], tok[:, 0]].all()
+    prev = res["preview"]
+    assert prev.shape[0] == 1 and prev.shape[1] == SIZE and prev.shape[2] > 2 * SIZE and prev.shape[3] == 3
+    # two feature passes, reported on the node's progress bar
+    node_updates = [p for p in res.progress if p[0] == c.id]
+    assert len(node_updates) == 2 and node_updates[-1][1:] == (2, 2)
+    assert repr(model.model_options) == opts_before
+
+
+def test_correspondence_dift_identical_images_gives_identity(comfy_env, small_vae, pair):
+    model = cm.small_sd15_model(inpaint=False)
+    g = Graph()
+    c = _correspondence(g, model, small_vae, pair, mode="dift", ensemble=3, outlier_filter="ransac", same=True)
+    g.capture(c[0], "matches")
+    res = run_prompt(g)
+    m = res["matches"]
+    assert len(m) >= 8
+    assert torch.equal(m.reference_points, m.target_points)
+    assert [p for p in res.progress if p[0] == c.id][-1][1:] == (6, 6)  # 2 images x 3 draws
+
+
+def test_correspondence_is_seeded(comfy_env, small_vae, pair):
+    model = cm.small_sd15_model(inpaint=True)
+    out = []
+    for seed in (5, 5, 6):
+        g = Graph()
+        c = _correspondence(g, model, small_vae, pair, mode="dift", ensemble=1, control_points="random", seed=seed)
+        g.capture(c[0], "m")
+        out.append(run_prompt(g)["m"])
+    assert torch.equal(out[0].reference_points, out[1].reference_points)
+    assert not (out[0].reference_points.shape == out[2].reference_points.shape
+                and torch.equal(out[0].reference_points, out[2].reference_points))
+
+
+def test_paper_mode_on_plain_model_says_switch_to_dift(comfy_env, small_vae, pair):
+    g = Graph()
+    c = _correspondence(g, cm.small_sd15_model(inpaint=False), small_vae, pair, mode="paper")
+    g.capture(c[0], "m")
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(g)
+    msg = e.value.message
+    assert "MaX4Zero Correspondence" in msg and "dift" in msg and "inpainting" in msg
+
+
+def test_non_unet_model_is_refused(comfy_env, small_vae, pair):
+    g = Graph()
+    c = _correspondence(g, cm.non_unet_model(), small_vae, pair, mode="dift")
+    g.capture(c[0], "m")
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(g)
+    assert "TinyDiT" in e.value.message and "not a Stable Diffusion UNet" in e.value.message
+
+
+@pytest.mark.parametrize("bad", ["mode", "mask", "size"])
+def test_correspondence_input_errors(comfy_env, small_vae, pair, bad):
+    g = Graph()
+    over = {}
+    if bad == "mode":
+        over["mode"] = "magic"
+    elif bad == "mask":
+        over["target_mask"] = g.obj(torch.zeros(1, SIZE, SIZE), "MASK")
+    else:
+        over["garment_mask"] = g.obj(torch.ones(1, 64, 64), "MASK")
+    c = _correspondence(g, cm.small_sd15_model(inpaint=True), small_vae, pair, **over)
+    g.capture(c[0], "m")
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(g)
+    msg = e.value.message
+    assert msg.startswith("MaX4Zero Correspondence:")
+    assert {"mode": "'magic' is not one of", "mask": "target_mask is empty",
+            "size": "garment_mask is 64x64 but reference_image is 128x128"}[bad] in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# MLS warp
+# ------------------------------------------------------------------------------------------------
+
+
+def _warp(g, pair, matches=None, manual="", **over):
+    inputs = dict(reference_image=g.obj(pair["reference"], "IMAGE"), garment_mask=g.obj(pair["garment_mask"], "MASK"),
+                  target_image=g.obj(pair["target"], "IMAGE"), kind="affine", alpha=0.1, stride=4,
+                  sampling="bilinear")
+    if matches is not None:
+        inputs["matches"] = matches
+    if manual:
+        inputs["manual_points"] = manual
+    inputs.update(over)
+    return g.node("MaX4ZeroMLSWarp", **inputs)
+
+
+def test_mls_warp_manual_translation(comfy_env, pair):
+    # four corners moved by (+10, +6): a pure translation, so the warp shifts the garment exactly
+    pts = [[[x, y], [x + 10, y + 6]] for x in (32, 95) for y in (32, 95)]
+    g = Graph()
+    w = _warp(g, pair, manual=json.dumps(pts), sampling="nearest")
+    for i, k in enumerate(("img", "mask", "prev")):
+        g.capture(w[i], k)
+    res = run_prompt(g)
+    img, mask, prev = res["img"], res["mask"], res["prev"]
+    assert img.shape == (1, SIZE, SIZE, 3) and mask.shape == (1, SIZE, SIZE) and prev.shape == (1, SIZE, SIZE, 3)
+    ref = pair["reference"][0]
+    assert torch.allclose(img[0, 50:90, 50:90], ref[44:84, 40:80], atol=1e-5)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    # eroded garment mask (32..95 → 33..94) shifted by (10, 6)
+    assert mask[0, 39:101, 43:105].all() and mask.sum() == 62 * 62
+
+
+def test_mls_warp_matches_equal_their_json(comfy_env, small_vae, pair):
+    g = Graph()
+    c = _correspondence(g, cm.small_sd15_model(inpaint=True), small_vae, pair, mode="paper")
+    w = _warp(g, pair, matches=c[0])
+    g.capture(c[0], "m")
+    g.capture(w[0], "warped")
+    res = run_prompt(g)
+    g2 = Graph()
+    w2 = _warp(g2, pair, manual=res["m"].to_json())
+    g2.capture(w2[0], "warped")
+    res2 = run_prompt(g2)
+    assert torch.allclose(res["warped"], res2["warped"], atol=1e-3)
+
+
+def test_mls_warp_needs_points(comfy_env, pair):
+    g = Graph()
+    w = _warp(g, pair)
+    g.capture(w[0], "x")
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(g)
+    assert "MaX4Zero MLS Warp" in e.value.message and "manual_points" in e.value.message
+    g = Graph()
+    w = _warp(g, pair, manual="{not json")
+    g.capture(w[0], "x")
+    with pytest.raises(PromptFailed, match="does not parse"):
+        run_prompt(g)
+
+
+# ------------------------------------------------------------------------------------------------
+# double mask + the whole first stage through stock samplers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_double_mask_conditioning_matches_spec(comfy_env, small_vae, pair):
+    tm = pair["target_mask"]
+    wm = torch.zeros_like(tm)
+    wm[:, 56:112, 40:104] = 1.0  # covers the lower part of the target mask only
+    protect = torch.zeros_like(tm)
+    protect[:, 100:112, 40:60] = 1.0
+    g = Graph()
+    d = g.node("MaX4ZeroDoubleMaskInpaint", positive=g.obj(cm.conditioning(1), "CONDITIONING"),
+               negative=g.obj(cm.conditioning(2), "CONDITIONING"), vae=g.obj(small_vae, "VAE"),
+               target_image=g.obj(pair["target"], "IMAGE"), target_mask=g.obj(tm, "MASK"),
+               warped_image=g.obj(pair["reference"], "IMAGE"), warped_mask=g.obj(wm, "MASK"),
+               protect_mask=g.obj(protect, "MASK"), target_dilation=13, fringe_dilation=19)
+    names = ["pos", "neg", "latent", "comp", "tmask", "F", "D", "prev"]
+    for i, k in enumerate(names):
+        g.capture(d[i], k)
+    r = run_prompt(g)
+    t = torch.nn.functional.max_pool2d(((tm > 0.5) & ~(protect > 0.5)).float()[:, None], 13, 1, 6)[:, 0]
+    assert torch.equal(r["tmask"], t)
+    F_ = (t > 0.5) & ~(wm > 0.5)
+    assert torch.equal(r["F"], F_.float())
+    D_ = (torch.nn.functional.max_pool2d(F_.float()[:, None], 19, 1, 9)[:, 0] > 0.5) & (t > 0.5)
+    assert torch.equal(r["D"], D_.float())
+    comp = r["comp"]
+    inside = (t > 0.5) & (wm > 0.5)
+    assert torch.equal(comp[inside], pair["reference"][inside])
+    assert torch.equal(comp[~inside], pair["target"][~inside])
+    for k in ("pos", "neg"):
+        extras = r[k][0][1]
+        assert torch.equal(extras["concat_mask"], D_.float()[:, None])
+        assert extras["concat_latent_image"].shape == (1, 4, SIZE // 8, SIZE // 8)
+    assert torch.equal(r["latent"]["noise_mask"], F_.float()[:, None])
+    # masked image = composite with D greyed, exactly as stock InpaintModelConditioning would build it
+    import nodes
+
+    ref_pos, _, ref_lat = nodes.InpaintModelConditioning().encode(cm.conditioning(1), cm.conditioning(2), comp,
+                                                                   small_vae, r["D"], True)
+    assert torch.allclose(ref_pos[0][1]["concat_latent_image"], r["pos"][0][1]["concat_latent_image"], atol=1e-5)
+    assert torch.allclose(ref_lat["samples"], r["latent"]["samples"], atol=1e-5)
+    assert r["prev"].shape == (1, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_first_stage_with_stock_ksampler_advanced(comfy_env, small_vae, batch):
+    """Crop → correspondence → MLS warp → double mask → KSamplerAdvanced (steps 0→7 of 10, like 0→35 of 50)
+    → plain inpainting stage 2 (7→10, MEA goes here) → decode → paste back into the full photo."""
+    pair = cm.synthetic_pair(SIZE, batch=batch)
+    model = cm.small_sd15_model(inpaint=True)
+    g = Graph()
+    m, vae = g.obj(model, "MODEL"), g.obj(small_vae, "VAE")
+    pos, neg = g.obj(cm.conditioning(1), "CONDITIONING"), g.obj(cm.conditioning(2), "CONDITIONING")
+    pad = (40, 8, 16, 30)  # the person sits off-centre in a larger, non-square photo
+    photo = torch.nn.functional.pad(pair["target"].movedim(-1, 1), pad, value=0.3).movedim(1, -1).contiguous()
+    photo_mask = torch.nn.functional.pad(pair["target_mask"][:1], pad)
+    pm = g.obj(photo_mask, "MASK")
+    crop = g.node("MaX4ZeroCropToMask", image=g.obj(photo, "IMAGE"), mask=pm, size=SIZE, padding=0.3)
+    crop1 = g.node("MaX4ZeroCropToMask", image=g.obj(photo[:1], "IMAGE"), mask=pm, size=SIZE, padding=0.3)
+    ref1 = g.obj(pair["reference"][:1], "IMAGE")
+    gm1 = g.obj(pair["garment_mask"][:1], "MASK")
+    corr = g.node("MaX4ZeroCorrespondence", model=m, vae=vae, positive=pos, reference_image=ref1, garment_mask=gm1,
+                  target_image=crop1[0], target_mask=crop1[1], mode="paper", ensemble=1, outlier_filter="none",
+                  outlier_threshold=5.0, control_points="all", score_threshold=0.5, seed=0)
+    warp = g.node("MaX4ZeroMLSWarp", reference_image=ref1, garment_mask=gm1, target_image=crop[0], matches=corr[0],
+                  kind="affine", alpha=0.1, stride=4, sampling="bilinear")
+    dm = g.node("MaX4ZeroDoubleMaskInpaint", positive=pos, negative=neg, vae=vae, target_image=crop[0],
+                target_mask=crop[1], warped_image=warp[0], warped_mask=warp[1], target_dilation=13,
+                fringe_dilation=19)
+    s1 = g.node("KSamplerAdvanced", model=m, add_noise="enable", noise_seed=1, steps=10, cfg=3.0,
+                sampler_name="euler", scheduler="normal", positive=dm[0], negative=dm[1], latent_image=dm[2],
+                start_at_step=0, end_at_step=7, return_with_leftover_noise="enable")
+    # stage 2 (no MEA here): the whole target mask is inpainted, continuing from step 7
+    ic = g.node("InpaintModelConditioning", positive=pos, negative=neg, vae=vae, pixels=dm[3], mask=dm[4],
+                noise_mask=True)
+    lat2 = g.node("SetLatentNoiseMask", samples=s1[0], mask=dm[4])
+    s2 = g.node("KSamplerAdvanced", model=m, add_noise="disable", noise_seed=1, steps=10, cfg=3.0,
+                sampler_name="euler", scheduler="normal", positive=ic[0], negative=ic[1], latent_image=lat2[0],
+                start_at_step=7, end_at_step=10, return_with_leftover_noise="disable")
+    dec = g.node("VAEDecode", samples=s2[0], vae=vae)
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(photo, "IMAGE"), generated_image=dec[0],
+                   crop_info=crop[2], mask=dm[4], feather=3)
+    for name, link in (("latent", dm[2]), ("F", dm[5]), ("s1", s1[0]), ("final", paste[0]), ("tmask", dm[4]),
+                       ("info", crop[2]), ("warped", warp[0])):
+        g.capture(link, name)
+    r = run_prompt(g)
+
+    assert r["warped"].shape == (1, SIZE, SIZE, 3)
+    s1_out = r["s1"]["samples"]
+    assert s1_out.shape == (batch, 4, SIZE // 8, SIZE // 8) and torch.isfinite(s1_out).all()
+    # stage 1 regenerates only the thin fringe F: where F's latent-size mask is 0 the composite latent is kept
+    lat = r["latent"]["samples"]
+    f_lat = torch.nn.functional.interpolate(r["F"][:, None], size=lat.shape[-2:], mode="bilinear")
+    keep = (f_lat == 0).expand_as(lat)
+    changed = (f_lat > 0.99).expand_as(lat)
+    assert keep.any() and changed.any()
+    # ... forward-noised with the sampler's own fixed noise at step 7 (leftover noise returned)
+    import comfy.sample
+    import comfy.samplers
+
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 10)
+    s0, s7 = float(sigmas[0]), float(sigmas[7])
+    noise = comfy.sample.prepare_noise(lat, 1)
+    scale = model.model.latent_format.scale_factor
+    # euler's state there: x0 = lat + noise·sqrt(1+s0²) (full-denoise start), then each step scales the
+    # noise part by s_{i+1}/s_i because the model's x0 prediction is replaced by the composite latent
+    expected = lat + noise * (s7 * (1 + s0**2) ** 0.5 / s0) / scale
+    assert torch.allclose(s1_out[keep], expected[keep], atol=1e-3)
+    assert (s1_out[changed] - lat[changed]).abs().max() > 1e-3
+    final = r["final"]
+    assert final.shape == photo.shape and torch.isfinite(final).all()
+    # outside the target mask (mapped back from the crop) the photo is returned bit for bit
+    geo = cm.pack_module("nodes.geometry")
+    full = geo.uncrop_mask(r["tmask"][:, None], r["info"])[:, 0] > 0.5
+    assert torch.equal(final[~full.expand(batch, -1, -1)], photo[~full.expand(batch, -1, -1)])
+    assert not torch.equal(final, photo)
+
+
+# ------------------------------------------------------------------------------------------------
+# feature block selection (SD1.5 and SDXL layouts)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["sd15", "sdxl"])
+def test_features_come_from_the_first_decoder_stage_at_one_sixteenth(comfy_env, small_vae, layout):
+    ft = cm.pack_module("nodes.features")
+    if layout == "sd15":
+        model, cond, block, channels = cm.small_sd15_model(inpaint=False), cm.conditioning(1), ("output", 6), 4 * 32
+    else:
+        model, cond, block, channels = cm.small_sdxl_model(), cm.sdxl_conditioning(1), ("output", 3), 4 * 64
+    img = cm.synthetic_pair(SIZE)["reference"].permute(0, 3, 1, 2)
+    info = {}
+    with torch.inference_mode():
+        feat = ft.extract_features(model, small_vae, cond, img, torch.zeros(1, SIZE, SIZE),
+                                   ft.FeatureSpec("dift", ft.DIFT_T, ensemble=2, seed=0), info=info)
+    assert info["block"] == block
+    assert feat.shape == (channels, SIZE // 16, SIZE // 16) and torch.isfinite(feat).all()
+    ms = model.get_model_object("model_sampling")
+    assert int(ms.timestep(torch.tensor([info["sigma"]]))) == 261
+    # the ensemble is a mean: one draw differs from the two-draw average
+    with torch.inference_mode():
+        one = ft.extract_features(model, small_vae, cond, img, torch.zeros(1, SIZE, SIZE),
+                                  ft.FeatureSpec("dift", ft.DIFT_T, ensemble=1, seed=0))
+    assert not torch.allclose(one, feat)
