@@ -101,9 +101,9 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                "the garment mask first, so the result cannot depend on the reference background."),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The patched model (a clone) for KSampler / "
+                io.Model.Output("patched_model", display_name="model", tooltip="The patched model (a clone) for KSampler / "
                                 "KSamplerAdvanced."),
-                TRACE.Output(display_name="trace", tooltip="Attention trace for the Leffa Flow View (records only "
+                TRACE.Output("trace", display_name="trace", tooltip="Attention trace for the Leffa Flow View (records only "
                              "when connected)."),
             ],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
@@ -255,14 +255,14 @@ class FlowViewNode(io.ComfyNode):
                                tooltip="End-point error (reference pixels) shown as white in the disagreement mask."),
             ],
             outputs=[
-                io.Image.Output(display_name="flow", tooltip="Flow colour wheel (black: no MEA there)."),
-                io.Image.Output(display_name="warped_reference", tooltip="The reference warped by the attention "
+                io.Image.Output("flow_image", display_name="flow", tooltip="Flow colour wheel (black: no MEA there)."),
+                io.Image.Output("warped_reference", display_name="warped_reference", tooltip="The reference warped by the attention "
                                 "flow."),
-                io.Mask.Output(display_name="reliance", tooltip="Share of the attention on the reference (row mass, "
+                io.Mask.Output("reliance", display_name="reliance", tooltip="Share of the attention on the reference (row mass, "
                                "0..1)."),
-                io.Mask.Output(display_name="sharpness", tooltip="exp(-entropy) of the reference attention: 1 = "
+                io.Mask.Output("sharpness", display_name="sharpness", tooltip="exp(-entropy) of the reference attention: 1 = "
                                "reads one token, 1/n = spread over n tokens."),
-                io.Mask.Output(display_name="disagreement", tooltip="End-point error vs the MLS warp / epe_scale_px "
+                io.Mask.Output("disagreement", display_name="disagreement", tooltip="End-point error vs the MLS warp / epe_scale_px "
                                "(with matches), else colour difference vs mls_warped, else 0."),
             ],
             is_output_node=True,

@@ -36,6 +36,11 @@ if not COMFYUI_PATH:
 
 else:
     import comfy_models  # noqa: E402
+    import torch  # noqa: E402
+
+    # The models here are tiny: with several threads on a small shared machine torch oversubscribes the
+    # cores and the suite takes minutes instead of seconds. MAX4ZERO_TEST_THREADS overrides.
+    torch.set_num_threads(int(os.environ.get("MAX4ZERO_TEST_THREADS", "1")))
 
     comfy_models.boot(COMFYUI_PATH)
 

@@ -308,10 +308,11 @@ def test_double_mask_conditioning_matches_spec(comfy_env, small_vae, pair):
     assert r["prev"].shape == (1, SIZE, SIZE, 3)
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_first_stage_with_stock_ksampler_advanced(comfy_env, small_vae, batch):
+@pytest.mark.parametrize("batch, stage2", [(1, "plain"), (2, "plain"), (1, "mea"), (2, "mea")])
+def test_two_stage_pipeline_with_stock_ksampler_advanced(comfy_env, small_vae, batch, stage2):
     """Crop → correspondence → MLS warp → double mask → KSamplerAdvanced (steps 0→7 of 10, like 0→35 of 50)
-    → plain inpainting stage 2 (7→10, MEA goes here) → decode → paste back into the full photo."""
+    → inpainting stage 2 (7→10) on the plain model or the Masked Extended Attention model (paper guidance,
+    window 0.7→1.0) → decode → paste back into the full photo."""
     pair = cm.synthetic_pair(SIZE, batch=batch)
     model = cm.small_sd15_model(inpaint=True)
     g = Graph()
@@ -340,7 +341,14 @@ def test_first_stage_with_stock_ksampler_advanced(comfy_env, small_vae, batch):
     ic = g.node("InpaintModelConditioning", positive=pos, negative=neg, vae=vae, pixels=dm[3], mask=dm[4],
                 noise_mask=True)
     lat2 = g.node("SetLatentNoiseMask", samples=s1[0], mask=dm[4])
-    s2 = g.node("KSamplerAdvanced", model=m, add_noise="disable", noise_seed=1, steps=10, cfg=3.0,
+    m2 = m
+    if stage2 == "mea":
+        mea = g.node("MaX4ZeroMaskedExtendedAttention", model=m, vae=vae, reference=ref1, garment_mask=gm1,
+                     target_mask=dm[4], positive=pos, guidance="paper", s_mea=15.0, contrast=1.25, start=0.7,
+                     end=1.0, layers="decoder 1/16 + 1/8 (paper)", reference_seed=0, background="kept")
+        m2 = mea[0]
+        g.capture(m2, "mea_model")
+    s2 = g.node("KSamplerAdvanced", model=m2, add_noise="disable", noise_seed=1, steps=10, cfg=3.0,
                 sampler_name="euler", scheduler="normal", positive=ic[0], negative=ic[1], latent_image=lat2[0],
                 start_at_step=7, end_at_step=10, return_with_leftover_noise="disable")
     dec = g.node("VAEDecode", samples=s2[0], vae=vae)
@@ -374,6 +382,9 @@ def test_first_stage_with_stock_ksampler_advanced(comfy_env, small_vae, batch):
     expected = lat + noise * (s7 * (1 + s0**2) ** 0.5 / s0) / scale
     assert torch.allclose(s1_out[keep], expected[keep], atol=1e-3)
     assert (s1_out[changed] - lat[changed]).abs().max() > 1e-3
+    if stage2 == "mea":  # the MEA patch really ran inside stage 2's window
+        patch = r["mea_model"].wrappers["apply_model"]["max4zero_mea"][0].__self__
+        assert patch.mea_calls > 0
     final = r["final"]
     assert final.shape == photo.shape and torch.isfinite(final).all()
     # outside the target mask (mapped back from the crop) the photo is returned bit for bit
