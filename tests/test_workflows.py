@@ -1,0 +1,378 @@
+"""The shipped example workflows (``workflows/*.json``, UI format) load cleanly in ComfyUI 0.3.64's frontend.
+
+No ComfyUI needed: node schemas come from committed snapshots —
+``tests/comfyui/node_schema_snapshot.json`` (this pack, checked against the live pack in tests/comfyui),
+``tests/data/object_info_pack.json`` and ``tests/data/object_info_core.json`` (ComfyUI's own ``/object_info``
+for the node types the workflows use; regenerate with ``tests/data/make_object_info.py``).
+
+Widget rules mirror comfyui-frontend-package 1.27 (the version ComfyUI 0.3.64 pins): widgets follow
+``input_order`` (required, then optional); an INT input with ``control_after_generate`` — or, when that key is
+absent, one named ``seed``/``noise_seed`` — stores one extra value (fixed/increment/decrement/randomize);
+a combo with ``image_upload`` adds an ``upload`` widget whose stored value is ``"image"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_DIR = ROOT / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+SCHEMA_SNAPSHOT = ROOT / "tests" / "comfyui" / "node_schema_snapshot.json"
+CORE_INFO = ROOT / "tests" / "data" / "object_info_core.json"
+PACK_INFO = ROOT / "tests" / "data" / "object_info_pack.json"
+
+EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
+            "maxzero_sdxl"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# The file names the workflows load; the browser check creates random-weight files / images with them.
+FILE_NAMES = {
+    "ckpt_name": {"sd15_inpainting.safetensors", "sdxl_inpainting.safetensors"},
+    "lora_name": {"garment_detail_lora.safetensors"},
+    "control_net_name": {"control_v11p_sd15_openpose.safetensors"},
+    "image": {"max4zero_person.png", "max4zero_person_mask.png", "max4zero_garment.png",
+              "max4zero_garment_mask.png", "max4zero_pose.png"},
+}
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+SCHEMAS = _load(SCHEMA_SNAPSHOT)
+INFO = {k: v for k, v in {**_load(CORE_INFO), **_load(PACK_INFO)}.items() if not k.startswith("_")}
+CORE_TYPES = {k for k in _load(CORE_INFO) if not k.startswith("_")}
+
+
+def _opts(spec: list) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def _type(spec: list) -> str:
+    return "COMBO" if isinstance(spec[0], list) else spec[0]
+
+
+def _options(spec: list) -> list | None:
+    if isinstance(spec[0], list):
+        return spec[0]
+    return _opts(spec).get("options") if spec[0] == "COMBO" else None
+
+
+def frontend_inputs(node_type: str) -> list[tuple[str, list, bool]]:
+    """(name, spec, optional) in the order the frontend creates them."""
+    info = INFO[node_type]
+    out = []
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in info.get("input_order", {}).get(section, list(specs)):
+            out.append((name, specs[name], section == "optional"))
+    if any(_opts(s).get("image_upload") for _, s, _ in out):
+        out.append(("upload", ["IMAGEUPLOAD", {}], False))
+    return out
+
+
+def _is_widget(spec: list) -> bool:
+    return (_type(spec) in WIDGET_TYPES or spec[0] == "IMAGEUPLOAD") and not _opts(spec).get("forceInput")
+
+
+def _has_control(name: str, spec: list) -> bool:
+    c = _opts(spec).get("control_after_generate")
+    if spec[0] == "INT" and c is None:
+        return name in ("seed", "noise_seed")
+    return bool(c)
+
+
+def widget_problems(node: dict) -> list[str]:
+    """Count and validity of ``widgets_values`` against the node's schema."""
+    where = f"node {node['id']} ({node['type']})"
+    values = node.get("widgets_values", [])
+    if not isinstance(values, list):
+        return [f"{where}: widgets_values is not a list"]
+    expected: list[tuple[str, list | None]] = []  # (name, spec); spec None = control_after_generate value
+    for name, spec, _ in frontend_inputs(node["type"]):
+        if _is_widget(spec):
+            expected.append((name, spec))
+            if _has_control(name, spec):
+                expected.append((name + ".control_after_generate", None))
+    if len(values) != len(expected):
+        return [f"{where}: {len(values)} widget values, the frontend expects {len(expected)} "
+                f"({', '.join(n for n, _ in expected)})"]
+    problems = []
+    for (name, spec), v in zip(expected, values):
+        bad = f"{where}: {name}={v!r}"
+        if spec is None:
+            if v not in CONTROL_VALUES:
+                problems.append(f"{bad} is not one of {sorted(CONTROL_VALUES)}")
+            continue
+        t, o = _type(spec), _opts(spec)
+        if spec[0] == "IMAGEUPLOAD":
+            if v != "image":
+                problems.append(f"{bad}: the upload widget stores 'image'")
+        elif t == "COMBO":
+            options = _options(spec) or []
+            if name in FILE_NAMES and v not in FILE_NAMES[name]:
+                problems.append(f"{bad} is not one of the shipped file names {sorted(FILE_NAMES[name])}")
+            elif v not in options:
+                problems.append(f"{bad} is not an option ({options[:8]}{' ...' if len(options) > 8 else ''})")
+        elif t in ("INT", "FLOAT"):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (t == "INT" and not isinstance(v, int)):
+                problems.append(f"{bad} is not a{'n integer' if t == 'INT' else ' number'}")
+            elif not (o.get("min", float("-inf")) <= v <= o.get("max", float("inf"))):
+                problems.append(f"{bad} is outside [{o.get('min')}, {o.get('max')}]")
+        elif t == "BOOLEAN" and not isinstance(v, bool):
+            problems.append(f"{bad} is not a boolean")
+        elif t == "STRING" and not isinstance(v, str):
+            problems.append(f"{bad} is not a string")
+    return problems
+
+
+def workflow_problems(wf: dict) -> list[str]:
+    """Everything that would make the frontend or ComfyUI refuse (or silently mis-load) this workflow."""
+    problems: list[str] = []
+    for key in ("nodes", "links", "groups", "config", "extra", "version", "last_node_id", "last_link_id"):
+        if key not in wf:
+            problems.append(f"missing top-level key {key!r}")
+    if problems:
+        return problems
+    nodes = {}
+    for n in wf["nodes"]:
+        if n["id"] in nodes:
+            problems.append(f"duplicate node id {n['id']}")
+        nodes[n["id"]] = n
+        for key in ("type", "pos", "size", "flags", "order", "mode", "properties"):
+            if key not in n:
+                problems.append(f"node {n['id']}: missing {key!r}")
+    if max(nodes, default=0) > wf["last_node_id"]:
+        problems.append("last_node_id is smaller than a node id")
+
+    for n in wf["nodes"]:
+        t = n["type"]
+        where = f"node {n['id']} ({t})"
+        if t in FRONTEND_ONLY:
+            continue
+        if t not in SCHEMAS and t not in CORE_TYPES:
+            problems.append(f"{where}: unknown node type (neither this pack's nor a core node in the snapshot)")
+            continue
+        if n["properties"].get("Node name for S&R") != t:
+            problems.append(f"{where}: properties['Node name for S&R'] should be {t!r}")
+        if "title" in n:
+            problems.append(f"{where}: keep the default title")
+        problems += widget_problems(n)
+        inputs = frontend_inputs(t)
+        names = [nm for nm, _, _ in inputs]
+        for slot in n.get("inputs", []):
+            if slot["name"] not in names:
+                problems.append(f"{where}: input {slot['name']!r} does not exist")
+        sockets = {s["name"]: s for s in n.get("inputs", [])}
+        for nm, spec, optional in inputs:
+            if not _is_widget(spec) and not optional and sockets.get(nm, {}).get("link") is None:
+                problems.append(f"{where}: required input {nm!r} is not connected")
+        outs = list(zip(INFO[t]["output_name"], INFO[t]["output"]))
+        got = [(o["name"], o["type"]) for o in n.get("outputs", [])]
+        if got != outs:
+            problems.append(f"{where}: outputs {got} != schema {outs}")
+
+    link_ids = set()
+    for link in wf["links"]:
+        if len(link) != 6:
+            problems.append(f"link {link!r}: expected [id, from, from_slot, to, to_slot, type]")
+            continue
+        lid, a, a_slot, b, b_slot, ltype = link
+        where = f"link {lid}"
+        if lid in link_ids:
+            problems.append(f"{where}: duplicate id")
+        link_ids.add(lid)
+        if lid > wf["last_link_id"]:
+            problems.append(f"{where}: id above last_link_id")
+        if a not in nodes or b not in nodes:
+            problems.append(f"{where}: connects a missing node")
+            continue
+        src, dst = nodes[a], nodes[b]
+        outs, ins = src.get("outputs", []), dst.get("inputs", [])
+        if not 0 <= a_slot < len(outs) or not 0 <= b_slot < len(ins):
+            problems.append(f"{where}: slot out of range")
+            continue
+        out, inp = outs[a_slot], ins[b_slot]
+        if out["type"] != ltype:
+            problems.append(f"{where}: type {ltype} but {src['type']} output {out['name']!r} is {out['type']}")
+        if "*" not in (inp["type"], out["type"]) and inp["type"] != out["type"]:
+            problems.append(f"{where}: {src['type']}.{out['name']} ({out['type']}) -> {dst['type']}.{inp['name']} "
+                            f"({inp['type']}): types differ")
+        if dst["type"] in INFO and not inp.get("widget"):
+            spec = dict((nm, s) for nm, s, _ in frontend_inputs(dst["type"])).get(inp["name"])
+            if spec is not None and _type(spec) not in ("*", out["type"]):
+                problems.append(f"{where}: {dst['type']}.{inp['name']} is {_type(spec)} in the schema, gets "
+                                f"{out['type']}")
+        if inp.get("link") != lid:
+            problems.append(f"{where}: {dst['type']} input {inp['name']!r} records link {inp.get('link')}")
+        if lid not in (out.get("links") or []):
+            problems.append(f"{where}: {src['type']} output {out['name']!r} does not list it")
+    for n in wf["nodes"]:
+        for i, inp in enumerate(n.get("inputs", [])):
+            lid = inp.get("link")
+            if lid is not None and not any(lk[0] == lid and lk[3] == n["id"] and lk[4] == i for lk in wf["links"]):
+                problems.append(f"node {n['id']} input {inp['name']!r}: link {lid} has no matching link record")
+        for s, out in enumerate(n.get("outputs", [])):
+            for lid in out.get("links") or []:
+                if not any(lk[0] == lid and lk[1] == n["id"] and lk[2] == s for lk in wf["links"]):
+                    problems.append(f"node {n['id']} output {out['name']!r}: link {lid} has no matching record")
+    return problems
+
+
+def overlaps(wf: dict) -> list[tuple[int, int]]:
+    """Pairs of nodes whose boxes (title bar of 30 px included) overlap."""
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in wf["nodes"]]
+    return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+
+
+def _by_type(wf: dict, t: str) -> list[dict]:
+    return [n for n in wf["nodes"] if n["type"] == t]
+
+
+def _source(wf: dict, node: dict, input_name: str) -> dict:
+    lid = next(i["link"] for i in node["inputs"] if i["name"] == input_name)
+    link = next(lk for lk in wf["links"] if lk[0] == lid)
+    return next(n for n in wf["nodes"] if n["id"] == link[1])
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_five_workflows_are_shipped():
+    assert {p.stem for p in WORKFLOWS} == EXPECTED
+
+
+def test_pack_object_info_agrees_with_the_schema_snapshot():
+    """object_info_pack.json (ranges for the widget checks) must describe the same nodes as the snapshot."""
+    assert set(SCHEMAS) == {k for k in _load(PACK_INFO) if not k.startswith("_")}
+    for nid, schema in SCHEMAS.items():
+        info = INFO[nid]
+        flat = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        for section, optional in (("required", False), ("optional", True)):
+            declared = [i["id"] for i in schema["inputs"] if i["optional"] == optional]
+            assert info["input_order"].get(section, []) == declared, (nid, section)
+        for i in schema["inputs"]:
+            spec = flat[i["id"]]
+            assert _type(spec) == i["type"], (nid, i["id"])
+            assert (i["id"] in info["input"].get("optional", {})) == i["optional"], (nid, i["id"])
+            if "options" in i:
+                assert _options(spec) == i["options"], (nid, i["id"])
+        assert info["output"] == [o["type"] for o in schema["outputs"]], nid
+        assert info["output_name"] == [o["name"] for o in schema["outputs"]], nid
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_is_valid(path):
+    wf = _load(path)
+    assert wf["version"] == 0.4
+    problems = workflow_problems(wf)
+    assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_has_a_note_naming_checkpoint_and_inputs(path):
+    wf = _load(path)
+    notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
+    assert notes, f"{path.name} has no Note"
+    text = "\n".join(notes)
+    ckpts = {v for n in _by_type(wf, "CheckpointLoaderSimple") for v in n["widgets_values"]}
+    assert "models/checkpoints" in text and "INPAINTING" in text.upper()
+    for name in ckpts:
+        assert name in text, f"the Note of {path.name} does not name the checkpoint {name}"
+    for n in _by_type(wf, "LoadImage") + _by_type(wf, "LoadImageMask"):
+        assert n["widgets_values"][0] in text, f"the Note of {path.name} does not mention {n['widgets_values'][0]}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_layout_has_no_overlaps(path):
+    wf = _load(path)
+    assert overlaps(wf) == []
+    xs = [n["pos"][0] for n in wf["nodes"]]
+    loaders = [n["pos"][0] for n in wf["nodes"] if n["type"] in ("CheckpointLoaderSimple", "LoadImage")]
+    saves = [n["pos"][0] for n in wf["nodes"] if n["type"] == "SaveImage"]
+    assert min(loaders) == min(xs) and max(saves) > max(loaders)  # left -> right
+
+
+def test_full_tryon_is_wired_as_the_paper_pipeline():
+    wf = _load(WORKFLOW_DIR / "maxzero_full_tryon.json")
+    samplers = sorted(_by_type(wf, "KSamplerAdvanced"), key=lambda n: n["widgets_values"][7])
+    s1, s2 = samplers
+    # add_noise, seed, control, steps, cfg, sampler, scheduler, start, end, leftover
+    assert s1["widgets_values"][0] == "enable" and s1["widgets_values"][3] == 50
+    assert s1["widgets_values"][7:10] == [0, 35, "enable"]
+    assert s2["widgets_values"][0] == "disable" and s2["widgets_values"][7:10] == [35, 50, "disable"]
+    assert _source(wf, s1, "latent_image")["type"] == "MaX4ZeroDoubleMaskInpaint"
+    assert _source(wf, s1, "model")["type"] == "CheckpointLoaderSimple"
+    assert _source(wf, s2, "model")["type"] == "MaX4ZeroMaskedExtendedAttention"
+    assert _source(wf, s2, "positive")["type"] == "InpaintModelConditioning"
+    assert _source(wf, s2, "latent_image")["type"] == "SetLatentNoiseMask"
+    assert _source(wf, _source(wf, s2, "latent_image"), "samples") is s1
+    flow = _by_type(wf, "MaX4ZeroFlowView")[0]
+    assert _source(wf, flow, "trace")["type"] == "MaX4ZeroMaskedExtendedAttention"
+    paste = _by_type(wf, "MaX4ZeroPasteBack")[0]
+    assert _source(wf, _by_type(wf, "SaveImage")[0], "images") is paste
+
+
+def test_sdxl_workflow_uses_1024_crops_and_grid_layers():
+    wf = _load(WORKFLOW_DIR / "maxzero_sdxl.json")
+    assert {n["widgets_values"][0] for n in _by_type(wf, "MaX4ZeroCropToMask")} == {1024}
+    assert _by_type(wf, "CheckpointLoaderSimple")[0]["widgets_values"] == ["sdxl_inpainting.safetensors"]
+    assert "1/32" in _by_type(wf, "MaX4ZeroMaskedExtendedAttention")[0]["widgets_values"][5]
+
+
+def test_lora_and_controlnet_act_on_the_same_model():
+    wf = _load(WORKFLOW_DIR / "maxzero_lora_controlnet.json")
+    lora = _by_type(wf, "LoraLoader")[0]
+    for n in _by_type(wf, "KSamplerAdvanced"):
+        src = _source(wf, n, "model")
+        if src["type"] == "MaX4ZeroMaskedExtendedAttention":
+            src = _source(wf, src, "model")
+        assert src is lora
+    cna = _by_type(wf, "ControlNetApplyAdvanced")[0]
+    assert _source(wf, _by_type(wf, "MaX4ZeroDoubleMaskInpaint")[0], "positive") is cna
+
+
+# --- the checks above can fail: each broken copy must be reported ---------------------------------
+
+
+def _broken(mutate) -> list[str]:
+    wf = copy.deepcopy(_load(WORKFLOW_DIR / "maxzero_full_tryon.json"))
+    mutate(wf)
+    return workflow_problems(wf)
+
+
+def _node(wf, t):
+    return _by_type(wf, t)[0]
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda wf: _node(wf, "MaX4ZeroMLSWarp")["widgets_values"].__setitem__(0, "bendy"), "kind='bendy'"),
+    (lambda wf: _node(wf, "MaX4ZeroCropToMask")["widgets_values"].__setitem__(0, 8), "outside"),
+    (lambda wf: _node(wf, "KSamplerAdvanced")["widgets_values"].pop(2), "widget values"),
+    (lambda wf: _node(wf, "MaX4ZeroCorrespondence")["widgets_values"].pop(), "widget values"),
+    (lambda wf: _node(wf, "CheckpointLoaderSimple")["widgets_values"].__setitem__(0, "other.ckpt"), "file names"),
+    (lambda wf: _node(wf, "KSamplerAdvanced")["widgets_values"].__setitem__(2, "sometimes"), "control"),
+    (lambda wf: _node(wf, "MaX4ZeroPasteBack").__setitem__("type", "MaX4ZeroPasteBackV2"), "unknown node type"),
+    (lambda wf: wf["links"][0].__setitem__(5, "MODEL"), "type MODEL"),
+    (lambda wf: wf["links"][0].__setitem__(4, wf["links"][0][4] + 1), "records link"),
+    (lambda wf: next(i for i in _node(wf, "VAEDecode")["inputs"] if i["name"] == "vae").__setitem__("link", None),
+     "not connected"),
+    (lambda wf: _node(wf, "MaX4ZeroFlowView")["inputs"][1].__setitem__("type", "MASK"), "types differ"),
+])
+def test_broken_copies_are_caught(mutate, expect):
+    problems = _broken(mutate)
+    assert any(expect in p for p in problems), problems
+
+
+def test_overlap_is_caught():
+    wf = copy.deepcopy(_load(WORKFLOW_DIR / "maxzero_reference_only.json"))
+    wf["nodes"][1]["pos"] = list(wf["nodes"][0]["pos"])
+    assert overlaps(wf)
