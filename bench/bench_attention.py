@@ -19,7 +19,6 @@ Usage: python bench/bench_attention.py [--device cpu|cuda] [--region 0.4] [--gar
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from rss_probe import reset_peak, status_kib  # noqa: E402  (bench/ is the script's folder)
 from pack_import import import_pack  # noqa: E402
 
 import_pack()
@@ -40,25 +40,6 @@ from max4zero.attention.masked_extended import masked_extended_attention, plain_
 MB = 1024 * 1024
 
 
-def _setup_cpu_memory_probe() -> bool:
-    """Make freed big tensors leave the process so peak RSS measures one call's working set."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD fixed (disables glibc's dynamic raise)
-        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def peak_extra_mb(fn: Callable[[], torch.Tensor], device: str, cpu_probe: bool) -> float:
@@ -77,9 +58,9 @@ def peak_extra_mb(fn: Callable[[], torch.Tensor], device: str, cpu_probe: bool) 
         return float("nan")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    base = _rss_kb("VmRSS")
+    base = status_kib("VmRSS")
     out = fn()
-    peak = _rss_kb("VmHWM") - base
+    peak = status_kib("VmHWM") - base
     del out
     return peak / 1024
 
@@ -184,7 +165,7 @@ def main() -> None:
     if args.clock == "cpu" and (args.device != "cpu" or torch.get_num_threads() != 1):
         p.error("--clock cpu measures one thread: use it with --device cpu --threads 1")
     args.clock_fn = time.thread_time if args.clock == "cpu" else time.perf_counter
-    cpu_probe = args.device == "cpu" and _setup_cpu_memory_probe()
+    cpu_probe = args.device == "cpu" and reset_peak()
 
     # (grid side, head dim, repeats): SD1.5 64²/32²/16² at 512², and 128² tokens at 1024²
     cases: List[Tuple[int, int, int]] = [(16, 160, 20), (32, 80, 10), (64, 40, 5)]

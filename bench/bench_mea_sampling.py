@@ -31,13 +31,14 @@ Usage: python bench/bench_mea_sampling.py [--model full|small] [--size 256] [--s
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from rss_probe import reset_peak, status_kib  # bench/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,24 +61,6 @@ def _boot(device: str) -> None:
     import_pack()
 
 
-def _probe_reset() -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: big buffers really leave the process when freed
-        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 class Peak:
@@ -95,8 +78,8 @@ class Peak:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
-            self.ok = _probe_reset()
-            self.base = _rss_kb("VmRSS") * 1024
+            self.ok = reset_peak()
+            self.base = status_kib("VmRSS") * 1024
         return self
 
     def __exit__(self, *exc):
@@ -106,7 +89,7 @@ class Peak:
             torch.cuda.synchronize()
             self.mb = (torch.cuda.max_memory_allocated() - self.base) / 2**20
         else:
-            self.mb = (_rss_kb("VmHWM") * 1024 - self.base) / 2**20 if self.ok else float("nan")
+            self.mb = (status_kib("VmHWM") * 1024 - self.base) / 2**20 if self.ok else float("nan")
 
 
 def main() -> None:
