@@ -21,49 +21,71 @@ How it is computed
 The public vectorised code evaluates MLS with whole-image arrays per control point
 (``[K, H, W]`` and larger), which costs ``O(K H W)`` memory. Here every variant is written with
 per-point weighted moments of the control points, evaluated chunk by chunk over the points so that
-only a few ``[chunk, K]`` arrays exist at once (about 1 MiB each). With ``d_i = p_i - v`` (control
-points *relative to the evaluated point*, which keeps float32 cancellation small) and
-``W = sum w_i``::
+only a few ``[K, chunk]`` arrays exist at once (512 KiB each; a few MiB in all). With ``d_i`` the
+control points relative to the control point nearest to ``v`` (which then contributes exactly 0,
+so float32 keeps the other points' influence even when the nearest weight dominates), the values
+taken as displacements ``u_i = q_i - p_i`` (see below) and ``W = sum w_i``::
 
-    m   = sum w_i d_i / W                 = p* - v
+    m   = sum w_i d_i / W                 (p* relative to the nearest control point)
     C   = sum w_i d_i d_i^T / W - m m^T   = sum w_i p^_i p^_i^T / W     (2x2)
-    q*  = sum w_i q_i / W
-    D   = sum w_i d_i q_i^T / W - m q*^T  = sum w_i p^_i q^_i^T / W     (2x2)
+    u*  = sum w_i u_i / W
+    D   = sum w_i d_i u_i^T / W - m u*^T  = sum w_i p^_i u^_i^T / W     (2x2)
 
-* affine:      ``f(v) = (v - p*) C^-1 D + q*``
-* similarity:  with complex numbers ``c = sum w conj(p^) q^ / W = (D00 + D11) + i (D01 - D10)``
-  and ``mu = trace C``: ``f(v) = (v - p*) c / mu + q*`` (the paper's ``A_i`` / ``mu_s`` form).
-* rigid:       ``f(v) = (v - p*) c / |c| + q*`` (equal to the paper's ``|v - p*| f_r / |f_r| + q*``).
+All of them come out of one small GEMM per chunk (``[3, K] x [K, 6 chunk]``). Then, with complex
+numbers for the 2-D rotation-scales, ``c_u = (D00 + D11) + i (D01 - D10)`` and ``mu = trace C``:
 
-Weights are rescaled per point to ``(d_min^2 / |d_i|^2)^alpha`` in ``(0, 1]`` -- MLS is invariant
-to a common factor -- so no weight overflows even for points a hair away from a control point.
+* affine:      ``f(v) = v + (v - p*) C^-1 D + u*``             (= ``(v - p*) C^-1 sum w p^T q^ + q*``)
+* similarity:  ``f(v) = v + (v - p*) c_u / mu + u*``           (the paper's ``A_i`` / ``mu_s`` form)
+* rigid:       ``f(v) = v + (v - p*) (c / |c| - 1) + u*``, ``c = mu + c_u = sum w conj(p^) q^``
+  (equal to the paper's ``|v - p*| f_r / |f_r| + q*``).
+
+Affine and similarity MLS are linear in ``q`` and reproduce the identity, and for rigid
+``c = mu + c_u``; so all three are evaluated on displacements, usually much smaller numbers than
+positions (several-fold smaller float32 error). Weights are rescaled per point to
+``(d_min^2 / |p_i - v|^2)^alpha`` in ``(0, 1]`` -- MLS is invariant to a common factor -- so no
+weight overflows, whatever alpha and however close ``v`` is to a control point.
 
 Degenerate cases (never NaN)
 ----------------------------
 * A point that coincides exactly with control point(s) maps exactly to their ``dst`` (the mean of
   the ``dst`` of all coinciding ``src``, should ``src`` contain duplicates).
-* ``K == 1``, or all weighted ``src`` identical (``trace C`` at round-off level): **translation**,
+* ``K == 1``, or all weighted ``src`` at one spot (``trace C`` at round-off level): **translation**,
   ``f(v) = v - p* + q*``.
 * affine with a singular ``C`` (``K == 2``, collinear ``src``; tested against round-off level,
-  i.e. ``det C <= 256 eps (|d|^2 mean) trace C``): falls back to the **similarity** solution, which
-  still interpolates two points exactly. Near-collinear but not singular configurations keep the
-  (steep) affine solution.
-* rigid with ``c`` at round-off level (e.g. all ``dst`` identical): no rotation (``c/|c| := 1``).
+  ``det C <= 256 eps trace(C) sum w |d|^2 / W``): falls back to the **similarity** solution, which
+  still interpolates two points exactly. Near-collinear but regular configurations keep the (steep)
+  affine solution.
+* rigid with ``c`` at round-off level (e.g. all ``dst`` identical): no rotation (``c / |c| := 1``).
 
 Precision
 ---------
 Arithmetic runs in float32, or float64 when any of ``points``/``src``/``dst`` is float64. fp16/bf16
 inputs are promoted to float32 and **the result stays float32**: fp16 cannot even represent every
 pixel position above 2048 and has 0.25-0.5 px steps at 512-1024, bf16 is 8x coarser; the map is
-consumed by :func:`warp`, which samples in float32 anyway. Measured float32 error against a float64
-evaluation at 512x512 with 16-256 random control points: well below 1e-3 px (see
-``bench/bench_mls.py``, column ``exact err``).
+consumed by :func:`warp`, which samples in float32 anyway. Measured float32 error against float64
+at 512x512, K = 16-256, every kind, alpha 0.1-2: <= 2.5e-4 px (``bench/bench_mls.py``, column
+``exact err``; ``tests/test_mls.py`` checks <= 1e-3 px against the paper's formulas). At 1024 px
+with a 1.7x scale between ``src`` and ``dst`` the worst case seen was 2e-3 px (affine, alpha 0.1,
+K = 16: an ill-conditioned C amplifies round-off far from all control points).
+
+Threads and devices
+-------------------
+All tensors stay on the device of ``points`` (``mls_deform``) or ``src`` (``backward_map``);
+accelerators get larger chunks. On CPU the point loop runs single-threaded (``torch`` threads set
+to 1 for its duration and restored, see ``_one_cpu_thread``): it is thousands of small ops, and
+with intra-op threads every op is a barrier that stalls whenever another process holds a core
+(1-6 s instead of 0.05-0.3 s on the shared 2-core dev machine). Single-threaded it is 1.5-2x slower
+than two idle threads, and unaffected by load. The upsampling of :func:`backward_map` and the
+sampling of :func:`warp` for outputs up to 4M values run single-threaded too; larger warps use
+torch's threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import operator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +94,21 @@ __all__ = ["mls_deform", "backward_map", "warp", "KINDS", "DEFAULT_STRIDE"]
 
 KINDS = ("affine", "similarity", "rigid")
 
-#: Coarse-grid stride the nodes use by default. At 512x512 with 16-256 random control points of
-#: every kind and alpha in {0.1, 1} the upsampled map is within p99 <= 0.25 px of the exact one
-#: (measured by ``bench/bench_mls.py``; see :func:`backward_map`).
-DEFAULT_STRIDE = 4
+#: Coarse-grid stride for paper mode (alpha = 0.1), the nodes' default: p99 <= 0.05 px from the
+#: exact map at 512x512 with 16-256 control points of every kind (see :func:`backward_map`).
+DEFAULT_STRIDE = 8
 
-# Elements of one [chunk, K] intermediate: 2**16 float32 = 256 KiB, so the ~7 live intermediates of a
-# chunk stay in L2 and the working memory is a few MiB whatever the image size and K.
-_CHUNK_ELEMS = 1 << 16
+# Elements of one [K, chunk] intermediate on CPU: 2**17 float32 = 512 KiB; a chunk holds 8 of them
+# (4 MiB): large enough that per-op Python overhead is negligible, small enough to stay in cache.
+_CHUNK_ELEMS = 1 << 17
+# Points whose moments ([3, 6] floats each) are buffered before solving: 4.5 MiB.
+_BLOCK_CPU = 1 << 16
+# warp() samples outputs up to this many values (B C H W) single-threaded on CPU.
+_WARP_ONE_THREAD = 1 << 22
+# Control points per partial sum of the moment GEMM (precision, see _moments).
+_GEMM_BLOCK = 32
+_CHUNK_ELEMS_ACCEL = 1 << 22
+_BLOCK_ACCEL = 1 << 18
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +164,19 @@ def _check_kind_alpha(kind: str, alpha: float) -> float:
     return alpha
 
 
+def _as_int(val: Any, name: str, what: str) -> int:
+    """``val`` as a Python int >= 1 (ints, numpy/torch integer scalars), else ValueError."""
+    if isinstance(val, bool):
+        raise ValueError(f"{name} must be {what}, got {val!r}")
+    try:
+        out = operator.index(val)
+    except TypeError:
+        raise ValueError(f"{name} must be {what}, got {val!r}") from None
+    if out < 1:
+        raise ValueError(f"{name} must be {what}, got {val!r}")
+    return out
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -144,114 +186,188 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
+class _Setup(NamedTuple):
+    """Per-call constants shared by all point blocks (centred coordinates, see _mls_into)."""
+
+    kind: str
+    alpha: float
+    p0: torch.Tensor  # [2] centre of src
+    u0: torch.Tensor  # [2] mean displacement
+    pt: torch.Tensor  # [2, K] centred src, transposed
+    table: torch.Tensor  # [3, K]: 1, ux, uy of the centred displacements u = dst - src - u0
+    dst: torch.Tensor  # [K, 2] raw dst (exact values at control points)
+    sub_elems: int  # elements of one [K, chunk] intermediate
+
+
+def _moments(mom: torch.Tensor, rel: torch.Tensor, v: torch.Tensor, c: _Setup, hits: list) -> None:
+    """Weighted moments of the control points for the points ``v`` [n, 2].
+
+    Writes ``mom`` [3, 6, n]: ``mom[t, r] = sum_k table[t, k] f_r[k]`` with
+    ``f = (w, w dx, w dy, w dx^2, w dx dy, w dy^2)`` and ``table = (1, ux, uy)``, so every
+    moment comes out of one small GEMM per chunk; and ``rel`` [2, n] = ``p_nn - v``.
+
+    ``d = p - p_nn`` is taken relative to the control point nearest to ``v``: that point then adds
+    exactly nothing to the moments, so when its weight dominates (``v`` close to it, large alpha)
+    the others' small contributions are not lost in float round-off (with ``d = p - v`` the map
+    near a control point degenerated to a translation for alpha = 2). Weights are rescaled per
+    point to ``(d2min / d2)^alpha`` in (0, 1]. Points that coincide with a control point are
+    appended to ``hits`` as (row indices, exact values).
+    """
+    n_all, k = v.shape[0], c.pt.shape[1]
+    step = max(1, c.sub_elems // k)
+    # Layout [K, ..., n]: points are the contiguous axis, so the reductions over K (min) run
+    # vectorised across points and the moments are one GEMM [3, K] x [K, 6 n] without copies.
+    for s in range(0, n_all, step):
+        e = min(s + step, n_all)
+        n = e - s
+        vt = (v[s:e] - c.p0).t()  # [2, n]
+        d = torch.sub(c.pt[:, :, None], vt[:, None, :])  # [2, K, n]: p - v
+        f = torch.empty(k, 6, n, dtype=d.dtype, device=d.device)
+        w = f[:, 0]  # [K, n]
+        torch.mul(d[0], d[0], out=w)
+        w.addcmul_(d[1], d[1])  # |p - v|^2
+        d2min, nn = w.min(dim=0)  # [n]
+        hit = d2min == 0
+        if bool(hit.any()):
+            # infinite weight: the point *is* a control point -> its dst exactly (mean of duplicates)
+            cols = hit.nonzero().flatten()
+            on = (w[:, cols] == 0).to(w.dtype)  # [K, h]
+            hits.append((cols + s, (on.t() @ c.dst) / on.sum(0)[:, None]))
+            d2min = torch.where(hit, torch.ones_like(d2min), d2min)  # hit columns: discarded later
+        if c.alpha == 1.0:
+            torch.reciprocal(w, out=w).mul_(d2min)
+        else:  # exp/log is ~5x faster than pow on CPU
+            torch.log(w, out=w)
+            torch.add(d2min.log() * c.alpha, w, alpha=-c.alpha, out=w).exp_()
+        pn = c.pt[:, nn]  # [2, n] nearest control point
+        torch.sub(pn, vt, out=rel[:, s:e])
+        torch.sub(c.pt[:, :, None], pn[:, None, :], out=d)  # d = p - p_nn
+        torch.mul(w[:, None], d.transpose(0, 1), out=f[:, 1:3])  # w dx, w dy
+        torch.mul(f[:, 1], d[0], out=f[:, 3])  # w dx^2
+        torch.mul(f[:, 1:3], d[1][:, None], out=f[:, 4:6])  # w dx dy, w dy^2
+        # The GEMM in blocks of control points: float32 sums of hundreds of mixed-sign terms in
+        # one accumulator lost up to 8e-4 px at K = 256; partial sums of 32 keep it near 2e-4.
+        fk = f.view(k, 6 * n)
+        acc = torch.mm(c.table[:, :_GEMM_BLOCK], fk[:_GEMM_BLOCK])
+        for j in range(_GEMM_BLOCK, k, _GEMM_BLOCK):
+            acc.add_(torch.mm(c.table[:, j : j + _GEMM_BLOCK], fk[j : j + _GEMM_BLOCK]))
+        mom[:, :, s:e] = acc.view(3, 6, n)
+
+
+def _solve(out: torch.Tensor, v: torch.Tensor, mom: torch.Tensor, rel: torch.Tensor, c: _Setup) -> None:
+    """Turn moments [3, 6, n] and ``rel`` [2, n] of points ``v`` [n, 2] into MLS values ``out`` [n, 2].
+
+    Works on the displacement field u = q - p: ``f(v) = v + (v - p*) Z + u*`` with Z = C^-1 D_u
+    (affine), the complex number c_u / mu (similarity) or c / |c| - 1, c = mu + c_u (rigid).
+    """
+    eps = torch.finfo(mom.dtype).eps
+    W = mom[0, 0]
+    mx, my = mom[0, 1] / W, mom[0, 2] / W  # p* - p_nn
+    cxx = mom[0, 3] / W - mx * mx  # C = sum w p^ p^T / W
+    cxy = mom[0, 4] / W - mx * my
+    cyy = mom[0, 5] / W - my * my
+    usx, usy = mom[1, 0] / W, mom[2, 0] / W  # u* (centred)
+    dxx = mom[1, 1] / W - mx * usx  # D_u = sum w p^ u^T / W
+    dxy = mom[2, 1] / W - mx * usy
+    dyx = mom[1, 2] / W - my * usx
+    dyy = mom[2, 2] / W - my * usy
+    s2 = (mom[0, 3] + mom[0, 5]) / W  # spread about p_nn: the scale of round-off in C
+    tr = cxx + cyy  # mu
+    ex, ey = -(rel[0] + mx), -(rel[1] + my)  # v - p*
+    translate = tr <= 64 * eps * s2  # all weighted src at one spot (K = 1, duplicates)
+    c_re = dxx + dyy  # c_u = sum w conj(p^) u^ / W
+    c_im = dxy - dyx
+    one, zero = torch.ones_like(tr), torch.zeros_like(tr)
+    if c.kind == "rigid":
+        # rotation c / |c| of c = sum w conj(p^) q^ / W = mu + c_u; none when c is round-off
+        cr = tr + c_re
+        cabs = torch.sqrt(cr * cr + c_im * c_im)
+        # round-off scale of c: mu, c_u and the raw terms D_u was computed from
+        raw = (mom[1, 1].abs() + mom[2, 2].abs() + mom[2, 1].abs() + mom[1, 2].abs()) / W
+        raw = raw + (mx.abs() + my.abs()) * (usx.abs() + usy.abs())
+        no_rot = translate | (cabs <= 64 * eps * (s2 + raw))
+        safe = torch.where(no_rot, one, cabs)
+        zr = torch.where(no_rot, zero, cr / safe - 1)
+        zi = torch.where(no_rot, zero, c_im / safe)
+    else:
+        # translation fallback f(v) = v - p* + q*: zero for the displacement field
+        safe = torch.where(translate, one, tr)
+        zr = torch.where(translate, zero, c_re / safe)
+        zi = torch.where(translate, zero, c_im / safe)
+    fx = ex * zr - ey * zi
+    fy = ex * zi + ey * zr
+    if c.kind == "affine":
+        det = cxx * cyy - cxy * cxy
+        ok = (~translate) & (det > 256 * eps * s2 * tr)  # else: singular -> similarity (above)
+        sdet = torch.where(ok, det, one)
+        rx = (ex * cyy - ey * cxy) / sdet  # (v - p*) C^-1
+        ry = (ey * cxx - ex * cxy) / sdet
+        fx = torch.where(ok, rx * dxx + ry * dyx, fx)
+        fy = torch.where(ok, rx * dxy + ry * dyy, fy)
+    torch.add(fx, usx + c.u0[0], out=out[:, 0])
+    torch.add(fy, usy + c.u0[1], out=out[:, 1])
+    out += v
+
+
+def _block(out: torch.Tensor, v: torch.Tensor, c: _Setup) -> None:
+    """MLS for one block of points ``v`` [n, 2] into ``out`` [n, 2]."""
+    mom = torch.empty(3, 6, v.shape[0], dtype=v.dtype, device=v.device)
+    rel = torch.empty(2, v.shape[0], dtype=v.dtype, device=v.device)
+    hits: list = []
+    _moments(mom, rel, v, c, hits)
+    _solve(out, v, mom, rel, c)
+    for rows, vals in hits:
+        out[rows] = vals
+
+
 def _mls_into(out: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, kind: str, alpha: float) -> None:
     """Evaluate MLS at ``v`` [N, 2] and write it to ``out`` [N, 2] (all same dtype/device).
 
     ``src``/``dst`` [K, 2] are the raw control points (compute dtype).
     """
-    n_pts, k = v.shape[0], src.shape[0]
-    dtype, device = v.dtype, v.device
-    eps = torch.finfo(dtype).eps
+    # MLS commutes with translations of (v, p) and of q, so coordinates are centred. And every kind
+    # can be evaluated on the displacements u = q - p (affine and similarity are linear in q and
+    # reproduce the identity; for rigid c = mu + c_u): f(v) = v + (small correction). Displacements
+    # are usually much smaller than positions, which cuts the float32 error several-fold.
+    u = dst - src
+    p0, u0 = src.mean(0), u.mean(0)
+    p, uc = src - p0, u - u0
+    cpu = v.device.type == "cpu"
+    c = _Setup(
+        kind=kind,
+        alpha=alpha,
+        p0=p0,
+        u0=u0,
+        pt=p.t().contiguous(),
+        table=torch.stack([torch.ones_like(uc[:, 0]), uc[:, 0], uc[:, 1]]).contiguous(),
+        dst=dst,
+        sub_elems=_CHUNK_ELEMS if cpu else _CHUNK_ELEMS_ACCEL,
+    )
+    block = _BLOCK_CPU if cpu else _BLOCK_ACCEL
+    with _one_cpu_thread(cpu):
+        for s in range(0, v.shape[0], block):
+            _block(out[s : s + block], v[s : s + block], c)
 
-    # MLS commutes with translations of (v, p) and of q: centring keeps magnitudes (and thus float32
-    # round-off in the moment differences) small. Affine and similarity MLS are linear in q and
-    # reproduce the identity, so f(v) = v + MLS_u(v) with the displacements u = q - p: usually much
-    # smaller than q, which cuts the float32 error several-fold. Rigid is not linear in q.
-    relative = kind != "rigid"
-    p0 = src.mean(0)
-    u = dst - src if relative else dst
-    q0 = u.mean(0)
-    p = src - p0
-    q = u - q0
-    px = p[:, 0].contiguous()
-    py = p[:, 1].contiguous()
-    # rows: qx, qy, |q|^2 -> one small GEMM gives sum w q and sum w d q^T (and the q spread for rigid)
-    qt = torch.stack([q[:, 0], q[:, 1], (q * q).sum(1)]).contiguous()  # [3, K]
 
-    chunk = max(1, _CHUNK_ELEMS // k)
-    dbuf = torch.empty(2, min(chunk, n_pts), k, dtype=dtype, device=device)
-    ebuf = torch.empty(3, min(chunk, n_pts), k, dtype=dtype, device=device)
+@contextlib.contextmanager
+def _one_cpu_thread(active: bool) -> Iterator[None]:
+    """Run torch CPU ops single-threaded inside the block, restoring the thread count after.
 
-    for s in range(0, n_pts, chunk):
-        e_ = min(s + chunk, n_pts)
-        n = e_ - s
-        vc = v[s:e_] - p0  # [n, 2]
-        D = dbuf[:, :n]
-        E = ebuf[:, :n]
-        torch.sub(px, vc[:, :1], out=D[0])  # d = p - v  [n, K]
-        torch.sub(py, vc[:, 1:], out=D[1])
-        w = E[0]
-        torch.mul(D[0], D[0], out=w)
-        w.addcmul_(D[1], D[1])  # |d|^2
-        d2min = w.amin(dim=1, keepdim=True)  # [n, 1]
-        hit = d2min[:, 0] == 0
-        exact = None
-        if bool(hit.any()):
-            # infinite weight: the point *is* a control point -> its dst, exactly (mean of duplicates)
-            hrows = hit.nonzero().flatten()
-            hm = (w[hrows] == 0).to(dtype)  # [h, K]
-            exact = (hrows, (hm @ dst) / hm.sum(1, keepdim=True))
-            d2min = torch.where(d2min > 0, d2min, torch.ones_like(d2min))  # keep the hit rows finite-ish
-        # w = (d2min / d2)^alpha in (0, 1]; exp/log is ~5x faster than pow on CPU
-        if alpha == 1.0:
-            torch.reciprocal(w, out=w).mul_(d2min)
-        else:
-            torch.log(w, out=w)
-            w.sub_(d2min.log()).mul_(-alpha).exp_()
-        torch.mul(w, D[0], out=E[1])
-        torch.mul(w, D[1], out=E[2])
-
-        S = E.sum(dim=2)  # [3, n]: W, sum w dx, sum w dy
-        M2 = torch.einsum("ank,bnk->nab", E[1:3], D)  # [n, 2, 2]: sum w d_a d_b
-        G = torch.mm(qt, E.reshape(3 * n, k).t()).view(3, 3, n)  # [qx|qy|q2, w|wdx|wdy, n]
-
-        W = S[0]
-        mx, my = S[1] / W, S[2] / W
-        cxx = M2[:, 0, 0] / W - mx * mx
-        cxy = M2[:, 0, 1] / W - mx * my
-        cyy = M2[:, 1, 1] / W - my * my
-        qsx, qsy = G[0, 0] / W, G[1, 0] / W
-        dxx = G[0, 1] / W - mx * qsx
-        dxy = G[1, 1] / W - mx * qsy
-        dyx = G[0, 2] / W - my * qsx
-        dyy = G[1, 2] / W - my * qsy
-        s2 = (M2[:, 0, 0] + M2[:, 1, 1]) / W  # raw spread about v: scale of round-off in C
-        tr = cxx + cyy
-        ex, ey = -mx, -my  # v - p*
-
-        translate = tr <= 64 * eps * s2
-        c_re = dxx + dyy
-        c_im = dxy - dyx
-        if kind == "rigid":
-            q2 = G[2, 0] / W  # raw spread of q about the global centre
-            cabs = torch.sqrt(c_re * c_re + c_im * c_im)
-            no_rot = translate | (cabs <= 64 * eps * torch.sqrt(s2 * q2))
-            safe = torch.where(no_rot, torch.ones_like(cabs), cabs)
-            zr = torch.where(no_rot, torch.ones_like(cabs), c_re / safe)
-            zi = torch.where(no_rot, torch.zeros_like(cabs), c_im / safe)
-            fx = ex * zr - ey * zi
-            fy = ex * zi + ey * zr
-        else:
-            safe_tr = torch.where(translate, torch.ones_like(tr), tr)
-            zr = torch.where(translate, torch.ones_like(tr), c_re / safe_tr)
-            zi = torch.where(translate, torch.zeros_like(tr), c_im / safe_tr)
-            fx = ex * zr - ey * zi
-            fy = ex * zi + ey * zr
-            if kind == "affine":
-                det = cxx * cyy - cxy * cxy
-                ok = (~translate) & (det > 256 * eps * s2 * tr)
-                sdet = torch.where(ok, det, torch.ones_like(det))
-                rx = (ex * cyy - ey * cxy) / sdet  # (v - p*) C^-1
-                ry = (ey * cxx - ex * cxy) / sdet
-                fx = torch.where(ok, rx * dxx + ry * dyx, fx)
-                fy = torch.where(ok, rx * dxy + ry * dyy, fy)
-        o = out[s:e_]
-        torch.add(fx, qsx + q0[0], out=o[:, 0])
-        torch.add(fy, qsy + q0[1], out=o[:, 1])
-        if relative:
-            o += v[s:e_]
-        if exact is not None:
-            o[exact[0]] = exact[1]
+    The MLS loop is thousands of small ops. With intra-op threads each op is an OpenMP barrier, and
+    when another process occupies one of the cores every barrier waits for a scheduler slice: on the
+    2-core dev machine the exact map then took 1-6 s instead of 0.05-0.3 s. Single-threaded it is
+    1.5-2x slower than two idle threads but unaffected by load. (``torch.set_num_threads`` also
+    drops oneDNN's primitive cache; it is rebuilt on the next convolution.)
+    """
+    before = torch.get_num_threads()
+    if not active or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def mls_deform(
@@ -331,11 +447,22 @@ def backward_map(
         kind, alpha: as in :func:`mls_deform`.
         stride: 1 = exact MLS at every pixel. ``s > 1`` evaluates MLS on a grid every ``<= s`` px
             (evenly spaced, first and last row/column included) and upsamples it bilinearly
-            (``align_corners=True``, so grid nodes are exact). Measured at 512x512, 16/64/256 random
-            control points, alpha 0.1 and 1, every kind (``bench/bench_mls.py``): stride 4 gives
-            p99 <= 0.1 px and stride 8 p99 <= 0.4 px from the exact map; the maximum error sits
-            next to control points, where MLS bends sharply (a few px for alpha = 1 at stride 8).
-            Cost drops about ``s^2``-fold.
+            (``align_corners=True``, so grid nodes are exact); cost drops about ``s^2``-fold.
+            Error against the exact map, measured at 512x512 on a realistic registration field
+            (rotation + scale + smooth bend + 1 px jitter; ``bench/bench_mls.py --alpha A
+            --stride S``), K = 16/64/256, all kinds, p99 (max) in px:
+
+            ========  ==========================  ==========================
+            stride    alpha = 0.1 (paper mode)    alpha = 1
+            ========  ==========================  ==========================
+            4         <= 0.014 (0.2-3.5)          <= 0.17 (0.2-1.4); rigid K=256: 0.46
+            8         <= 0.051 (0.2-4.0)          <= 0.55 (0.5-1.9); rigid K=256: 1.5
+            16        <= 0.14 (0.3-5.1)           up to 3.6
+            ========  ==========================  ==========================
+
+            The maxima sit right next to control points (alpha = 0.1 MLS has a cusp there); with
+            alpha = 1 the map varies on the scale of the control-point spacing, so dense control
+            points need a small stride. :data:`DEFAULT_STRIDE` = 8 is for paper mode.
 
     Returns:
         ``[height, width, 2]`` float32 (float64 if ``src``/``dst`` are float64), on ``src``'s device.
@@ -348,38 +475,27 @@ def backward_map(
             "pass matched control points (row i of src goes to row i of dst)"
         )
     alpha = _check_kind_alpha(kind, alpha)
-    for name, val in (("height", height), ("width", width)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be an int >= 1 (output size in pixels), got {val!r}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ValueError(
-            f"stride must be an int >= 1 (1 = exact; {DEFAULT_STRIDE} = fast coarse grid), got {stride!r}"
-        )
+    height = _as_int(height, "height", "an int >= 1 (output size in pixels)")
+    width = _as_int(width, "width", "an int >= 1 (output size in pixels)")
+    stride = _as_int(stride, "stride", f"an int >= 1 (1 = exact; {DEFAULT_STRIDE} = fast coarse grid)")
     dtype = _compute_dtype(src, dst)
     device = src.device
     p = src.to(dtype=dtype)
     q = dst.to(device=device, dtype=dtype)
-    ys = _axis(height, stride, dtype, device)
-    xs = _axis(width, stride, dtype, device)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    v = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
-    coarse = torch.empty_like(v)
-    _mls_into(coarse, v, p, q, kind, alpha)
-    coarse = coarse.view(ys.numel(), xs.numel(), 2)
-    if ys.numel() == height and xs.numel() == width:
-        return coarse
-    # Interpolate the displacement, not the absolute position: same result in exact arithmetic
-    # (bilinear reproduces the identity) but smaller numbers to round.
-    disp = (coarse - torch.stack([gx, gy], dim=-1)).permute(2, 0, 1)[None]
-    up = F.interpolate(disp, size=(height, width), mode="bilinear", align_corners=True)[0].permute(1, 2, 0)
-    fy, fx = torch.meshgrid(
-        torch.arange(height, dtype=dtype, device=device),
-        torch.arange(width, dtype=dtype, device=device),
-        indexing="ij",
-    )
-    up[..., 0] += fx
-    up[..., 1] += fy
-    return up.contiguous()
+    with _one_cpu_thread(device.type == "cpu"):  # the upsampling too: see _one_cpu_thread
+        ys = _axis(height, stride, dtype, device)
+        xs = _axis(width, stride, dtype, device)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        v = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+        coarse = torch.empty_like(v)
+        _mls_into(coarse, v, p, q, kind, alpha)
+        coarse = coarse.view(ys.numel(), xs.numel(), 2)
+        if ys.numel() == height and xs.numel() == width:
+            return coarse
+        # Bilinear interpolation reproduces the identity part of the map exactly, so interpolating
+        # the absolute positions costs only float32 rounding (~1e-4 px at 512) and saves passes.
+        up = F.interpolate(coarse.permute(2, 0, 1)[None], size=(height, width), mode="bilinear", align_corners=True)
+        return up[0].permute(1, 2, 0).contiguous()
 
 
 def warp(image: torch.Tensor, backward_map: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -424,21 +540,28 @@ def warp(image: torch.Tensor, backward_map: torch.Tensor, mode: str = "bilinear"
         raise ValueError(
             f"backward_map has batch {grid.shape[0]} but image has batch {b}: pass one map per image or a single [H, W, 2] map"
         )
-    if not bool(torch.isfinite(grid).all()):
-        raise ValueError("backward_map contains NaN or inf: rebuild it from finite control points")
-    work = torch.float64 if image.dtype == torch.float64 else torch.float32
-    img = image.to(work)
-    grid = grid.to(device=image.device, dtype=work)
-    # align_corners=True cannot express "outside" along a size-1 axis (every coordinate maps to the
-    # one pixel), so give such images a zero border and shift the coordinates onto it.
-    pad = 1 if (hs == 1 or ws == 1) else 0
-    if pad:
-        img = F.pad(img, (1, 1, 1, 1))
-    hs_p, ws_p = hs + 2 * pad, ws + 2 * pad
-    gx = (2 * (grid[..., 0] + pad) - (ws_p - 1)) / (ws_p - 1)  # exact -1/+1 at the edge centres
-    gy = (2 * (grid[..., 1] + pad) - (hs_p - 1)) / (hs_p - 1)
-    norm = torch.stack([gx, gy], dim=-1)
-    if norm.shape[0] != b:
-        norm = norm.expand(b, -1, -1, -1)
-    out = F.grid_sample(img, norm, mode=mode, padding_mode="zeros", align_corners=True)
+    # Small outputs: one thread finishes in a few ms, about what one stalled barrier costs on a
+    # busy machine (see _one_cpu_thread); large ones keep torch's threads.
+    small = image.device.type == "cpu" and b * c * grid.shape[1] * grid.shape[2] <= _WARP_ONE_THREAD
+    with _one_cpu_thread(small):
+        # one reduction instead of an isfinite pass: NaN/inf survive a float64 sum
+        if not bool(torch.isfinite(grid.sum(dtype=torch.float64))):
+            raise ValueError("backward_map contains NaN or inf: rebuild it from finite control points")
+        work = torch.float64 if image.dtype == torch.float64 else torch.float32
+        img = image.to(work)
+        # align_corners=True cannot express "outside" along a size-1 axis (every coordinate maps to
+        # the one pixel), so give such images a zero border and shift the coordinates onto it.
+        pad = 1 if (hs == 1 or ws == 1) else 0
+        if pad:
+            img = F.pad(img, (1, 1, 1, 1))
+        hs_p, ws_p = hs + 2 * pad, ws + 2 * pad
+        # pixel x -> normalised (2 (x + pad) - (Ws - 1)) / (Ws - 1): -1 / +1 at the first / last centre
+        scale = torch.tensor([2.0 / (ws_p - 1), 2.0 / (hs_p - 1)], dtype=work, device=image.device)
+        offset = torch.tensor(
+            [2.0 * pad / (ws_p - 1) - 1.0, 2.0 * pad / (hs_p - 1) - 1.0], dtype=work, device=image.device
+        )
+        norm = torch.addcmul(offset, grid.to(device=image.device, dtype=work), scale)
+        if norm.shape[0] != b:
+            norm = norm.expand(b, -1, -1, -1)
+        out = F.grid_sample(img, norm, mode=mode, padding_mode="zeros", align_corners=True)
     return out.to(image.dtype)
