@@ -390,9 +390,9 @@ def mls_deform(
         ``[N, 2]`` mapped (x, y), float32 (float64 if any input is float64; fp16/bf16 inputs give
         float32, see module docstring), on ``points``' device.
 
-    The map interpolates: a point equal to ``src[i]`` maps exactly to ``dst[i]``. Memory is
-    ``O(K)`` per point chunk, never ``O(N K)``. Degenerate configurations fall back as described in
-    the module docstring (translation / similarity), never to NaN.
+    The map interpolates: a point equal to ``src[i]`` maps exactly to ``dst[i]``. Working memory is
+    a few MiB of ``[K, chunk]`` blocks plus the output, never ``O(N K)``. Degenerate configurations
+    fall back as described in the module docstring (translation / similarity), never to NaN.
 
     Raises:
         ValueError: wrong shapes, mismatched ``K``, no control point, NaN/inf, unknown ``kind``,
