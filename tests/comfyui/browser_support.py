@@ -1,0 +1,486 @@
+"""Support for the real-browser check of the shipped workflows (``test_browser_workflows.py``).
+
+What it does:
+
+* :func:`skip_reason` — why the browser check cannot run here (no ``COMFYUI_PATH``, no system
+  Chromium, no Python ``playwright``), or ``None``.
+* :func:`ensure_models` — random-weight model files named as the workflows expect, built from
+  ComfyUI's own classes in a child process and cached under ``/tmp/max4zero-browser-models/<version>``
+  (override with ``MAX4ZERO_BROWSER_CACHE``):
+
+  - ``sd15_inpainting.safetensors``: SD1.5 9-channel inpainting checkpoint. ``model_channels`` 320 and
+    ``context_dim`` 768 (what ``comfy/supported_models.SD15`` matches on) but a *reduced block layout*:
+    one res block per level and ``channel_mult`` (1, 1, 1, 1), so it still detects as SD15 and runs
+    fast on a CPU. Full-size random CLIP-L text encoder and full-size random SD VAE.
+  - ``garment_detail_lora.safetensors``: a LoRA with ``lora_unet_*`` up/down/alpha keys for a few
+    real self-/cross-attention projections of that UNet (names from ``comfy.lora.model_lora_keys_unet``).
+  - ``control_v11p_sd15_openpose.safetensors``: a random ControlNet with the same reduced SD1.5
+    layout (a ControlNet's residuals must line up with the UNet's blocks).
+  - ``sdxl_inpainting.safetensors``: a PLACEHOLDER (not a loadable checkpoint). ``supported_models.SDXL``
+    matches ``transformer_depth`` [0, 0, 2, 2, 10, 10] exactly, i.e. the full 2.6 B-parameter UNet
+    (plus the 695 M CLIP-G): ~5 GB on disk, ~13 GB of RAM in float32 on CPU. Too heavy for this
+    check; the SDXL workflow is loaded, checked and converted in the browser, not queued.
+
+* :func:`make_base_dir` — a throwaway ComfyUI ``--base-directory`` (models, input, output, temp,
+  user, custom_nodes with a symlink to this pack); nothing is written into the ComfyUI checkout.
+* :class:`ComfyServer` — ``main.py --cpu`` on 127.0.0.1 and a free port, log captured to a file.
+* :func:`launch_browser` — the system Chromium driven by Playwright (no browser download).
+
+Run ``python browser_support.py build DIR`` (with ``COMFYUI_PATH`` set) to build the model files
+by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = PACK_ROOT / "tools" / "samples"
+WORKFLOWS_DIR = PACK_ROOT / "workflows"
+# The README shows these; MAX4ZERO_SCREENSHOT_DIR sends them elsewhere (e.g. to keep the work tree clean).
+SCREENSHOT_DIR = Path(os.environ.get("MAX4ZERO_SCREENSHOT_DIR", "") or PACK_ROOT / "docs" / "screenshots")
+
+# Bump when anything in _build() changes: the cache key.
+MODEL_VERSION = "v1-sd15small320-cnet-lora-sdxlplaceholder"
+CACHE_ROOT = Path(os.environ.get("MAX4ZERO_BROWSER_CACHE", "/tmp/max4zero-browser-models"))
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+    "--disable-dev-shm-usage",
+]
+
+# Where each model file goes in the base directory.
+MODEL_FILES = {
+    "sd15_inpainting.safetensors": "checkpoints",
+    "sdxl_inpainting.safetensors": "checkpoints",
+    "garment_detail_lora.safetensors": "loras",
+    "control_v11p_sd15_openpose.safetensors": "controlnet",
+}
+# Placeholders: present so the combo lists contain them, never loaded.
+PLACEHOLDER_MODELS = {"sdxl_inpainting.safetensors"}
+
+INPUT_IMAGES = {
+    "max4zero_person.png": "person.png",
+    "max4zero_person_mask.png": "person_mask.png",
+    "max4zero_garment.png": "garment.png",
+    "max4zero_garment_mask.png": "garment_mask.png",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Skips
+# ---------------------------------------------------------------------------------------------
+
+
+def chromium_path() -> Optional[str]:
+    """The system Chromium binary (``MAX4ZERO_CHROMIUM`` overrides), or None."""
+    env = os.environ.get("MAX4ZERO_CHROMIUM", "").strip()
+    if env:
+        return env if os.path.isfile(env) and os.access(env, os.X_OK) else None
+    for cand in CHROMIUM_CANDIDATES:
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return shutil.which("chromium")
+
+
+def skip_reason() -> Optional[str]:
+    """Why the browser check cannot run here, or None when it can."""
+    if not os.environ.get("COMFYUI_PATH", "").strip():
+        return "COMFYUI_PATH is not set: the browser check needs a ComfyUI checkout"
+    root = Path(os.environ["COMFYUI_PATH"])
+    if not (root / "main.py").is_file():
+        return f"COMFYUI_PATH={root} has no main.py"
+    if chromium_path() is None:
+        return ("no system Chromium (apt-get install chromium), or MAX4ZERO_CHROMIUM is set to a path that is "
+                "not an executable")
+    if importlib.util.find_spec("playwright") is None:
+        return "Python package 'playwright' is not installed (pip install playwright; no browser download needed)"
+    if importlib.util.find_spec("comfyui_frontend_package") is None:
+        return "comfyui-frontend-package is not installed in this Python (pip install -r ComfyUI/requirements.txt)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-weight model files (built in a child process: keeps the ~1 GB of tensors out of pytest)
+# ---------------------------------------------------------------------------------------------
+
+
+def sd15_small_unet_config(in_channels: int) -> dict:
+    """SD1.5-detectable UNet config with the cheapest block layout detection still maps to SD15."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "adm_in_channels": None, "in_channels": in_channels, "model_channels": 320,
+        "num_res_blocks": [1, 1, 1, 1], "channel_mult": [1, 1, 1, 1],
+        "transformer_depth": [1, 1, 1, 0], "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0],
+        "use_linear_in_transformer": False, "context_dim": 768,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def ensure_models(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 900) -> Path:
+    """The cache folder holding every file of :data:`MODEL_FILES`; builds it on first use."""
+    cache = Path(cache_root) / MODEL_VERSION
+    done = cache / "DONE.json"
+    if done.is_file():
+        return cache
+    cache.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "build", str(cache)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0 or not done.is_file():
+        raise RuntimeError(f"building the random-weight models failed (rc {proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return cache
+
+
+SDXL_VERSION = "sdxl-v1-full-random"
+
+
+def sdxl_unet_config(in_channels: int) -> dict:
+    """The detected SDXL ``unet_config`` (it must be full size: ``supported_models.SDXL`` matches the depths)."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+        "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": in_channels,
+        "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+        "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+
+
+def ensure_sdxl(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1200) -> Path:
+    """Path of a REAL random-weight SDXL 9-channel inpainting checkpoint (~6.9 GB; ~40 s to build)."""
+    cache = Path(cache_root) / SDXL_VERSION
+    target = cache / "sdxl_inpainting.safetensors"
+    if (cache / "DONE").is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "build-sdxl", str(cache)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not target.is_file():
+        raise RuntimeError(f"building the SDXL model failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}")
+    (cache / "DONE").write_text("ok")
+    return target
+
+
+def _build_sdxl(out: Path) -> None:
+    """Child-process entry: full-size random SDXL inpainting checkpoint, built in fp16 to halve the RAM."""
+    import torch
+
+    root = os.environ["COMFYUI_PATH"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ldm.models.autoencoder
+    import comfy.model_detection
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.utils
+
+    cfg = comfy.supported_models.SDXL(sdxl_unet_config(9))
+    cfg.set_inference_dtype(torch.float16, None)
+    model = cfg.get_model({}, "model.diffusion_model.", device="cpu")
+    _init_random(model, 11)
+    with torch.no_grad():
+        for p in model.diffusion_model.out.parameters():
+            p.mul_(0.1)
+    clip = comfy.sdxl_clip.SDXLClipModel(device="cpu", dtype=torch.float16)
+    _init_random(clip, 12)
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
+    _init_random(vae, 13)
+    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    if type(detected).__name__ != "SDXL" or not detected.inpaint_model():
+        raise RuntimeError(f"the random SDXL inpainting UNet is detected as {type(detected).__name__}")
+    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    comfy.utils.save_torch_file(sd, str(out / "sdxl_inpainting.safetensors"))
+
+
+SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                   "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def _init_random(module: Any, seed: int) -> None:
+    """Torch's default init on every layer (comfy.ops layers make ``reset_parameters()`` a no-op)."""
+    import torch
+
+    torch.manual_seed(seed)
+    for m in module.modules():
+        for base in type(m).__mro__[1:]:
+            if base.__module__.startswith("torch.nn") and "reset_parameters" in base.__dict__:
+                base.reset_parameters(m)
+                break
+
+
+def _build(out: Path) -> None:
+    """Child-process entry: build and save every model file into ``out`` (see module doc)."""
+    import torch
+
+    root = os.environ["COMFYUI_PATH"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.cldm.cldm
+    import comfy.ldm.models.autoencoder
+    import comfy.lora
+    import comfy.ops
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.utils
+
+    init_random = _init_random
+
+    def half(sd: dict) -> dict:
+        return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+    t0 = time.time()
+    log: dict[str, Any] = {}
+
+    # --- SD1.5 inpainting checkpoint -----------------------------------------------------------
+    cfg = comfy.supported_models.SD15(sd15_small_unet_config(9))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "model.diffusion_model.", device=mm.unet_offload_device())
+    init_random(model, 1)
+    # The output layers of a real UNet are zero-initialised only in training; random is fine here,
+    # but scale them so a random UNet's eps prediction stays in a sane range over a few steps.
+    with torch.no_grad():
+        for p in model.diffusion_model.out.parameters():
+            p.mul_(0.1)
+    clip = comfy.sd1_clip.SD1ClipModel(device="cpu", dtype=torch.float32)
+    init_random(clip, 2)
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
+    init_random(vae, 3)
+    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    if type(detected).__name__ != "SD15" or not detected.inpaint_model():
+        raise RuntimeError(f"the small SD1.5 inpainting UNet is detected as {type(detected).__name__}")
+    comfy.utils.save_torch_file(half(sd), str(out / "sd15_inpainting.safetensors"))
+    log["sd15_unet_params"] = sum(p.numel() for p in model.diffusion_model.parameters())
+
+    # --- LoRA on real layers of that UNet ------------------------------------------------------
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    wanted = [k for k in key_map if k.startswith("lora_unet_") and
+              k.endswith(("attn1_to_q", "attn1_to_v", "attn2_to_k", "attn2_to_out_0"))]
+    wanted = sorted(wanted)[:8]
+    if not wanted:
+        raise RuntimeError("no lora_unet_* attention keys found for the SD1.5 UNet")
+    msd = model.diffusion_model.state_dict()
+    lora: dict[str, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(4)
+    rank = 4
+    for k in wanted:
+        target = key_map[k]  # "diffusion_model.xxx.weight"
+        w = msd[target[len("diffusion_model."):]]
+        out_f, in_f = w.shape[0], w.shape[1]
+        lora[f"{k}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.01
+        lora[f"{k}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.01
+        lora[f"{k}.alpha"] = torch.tensor(float(rank))
+    comfy.utils.save_torch_file(half(lora), str(out / "garment_detail_lora.safetensors"))
+    log["lora_keys"] = wanted
+
+    # --- ControlNet with the same reduced layout -----------------------------------------------
+    cn_cfg = sd15_small_unet_config(4)
+    for k in ("out_channels", "transformer_depth_output"):
+        cn_cfg.pop(k)
+    cn_cfg.update(num_heads=8, num_head_channels=-1, hint_channels=3, dtype=torch.float32,
+                  device="cpu", operations=comfy.ops.disable_weight_init)
+    cn = comfy.cldm.cldm.ControlNet(**cn_cfg)
+    init_random(cn, 5)
+    comfy.utils.save_torch_file(half(cn.state_dict()), str(out / "control_v11p_sd15_openpose.safetensors"))
+
+    # --- SDXL placeholder ---------------------------------------------------------------------
+    comfy.utils.save_torch_file({"max4zero_placeholder": torch.zeros(1)},
+                                str(out / "sdxl_inpainting.safetensors"),
+                                metadata={"note": "placeholder: listed in the checkpoint combo, never loaded"})
+
+    log["build_s"] = round(time.time() - t0, 1)
+    (out / "DONE.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(log))
+
+
+# ---------------------------------------------------------------------------------------------
+# Base directory, server, browser
+# ---------------------------------------------------------------------------------------------
+
+
+def make_pose_image(path: Path, size: int = 512) -> None:
+    """A stick figure on black, in the colours of an OpenPose skeleton (any image would do)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), (0, 0, 0))
+    d = ImageDraw.Draw(im)
+    s = size / 512
+    pts = {"head": (256, 90), "neck": (256, 150), "lsh": (196, 160), "rsh": (316, 160), "lel": (170, 250),
+           "rel": (342, 250), "lwr": (160, 330), "rwr": (352, 330), "hip": (256, 320), "lkn": (220, 420),
+           "rkn": (292, 420)}
+    bones = [("head", "neck", (255, 0, 0)), ("neck", "lsh", (255, 85, 0)), ("neck", "rsh", (255, 170, 0)),
+             ("lsh", "lel", (170, 255, 0)), ("rsh", "rel", (85, 255, 0)), ("lel", "lwr", (0, 255, 0)),
+             ("rel", "rwr", (0, 255, 85)), ("neck", "hip", (0, 255, 170)), ("hip", "lkn", (0, 170, 255)),
+             ("hip", "rkn", (0, 85, 255))]
+    for a, b, c in bones:
+        (x0, y0), (x1, y1) = pts[a], pts[b]
+        d.line([(x0 * s, y0 * s), (x1 * s, y1 * s)], fill=c, width=max(2, int(8 * s)))
+    for x, y in pts.values():
+        r = 6 * s
+        d.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], fill=(255, 255, 255))
+    im.save(path)
+
+
+def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Optional[Path] = None) -> Path:
+    """A fresh ``--base-directory``: models (symlinks into the cache), inputs, this pack in custom_nodes.
+
+    ``sdxl``: a real SDXL checkpoint (:func:`ensure_sdxl`) to use instead of the placeholder.
+    """
+    base = Path(tempfile.mkdtemp(prefix="max4zero-browser-", dir=parent))
+    for sub in ("input", "output", "temp", "user", "custom_nodes", "models/checkpoints", "models/loras",
+                "models/controlnet"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for name, folder in MODEL_FILES.items():
+        src = Path(sdxl) if (sdxl is not None and name == "sdxl_inpainting.safetensors") else Path(model_cache) / name
+        (base / "models" / folder / name).symlink_to(src)
+    for dst, src in INPUT_IMAGES.items():
+        shutil.copyfile(SAMPLES / src, base / "input" / dst)
+    make_pose_image(base / "input" / "max4zero_pose.png")
+    (base / "custom_nodes" / "comfyui-max4zero").symlink_to(PACK_ROOT, target_is_directory=True)
+    return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """``python main.py --cpu`` of the checkout at ``comfyui_path`` with everything under ``base``."""
+
+    def __init__(self, comfyui_path: str, base: Path, port: Optional[int] = None):
+        self.root = Path(comfyui_path).resolve()
+        self.base = Path(base)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.base / "server.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 180) -> "ComfyServer":
+        cmd = [sys.executable, str(self.root / "main.py"), "--cpu", "--listen", "127.0.0.1",
+               "--port", str(self.port), "--base-directory", str(self.base),
+               "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
+               "--disable-metadata", "--preview-method", "none"]
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=str(self.root), stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/system_stats", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"ComfyUI did not answer within {timeout} s:\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 6000) -> str:
+        return self.log_text()[-n:]
+
+    def get_json(self, path: str, timeout: float = 30) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post_json(self, path: str, payload: Any, timeout: float = 60) -> tuple[int, Any]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                return e.code, json.loads(body)
+            except ValueError:
+                return e.code, body.decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=20)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def launch_browser(playwright: Any) -> Any:
+    """The system Chromium, headless, through Playwright (``playwright install`` is never needed)."""
+    return playwright.chromium.launch(executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS)
+
+
+def wait_history(server: ComfyServer, prompt_id: str, timeout: float) -> dict:
+    """Poll ``/history/<id>`` until the prompt is in it (ComfyUI adds it when execution ends)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = server.get_json(f"/history/{prompt_id}")
+        if prompt_id in h:
+            return h[prompt_id]
+        if server.proc is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI died while running prompt {prompt_id}:\n{server.log_tail()}")
+        time.sleep(1.0)
+    raise TimeoutError(f"prompt {prompt_id} not finished after {timeout} s:\n{server.log_tail()}")
+
+
+def execution_error(entry: dict) -> Optional[str]:
+    """The execution error recorded in a history entry, as text, or None."""
+    status = entry.get("status", {})
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            return (f"node {data.get('node_id')} ({data.get('node_type')}): {data.get('exception_type')}: "
+                    f"{data.get('exception_message')}\n" + "".join(data.get("traceback", [])[-6:]))
+    if status.get("status_str") == "error" or not status.get("completed", False):
+        return f"status {status}"
+    return None
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "build":
+        _build(Path(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "build-sdxl":
+        _build_sdxl(Path(sys.argv[2]))
+    else:
+        print("usage: COMFYUI_PATH=... python browser_support.py build OUT_DIR", file=sys.stderr)
+        sys.exit(2)

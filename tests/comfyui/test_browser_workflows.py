@@ -1,0 +1,430 @@
+"""Every shipped workflow, in the real ComfyUI frontend, headless, against a real ComfyUI server.
+
+Needs ``COMFYUI_PATH`` (a ComfyUI checkout whose Python has its requirements, incl.
+``comfyui-frontend-package``), the system Chromium (``apt-get install chromium``) and the Python
+``playwright`` package (its driver only: ``playwright install`` is never run; the system Chromium is
+used). Each missing piece skips the module with the reason.
+
+For each workflow in ``workflows/``:
+
+1. ``test_loads_and_converts``: load it the way drag-and-drop does (``app.loadGraphData``), then
+   assert: no node type the frontend does not know (its own missing-node list via an
+   ``afterConfigureGraph`` extension hook, and ``LiteGraph.registered_node_types``), no node flagged
+   ``has_errors``, no dialog or error toast, every link between slots of matching types (and none
+   dropped by the frontend's workflow validation), every combo value among the widget's options,
+   every number inside its min/max, and the widget values unchanged by loading. Screenshot the
+   graph to ``docs/screenshots/<name>.png`` (``MAX4ZERO_SCREENSHOT_DIR`` overrides). Convert with
+   the frontend's own ``app.graphToPrompt()`` and check the API prompt against the server's
+   ``/object_info`` (known class, required inputs present, links to existing nodes, combo values
+   listed, numbers in range).
+2. ``test_queues_and_finishes``: clear ComfyUI's output cache (``POST /free``), POST that prompt to
+   ``/prompt`` (the server validates it again), poll ``/history/<id>`` and assert it finished without
+   an execution error, with no node served from the cache, and with a saved image on disk.
+
+Reductions before queueing (CPU only, 2 cores; see :data:`REDUCE`), applied to the API prompt the
+frontend produced, never to the workflow files:
+
+* sampler ``steps`` → at most 4, ``start_at_step`` / ``end_at_step`` scaled by the same factor so the
+  70 % / 30 % split of the two-stage try-on keeps its shape (50: 0→35, 35→50 becomes 4: 0→3, 3→4);
+* ``MaX4ZeroCropToMask.size`` → 128 (working size; the workflows use 512, SDXL 1024);
+* ``MaX4ZeroCorrespondence.ensemble`` → 1 (feature-extraction passes per image).
+
+The sample photos (``tools/samples``, 512×512) are used as they are.
+
+The models are random-weight files built by ``browser_support`` (a reduced-depth SD1.5 inpainting
+UNet that ComfyUI still detects as SD15; see there). By default the SDXL workflow is loaded,
+screenshotted, converted and checked against ``/object_info`` but NOT queued (its checkpoint is a
+placeholder): ComfyUI only detects SDXL from the full 2.6 B-parameter UNet layout (~7 GB file,
+~14 GB RAM in fp32). ``MAX4ZERO_BROWSER_SDXL=1`` builds a real random SDXL checkpoint (~40 s, cached)
+and queues it too (~3 min on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import browser_support as bs
+
+_REASON = bs.skip_reason()
+if _REASON:
+    pytest.skip(_REASON, allow_module_level=True)
+
+WORKFLOWS = (
+    "maxzero_full_tryon",
+    "maxzero_reference_only",
+    "maxzero_attention_flow",
+    "maxzero_lora_controlnet",
+    "maxzero_sdxl",
+)
+# MAX4ZERO_BROWSER_SDXL=1 builds a real (full-size, random) SDXL checkpoint and queues that workflow too.
+RUN_SDXL = os.environ.get("MAX4ZERO_BROWSER_SDXL", "").strip() not in ("", "0")
+NOT_QUEUED = {} if RUN_SDXL else {
+    "maxzero_sdxl": "SDXL is detected only from the full 2.6 B-parameter UNet (supported_models.SDXL matches "
+                    "transformer_depth [0,0,2,2,10,10]): a ~7 GB file and ~14 GB of RAM in fp32 on CPU, too heavy "
+                    "by default. Loaded, converted and checked against /object_info only; set "
+                    "MAX4ZERO_BROWSER_SDXL=1 to build it and queue this workflow too.",
+}
+MAX_STEPS = 4
+REDUCE = {"MaX4ZeroCropToMask": {"size": 128}, "MaX4ZeroCorrespondence": {"ensemble": 1}}
+RUN_TIMEOUT_S = 300
+VIEWPORT = {"width": 2560, "height": 1440}
+
+SETTINGS = {
+    "Comfy.TutorialCompleted": True,  # no template browser on first start
+    "Comfy.Minimap.Visible": False,  # clean screenshots
+    "LiteGraph.Canvas.MinFontSizeForLOD": 0,  # draw titles and widgets at any zoom (no low-quality mode)
+    "Comfy.Validation.Workflows": True,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: models → base dir → server → browser page
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    root = os.environ["COMFYUI_PATH"]
+    cache = bs.ensure_models(root)
+    base = bs.make_base_dir(cache, sdxl=bs.ensure_sdxl(root) if RUN_SDXL else None)
+    (base / "user" / "default").mkdir(parents=True, exist_ok=True)
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
+    srv = bs.ComfyServer(root, base).start()
+    yield srv
+    srv.stop()
+    if "IMPORT FAILED" in srv.log_text() and "comfyui-max4zero" in srv.log_text().split("IMPORT FAILED")[-1]:
+        print(srv.log_tail())
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def object_info(server) -> dict:
+    return server.get_json("/object_info", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = bs.launch_browser(p)
+        pg = browser.new_page(viewport=VIEWPORT)
+        pg.m4z_page_errors = []  # type: ignore[attr-defined]
+        pg.on("pageerror", lambda e: pg.m4z_page_errors.append(str(e)))
+        pg.goto(server.url)
+        pg.wait_for_function(
+            "() => window.app && window.app.graph && window.LiteGraph && "
+            "'MaX4ZeroCropToMask' in window.LiteGraph.registered_node_types",
+            timeout=120_000,
+        )
+        pg.evaluate(
+            """() => {
+                window.__m4zMissing = null;
+                window.app.registerExtension({
+                    name: 'max4zero.browsertest',
+                    afterConfigureGraph(missing) {
+                        window.__m4zMissing = (missing || []).map(m => typeof m === 'string' ? m : m.type);
+                    },
+                });
+            }"""
+        )
+        yield pg
+        browser.close()
+
+
+_CONVERTED: dict[str, dict] = {}
+
+_LOAD_JS = """async ([wf, name]) => {
+    const app = window.app;
+    window.__m4zMissing = null;
+    const before = JSON.parse(JSON.stringify(wf));
+    await app.loadGraphData(wf, true, true, name);
+    await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+    const problems = [];
+    const byId = new Map(before.nodes.map(n => [String(n.id), n]));
+    for (const node of app.graph.nodes) {
+        const tag = `node ${node.id} ${node.type}`;
+        if (!(node.type in LiteGraph.registered_node_types)) problems.push(`${tag}: type not registered`);
+        if (node.has_errors) problems.push(`${tag}: has_errors`);
+        for (const w of node.widgets || []) {
+            const o = w.options || {};
+            if (w.type === 'combo') {
+                let vals = o.values;
+                if (typeof vals === 'function') vals = vals(w, node);
+                if (Array.isArray(vals) && !vals.includes(w.value))
+                    problems.push(`${tag}: combo '${w.name}' = ${JSON.stringify(w.value)} not in ${JSON.stringify(vals).slice(0, 200)}`);
+            } else if (typeof w.value === 'number') {
+                if (!Number.isFinite(w.value)) problems.push(`${tag}: '${w.name}' = ${w.value}`);
+                if (o.min !== undefined && w.value < o.min) problems.push(`${tag}: '${w.name}' = ${w.value} < min ${o.min}`);
+                if (o.max !== undefined && w.value > o.max) problems.push(`${tag}: '${w.name}' = ${w.value} > max ${o.max}`);
+            }
+        }
+        const orig = byId.get(String(node.id));
+        if (orig && Array.isArray(orig.widgets_values)) {
+            const now = node.serialize().widgets_values || [];
+            if (JSON.stringify(now) !== JSON.stringify(orig.widgets_values))
+                problems.push(`${tag}: widget values changed on load ${JSON.stringify(orig.widgets_values)} -> ${JSON.stringify(now)}`);
+        }
+    }
+    const links = app.graph.links instanceof Map ? [...app.graph.links.values()] : Object.values(app.graph.links || {});
+    for (const l of links) {
+        if (!l) continue;
+        const a = app.graph.getNodeById(l.origin_id), b = app.graph.getNodeById(l.target_id);
+        if (!a || !b) { problems.push(`link ${l.id}: dangling (${l.origin_id} -> ${l.target_id})`); continue; }
+        const out = a.outputs?.[l.origin_slot], inp = b.inputs?.[l.target_slot];
+        if (!out || !inp) { problems.push(`link ${l.id}: slot missing on ${a.type} -> ${b.type}`); continue; }
+        if (!LiteGraph.isValidConnection(out.type, inp.type))
+            problems.push(`link ${l.id}: ${a.type}.${out.name} (${out.type}) -> ${b.type}.${inp.name} (${inp.type}) types do not match`);
+    }
+    if (links.filter(Boolean).length !== (before.links || []).length)
+        problems.push(`link count changed on load: ${(before.links || []).length} -> ${links.filter(Boolean).length}`);
+    const visible = el => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+    const dialogs = [...document.querySelectorAll('.p-dialog')].filter(visible).map(d => d.innerText.slice(0, 300));
+    const toasts = [...document.querySelectorAll('.p-toast-message-error, .p-toast-message-warn')]
+        .filter(visible).map(d => d.innerText.slice(0, 300));
+    return {
+        problems, dialogs, toasts,
+        missing: window.__m4zMissing,
+        loadedTypes: app.graph.nodes.map(n => n.type),
+    };
+}"""
+
+_FIT_JS = """() => {
+    const app = window.app, canvas = app.canvas, ds = canvas.ds;
+    const th = LiteGraph.NODE_TITLE_HEIGHT || 30;
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    const boxes = app.graph.nodes.map(n => [n.pos[0], n.pos[1] - th, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+    for (const g of (app.graph.groups || app.graph._groups || [])) {
+        const b = g._bounding || g.bounding; if (b) boxes.push([b[0], b[1], b[0] + b[2], b[1] + b[3]]);
+    }
+    for (const [a, b, c, d] of boxes) { x0 = Math.min(x0, a); y0 = Math.min(y0, b); x1 = Math.max(x1, c); y1 = Math.max(y1, d); }
+    const el = canvas.canvas, W = el.clientWidth, H = el.clientHeight, pad = 40;
+    const scale = Math.min((W - 2 * pad) / (x1 - x0), (H - 2 * pad) / (y1 - y0), 1.0);
+    ds.scale = scale;
+    ds.offset = [(W / scale - (x1 - x0)) / 2 - x0, (H / scale - (y1 - y0)) / 2 - y0];
+    canvas.setDirty(true, true);
+    return {scale, W, H};
+}"""
+
+
+def _workflow_path(name: str) -> Path:
+    path = bs.WORKFLOWS_DIR / f"{name}.json"
+    if not path.is_file():
+        pytest.fail(f"shipped workflow {path} is missing")
+    return path
+
+
+def _is_link(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int)
+
+
+def check_against_object_info(prompt: dict, object_info: dict) -> list[str]:
+    """What the server's validation would reject in an API prompt (the subset we can check offline)."""
+    problems = []
+    for nid, node in prompt.items():
+        ct = node.get("class_type")
+        if ct not in object_info:
+            problems.append(f"{nid}: unknown class_type {ct!r}")
+            continue
+        spec = object_info[ct]["input"]
+        required = spec.get("required", {})
+        allspec = {**required, **spec.get("optional", {})}
+        inputs = node.get("inputs", {})
+        for name in required:
+            if name not in inputs:
+                problems.append(f"{nid} {ct}: required input {name!r} missing")
+        for name, value in inputs.items():
+            if name not in allspec:
+                continue  # hidden / extra widgets (e.g. control_after_generate is never sent) are ignored
+            if _is_link(value):
+                if value[0] not in prompt:
+                    problems.append(f"{nid} {ct}: input {name!r} linked to missing node {value[0]}")
+                continue
+            typ = allspec[name][0]
+            opts = allspec[name][1] if len(allspec[name]) > 1 and isinstance(allspec[name][1], dict) else {}
+            options = typ if isinstance(typ, list) else (opts.get("options") if typ == "COMBO" else None)
+            if options is not None and value not in options:
+                problems.append(f"{nid} {ct}: {name}={value!r} not among {options[:8]}")
+            if typ in ("INT", "FLOAT"):
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    problems.append(f"{nid} {ct}: {name}={value!r} is not a number")
+                else:
+                    if "min" in opts and value < opts["min"]:
+                        problems.append(f"{nid} {ct}: {name}={value} < min {opts['min']}")
+                    if "max" in opts and value > opts["max"]:
+                        problems.append(f"{nid} {ct}: {name}={value} > max {opts['max']}")
+    return problems
+
+
+def reduce_prompt(prompt: dict, object_info: dict) -> tuple[dict, list[str]]:
+    """A cheaper copy of an API prompt (see the module doc) and a list of what was changed."""
+    out = copy.deepcopy(prompt)
+    changes = []
+    for nid, node in out.items():
+        inputs = node.get("inputs", {})
+        steps = inputs.get("steps")
+        if isinstance(steps, int) and steps > MAX_STEPS:
+            f = MAX_STEPS / steps
+            inputs["steps"] = MAX_STEPS
+            changes.append(f"{nid} {node['class_type']}: steps {steps}->{MAX_STEPS}")
+            for k in ("start_at_step", "end_at_step"):
+                v = inputs.get(k)
+                if isinstance(v, int) and v <= steps:
+                    inputs[k] = min(MAX_STEPS, int(round(v * f)))
+                    changes.append(f"{nid}: {k} {v}->{inputs[k]}")
+        for k, v in REDUCE.get(node.get("class_type"), {}).items():
+            if k in inputs and not _is_link(inputs[k]) and inputs[k] != v:
+                opts = object_info[node["class_type"]]["input"]["required"].get(k, [None, {}])[1]
+                v2 = max(v, opts.get("min", v))
+                changes.append(f"{nid} {node['class_type']}: {k} {inputs[k]}->{v2}")
+                inputs[k] = v2
+    return out, changes
+
+
+def inspect_load(page, wf: dict, filename: str) -> dict:
+    """Load a UI-format workflow in the page; what the frontend made of it (see ``_LOAD_JS``)."""
+    page.m4z_page_errors.clear()
+    return page.evaluate(_LOAD_JS, [wf, filename])
+
+
+def load_and_convert(page, server, object_info, name: str) -> dict:
+    """Load ``name`` in the page, check it, screenshot it, convert it; cached per workflow."""
+    if name in _CONVERTED:
+        return _CONVERTED[name]
+    wf = json.loads(_workflow_path(name).read_text())
+    res = inspect_load(page, wf, f"{name}.json")
+    json_types = {n["type"] for n in wf["nodes"]}
+    unknown_to_server = sorted(t for t in json_types if t not in object_info and t not in ("Note", "MarkdownNote",
+                                                                                          "Reroute", "PrimitiveNode"))
+    assert not unknown_to_server, f"{name}: node types the server does not have: {unknown_to_server}"
+    assert res["missing"] == [], f"{name}: frontend reports missing node types {res['missing']}"
+    assert not res["problems"], f"{name}: problems after load:\n" + "\n".join(res["problems"])
+    assert not res["dialogs"], f"{name}: dialog(s) open after load: {res['dialogs']}"
+    assert not res["toasts"], f"{name}: error/warning toast(s) after load: {res['toasts']}"
+    assert not page.m4z_page_errors, f"{name}: page errors during load: {page.m4z_page_errors}"
+    assert sorted(res["loadedTypes"]) == sorted(n["type"] for n in wf["nodes"]), f"{name}: node list changed on load"
+
+    page.evaluate(_FIT_JS)
+    page.wait_for_timeout(400)
+    bs.SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    shot = bs.SCREENSHOT_DIR / f"{name}.png"
+    page.screenshot(path=str(shot))
+
+    conv = page.evaluate("async () => { const p = await window.app.graphToPrompt(); return {output: p.output, workflow: p.workflow}; }")
+    prompt = conv["output"]
+    assert prompt, f"{name}: graphToPrompt produced an empty prompt"
+    real_nodes = [n for n in wf["nodes"] if n["type"] not in ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+                  and n.get("mode", 0) == 0]
+    assert sorted(map(str, (n["id"] for n in real_nodes))) == sorted(prompt), (
+        f"{name}: graphToPrompt dropped or added nodes: {sorted(prompt)}")
+    problems = check_against_object_info(prompt, object_info)
+    assert not problems, f"{name}: the converted prompt would not validate:\n" + "\n".join(problems)
+    _CONVERTED[name] = {"prompt": prompt, "workflow": conv["workflow"], "screenshot": shot}
+    return _CONVERTED[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pack_loaded_and_templates_listed(server, object_info):
+    """The pack imported cleanly and ComfyUI lists its workflows under Browse Templates."""
+    log = server.log_text()
+    assert "comfyui-max4zero" in log, "the pack does not appear in the server's import list"
+    for line in log.splitlines():
+        assert not ("IMPORT FAILED" in line and "max4zero" in line), line
+    assert "MaX4ZeroCropToMask" in object_info
+    templates = server.get_json("/workflow_templates")
+    listed = set(templates.get("comfyui-max4zero", []))
+    assert set(WORKFLOWS) <= listed, f"/workflow_templates lists {sorted(listed)}, expected {WORKFLOWS}"
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_loads_and_converts(page, server, object_info, name):
+    conv = load_and_convert(page, server, object_info, name)
+    assert conv["screenshot"].stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_queues_and_finishes(page, server, object_info, name):
+    if name in NOT_QUEUED:
+        load_and_convert(page, server, object_info, name)  # the checks that do apply must still pass
+        pytest.skip(NOT_QUEUED[name])
+    conv = load_and_convert(page, server, object_info, name)
+    prompt, changes = reduce_prompt(conv["prompt"], object_info)
+    print(f"{name}: reduced for CPU: {changes}")
+    # Each workflow is checked as if queued first: without this, ComfyUI's output cache keeps the
+    # sampler result of an earlier workflow with identical upstream nodes, and nodes that depend on
+    # the sampling having run (the Leffa flow view reads what MEA recorded) would see a cached result.
+    code, _ = server.post_json("/free", {"free_memory": True})
+    assert code == 200
+    time.sleep(2.0)  # the worker applies the flag when it next wakes; give it that moment
+    t0 = time.time()
+    code, body = server.post_json("/prompt", {"prompt": prompt, "client_id": "max4zero-browser-test",
+                                              "extra_data": {"extra_pnginfo": {"workflow": conv["workflow"]}}})
+    assert code == 200, f"{name}: /prompt refused it ({code}): {json.dumps(body)[:3000]}"
+    assert not body.get("node_errors"), f"{name}: node_errors {body['node_errors']}"
+    entry = bs.wait_history(server, body["prompt_id"], RUN_TIMEOUT_S)
+    err = bs.execution_error(entry)
+    assert err is None, f"{name}: execution failed: {err}\n--- server log ---\n{server.log_tail(4000)}"
+    cached = [n for kind, data in entry["status"].get("messages", []) if kind == "execution_cached"
+              for n in data.get("nodes", [])]
+    assert not cached, f"{name}: nodes were served from ComfyUI's cache, not run: {cached}"
+    images = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])]
+    assert images, f"{name}: finished but produced no images: {list(entry.get('outputs', {}))}"
+    saved = [i for i in images if i.get("type") == "output"]
+    assert saved, f"{name}: no SaveImage output"
+    for img in saved:
+        assert (server.base / "output" / img.get("subfolder", "") / img["filename"]).is_file()
+    print(f"{name}: ran in {time.time() - t0:.1f} s, {len(images)} images")
+
+
+def test_object_info_check_rejects_bad_prompts(object_info):
+    """The offline prompt check is not a tautology: it flags what the server would refuse."""
+    good = {"1": {"class_type": "MaX4ZeroCropToMask", "inputs": {"image": ["2", 0], "mask": ["2", 1],
+                                                                "size": 512, "padding": 0.1}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": "max4zero_person.png"}}}
+    assert check_against_object_info(good, object_info) == []
+    bad = copy.deepcopy(good)
+    bad["1"]["inputs"]["size"] = 10**9
+    bad["1"]["inputs"]["mask"] = ["7", 1]
+    bad["2"]["inputs"]["image"] = "no_such_file.png"
+    del bad["1"]["inputs"]["padding"]
+    bad["3"] = {"class_type": "NoSuchNode", "inputs": {}}
+    text = "\n".join(check_against_object_info(bad, object_info))
+    for needle in ("size=1000000000 > max", "missing node 7", "no_such_file.png", "'padding' missing", "NoSuchNode"):
+        assert needle in text, (needle, text)
+
+
+def test_browser_checks_catch_broken_workflow(page, server):
+    """The in-browser load checks fire on a broken copy of a shipped workflow (runs last: leaves a dialog)."""
+    wf = json.loads(_workflow_path("maxzero_reference_only").read_text())
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    by_type["CheckpointLoaderSimple"]["widgets_values"][0] = "not_there.safetensors"
+    by_type["MaX4ZeroCropToMask"]["widgets_values"][0] = 10**7
+    # a MASK output into an IMAGE input
+    crop = by_type["MaX4ZeroCropToMask"]
+    mask_link = next(lnk for lnk in wf["links"] if lnk[3] == crop["id"] and lnk[5] == "MASK")
+    mask_link[5] = "IMAGE"
+    crop_inputs = {i["name"]: i for i in crop["inputs"]}
+    wf["links"].append([9999, mask_link[1], mask_link[2], crop["id"], 0, "IMAGE"])
+    crop_inputs["image"]["link"] = 9999
+    wf["links"] = [lnk for lnk in wf["links"] if not (lnk[3] == crop["id"] and lnk[4] == 0 and lnk[0] != 9999)]
+    wf["nodes"].append({"id": 999, "type": "MaX4ZeroNoSuchNode", "pos": [0, 0], "size": [200, 60], "flags": {},
+                        "order": 99, "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": []})
+    res = inspect_load(page, wf, "broken.json")
+    text = "\n".join(res["problems"])
+    assert "MaX4ZeroNoSuchNode" in (res["missing"] or []), res
+    assert "not_there.safetensors" in text, text
+    assert "> max" in text, text
+    assert "types do not match" in text, text
+    page.keyboard.press("Escape")
