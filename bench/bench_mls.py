@@ -219,7 +219,7 @@ def spawn(args: argparse.Namespace, variant: str, kind: str, k: int, repeats: in
         sys.executable, __file__, "--child", variant, "--child-kind", kind, "--child-k", str(k),
         "--size", str(args.size), "--alpha", str(args.alpha), "--stride", str(args.stride),
         "--repeats", str(repeats), "--out", out,
-    ] + (["--tracemalloc"] if args.tracemalloc else [])
+    ] + (["--threads", str(args.threads)] if args.threads else []) + (["--tracemalloc"] if args.tracemalloc else [])
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{variant} {kind} K={k} failed:\n{res.stderr}")
@@ -234,6 +234,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--stride", type=int, default=DEFAULT_STRIDE)
     ap.add_argument("--quick", action="store_true", help="K = 16/64, one repeat")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (0 = torch's default); 1 is steadier on a small machine other work also loads")
     ap.add_argument("--tracemalloc", action="store_true", help="one more baseline run under tracemalloc (cross-check)")
     ap.add_argument("--child", choices=["base", "exact", "coarse"], help=argparse.SUPPRESS)
     ap.add_argument("--child-kind", help=argparse.SUPPRESS)
@@ -241,6 +243,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args)
         return

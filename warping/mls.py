@@ -71,21 +71,17 @@ K = 16: an ill-conditioned C amplifies round-off far from all control points).
 Threads and devices
 -------------------
 All tensors stay on the device of ``points`` (``mls_deform``) or ``src`` (``backward_map``);
-accelerators get larger chunks. On CPU the point loop runs single-threaded (``torch`` threads set
-to 1 for its duration and restored, see ``_one_cpu_thread``): it is thousands of small ops, and
-with intra-op threads every op is a barrier that stalls whenever another process holds a core
-(1-6 s instead of 0.05-0.3 s on the shared 2-core dev machine). Single-threaded it is 1.5-2x slower
-than two idle threads, and unaffected by load. The upsampling of :func:`backward_map` and the
-sampling of :func:`warp` for outputs up to 4M values run single-threaded too; larger warps use
-torch's threads.
+accelerators get larger chunks. The functions never change torch's global thread count: the point
+loop is thousands of small ops, so on a small CPU that other processes also load, one thread
+(``torch.set_num_threads(1)`` in the caller, as ``bench/bench_mls.py --threads 1`` does) can be
+faster and steadier than several.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +99,6 @@ DEFAULT_STRIDE = 8
 _CHUNK_ELEMS = 1 << 17
 # Points whose moments ([3, 6] floats each) are buffered before solving: 4.5 MiB.
 _BLOCK_CPU = 1 << 16
-# warp() samples outputs up to this many values (B C H W) single-threaded on CPU.
-_WARP_ONE_THREAD = 1 << 22
 # Control points per partial sum of the moment GEMM (precision, see _moments).
 _GEMM_BLOCK = 32
 _CHUNK_ELEMS_ACCEL = 1 << 22
@@ -344,30 +338,10 @@ def _mls_into(out: torch.Tensor, v: torch.Tensor, src: torch.Tensor, dst: torch.
         sub_elems=_CHUNK_ELEMS if cpu else _CHUNK_ELEMS_ACCEL,
     )
     block = _BLOCK_CPU if cpu else _BLOCK_ACCEL
-    with _one_cpu_thread(cpu):
-        for s in range(0, v.shape[0], block):
-            _block(out[s : s + block], v[s : s + block], c)
+    for s in range(0, v.shape[0], block):
+        _block(out[s : s + block], v[s : s + block], c)
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(active: bool) -> Iterator[None]:
-    """Run torch CPU ops single-threaded inside the block, restoring the thread count after.
-
-    The MLS loop is thousands of small ops. With intra-op threads each op is an OpenMP barrier, and
-    when another process occupies one of the cores every barrier waits for a scheduler slice: on the
-    2-core dev machine the exact map then took 1-6 s instead of 0.05-0.3 s. Single-threaded it is
-    1.5-2x slower than two idle threads but unaffected by load. (``torch.set_num_threads`` also
-    drops oneDNN's primitive cache; it is rebuilt on the next convolution.)
-    """
-    before = torch.get_num_threads()
-    if not active or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def mls_deform(
@@ -482,20 +456,19 @@ def backward_map(
     device = src.device
     p = src.to(dtype=dtype)
     q = dst.to(device=device, dtype=dtype)
-    with _one_cpu_thread(device.type == "cpu"):  # the upsampling too: see _one_cpu_thread
-        ys = _axis(height, stride, dtype, device)
-        xs = _axis(width, stride, dtype, device)
-        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-        v = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
-        coarse = torch.empty_like(v)
-        _mls_into(coarse, v, p, q, kind, alpha)
-        coarse = coarse.view(ys.numel(), xs.numel(), 2)
-        if ys.numel() == height and xs.numel() == width:
-            return coarse
-        # Bilinear interpolation reproduces the identity part of the map exactly, so interpolating
-        # the absolute positions costs only float32 rounding (~1e-4 px at 512) and saves passes.
-        up = F.interpolate(coarse.permute(2, 0, 1)[None], size=(height, width), mode="bilinear", align_corners=True)
-        return up[0].permute(1, 2, 0).contiguous()
+    ys = _axis(height, stride, dtype, device)
+    xs = _axis(width, stride, dtype, device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    v = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+    coarse = torch.empty_like(v)
+    _mls_into(coarse, v, p, q, kind, alpha)
+    coarse = coarse.view(ys.numel(), xs.numel(), 2)
+    if ys.numel() == height and xs.numel() == width:
+        return coarse
+    # Bilinear interpolation reproduces the identity part of the map exactly, so interpolating
+    # the absolute positions costs only float32 rounding (~1e-4 px at 512) and saves passes.
+    up = F.interpolate(coarse.permute(2, 0, 1)[None], size=(height, width), mode="bilinear", align_corners=True)
+    return up[0].permute(1, 2, 0).contiguous()
 
 
 def warp(image: torch.Tensor, backward_map: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
@@ -540,28 +513,24 @@ def warp(image: torch.Tensor, backward_map: torch.Tensor, mode: str = "bilinear"
         raise ValueError(
             f"backward_map has batch {grid.shape[0]} but image has batch {b}: pass one map per image or a single [H, W, 2] map"
         )
-    # Small outputs: one thread finishes in a few ms, about what one stalled barrier costs on a
-    # busy machine (see _one_cpu_thread); large ones keep torch's threads.
-    small = image.device.type == "cpu" and b * c * grid.shape[1] * grid.shape[2] <= _WARP_ONE_THREAD
-    with _one_cpu_thread(small):
-        # one reduction instead of an isfinite pass: NaN/inf survive a float64 sum
-        if not bool(torch.isfinite(grid.sum(dtype=torch.float64))):
-            raise ValueError("backward_map contains NaN or inf: rebuild it from finite control points")
-        work = torch.float64 if image.dtype == torch.float64 else torch.float32
-        img = image.to(work)
-        # align_corners=True cannot express "outside" along a size-1 axis (every coordinate maps to
-        # the one pixel), so give such images a zero border and shift the coordinates onto it.
-        pad = 1 if (hs == 1 or ws == 1) else 0
-        if pad:
-            img = F.pad(img, (1, 1, 1, 1))
-        hs_p, ws_p = hs + 2 * pad, ws + 2 * pad
-        # pixel x -> normalised (2 (x + pad) - (Ws - 1)) / (Ws - 1): -1 / +1 at the first / last centre
-        scale = torch.tensor([2.0 / (ws_p - 1), 2.0 / (hs_p - 1)], dtype=work, device=image.device)
-        offset = torch.tensor(
-            [2.0 * pad / (ws_p - 1) - 1.0, 2.0 * pad / (hs_p - 1) - 1.0], dtype=work, device=image.device
-        )
-        norm = torch.addcmul(offset, grid.to(device=image.device, dtype=work), scale)
-        if norm.shape[0] != b:
-            norm = norm.expand(b, -1, -1, -1)
-        out = F.grid_sample(img, norm, mode=mode, padding_mode="zeros", align_corners=True)
+    # one reduction instead of an isfinite pass: NaN/inf survive a float64 sum
+    if not bool(torch.isfinite(grid.sum(dtype=torch.float64))):
+        raise ValueError("backward_map contains NaN or inf: rebuild it from finite control points")
+    work = torch.float64 if image.dtype == torch.float64 else torch.float32
+    img = image.to(work)
+    # align_corners=True cannot express "outside" along a size-1 axis (every coordinate maps to
+    # the one pixel), so give such images a zero border and shift the coordinates onto it.
+    pad = 1 if (hs == 1 or ws == 1) else 0
+    if pad:
+        img = F.pad(img, (1, 1, 1, 1))
+    hs_p, ws_p = hs + 2 * pad, ws + 2 * pad
+    # pixel x -> normalised (2 (x + pad) - (Ws - 1)) / (Ws - 1): -1 / +1 at the first / last centre
+    scale = torch.tensor([2.0 / (ws_p - 1), 2.0 / (hs_p - 1)], dtype=work, device=image.device)
+    offset = torch.tensor(
+        [2.0 * pad / (ws_p - 1) - 1.0, 2.0 * pad / (hs_p - 1) - 1.0], dtype=work, device=image.device
+    )
+    norm = torch.addcmul(offset, grid.to(device=image.device, dtype=work), scale)
+    if norm.shape[0] != b:
+        norm = norm.expand(b, -1, -1, -1)
+    out = F.grid_sample(img, norm, mode=mode, padding_mode="zeros", align_corners=True)
     return out.to(image.dtype)
