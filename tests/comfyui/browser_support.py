@@ -46,6 +46,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
+from comfy_models import state_dict_for_saving  # imports nothing from ComfyUI at module level
+
 PACK_ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = PACK_ROOT / "tools" / "samples"
 WORKFLOWS_DIR = PACK_ROOT / "workflows"
@@ -132,9 +134,18 @@ def sd15_small_unet_config(in_channels: int) -> dict:
     }
 
 
+def comfyui_version(comfyui_path: str) -> str:
+    """The ``__version__`` in ComfyUI's ``comfyui_version.py`` (read as text, nothing imported)."""
+    import re
+
+    text = (Path(comfyui_path) / "comfyui_version.py").read_text()
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found.group(1) if found else "unknown"
+
+
 def ensure_models(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 900) -> Path:
     """The cache folder holding every file of :data:`MODEL_FILES`; builds it on first use."""
-    cache = Path(cache_root) / MODEL_VERSION
+    cache = Path(cache_root) / f"{MODEL_VERSION}-comfyui{comfyui_version(comfyui_path)}"
     done = cache / "DONE.json"
     if done.is_file():
         return cache
@@ -167,7 +178,7 @@ def sdxl_unet_config(in_channels: int) -> dict:
 
 def ensure_sdxl(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1200) -> Path:
     """Path of a REAL random-weight SDXL 9-channel inpainting checkpoint (~6.9 GB; ~40 s to build)."""
-    cache = Path(cache_root) / SDXL_VERSION
+    cache = Path(cache_root) / f"{SDXL_VERSION}-comfyui{comfyui_version(comfyui_path)}"
     target = cache / "sdxl_inpainting.safetensors"
     if (cache / "DONE").is_file():
         return target
@@ -208,7 +219,7 @@ def _build_sdxl(out: Path) -> None:
     _init_random(clip, 12)
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
     _init_random(vae, 13)
-    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    sd = state_dict_for_saving(model, clip.state_dict(), vae.state_dict())
     detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     if type(detected).__name__ != "SDXL" or not detected.inpaint_model():
         raise RuntimeError(f"the random SDXL inpainting UNet is detected as {type(detected).__name__}")
@@ -274,7 +285,7 @@ def _build(out: Path) -> None:
     init_random(clip, 2)
     vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
     init_random(vae, 3)
-    sd = model.state_dict_for_saving(clip.state_dict(), vae.state_dict())
+    sd = state_dict_for_saving(model, clip.state_dict(), vae.state_dict())
     detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     if type(detected).__name__ != "SD15" or not detected.inpaint_model():
         raise RuntimeError(f"the small SD1.5 inpainting UNet is detected as {type(detected).__name__}")

@@ -503,14 +503,99 @@ class PromptResult:
 
     def output(self, node_id: str, index: int = 0) -> Any:
         """Output ``index`` of any executed node (first list item), from the executor's cache."""
-        entry = self.executor.caches.outputs.get(node_id)
-        if entry is None:
+        outputs = cached_outputs(self.executor, node_id)
+        if outputs is None:
             raise KeyError(f"node {node_id} has no cached output")
-        return entry[index][0]
+        return outputs[index][0]
 
 
-def run_prompt(prompt: dict | Graph, validate: bool = True) -> PromptResult:
+# ---------------------------------------------------------------------------------------------
+# Version differences of ComfyUI's internals (0.3.64 → 0.33). The pack itself needs none of these;
+# only this harness touches executor and cache internals.
+# ---------------------------------------------------------------------------------------------
+
+#: ``cache_args`` main.py passes in 0.33 (the executor reads "ram"/"ram_inactive" unconditionally there).
+_CACHE_ARGS = {"lru": 0, "ram": 0, "ram_inactive": 0}
+
+
+def cache_types() -> list[str]:
+    """The output-cache kinds this ComfyUI offers, by name (``CLASSIC`` always; ``RAM_PRESSURE`` since 2026)."""
+    import execution
+
+    names = ["CLASSIC"]
+    if hasattr(getattr(execution, "CacheType", None), "RAM_PRESSURE"):
+        names.append("RAM_PRESSURE")
+    return names
+
+
+def new_executor(server: Any, cache_type: Optional[str] = None) -> Any:
+    """``execution.PromptExecutor`` for this ComfyUI; ``cache_type`` a name from :func:`cache_types`."""
+    import inspect
+
+    import execution
+
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(execution.PromptExecutor.__init__).parameters
+    if cache_type is not None:
+        kwargs["cache_type"] = getattr(execution.CacheType, cache_type)
+    if "cache_args" in params:
+        kwargs["cache_args"] = dict(_CACHE_ARGS)
+    return execution.PromptExecutor(server, **kwargs)
+
+
+def cached_outputs(executor: Any, node_id: str) -> Optional[list]:
+    """A node's cached output lists (``[[value, …] per output]``), or None.
+
+    0.3.64's cache ``get`` is synchronous and returns the list; 0.33's is async and returns
+    ``CacheEntry(ui, outputs)``.
+    """
+    entry = executor.caches.outputs.get(node_id)
+    if asyncio.iscoroutine(entry):
+        entry = asyncio.run(entry)
+    if entry is None:
+        return None
+    return list(entry.outputs) if hasattr(entry, "outputs") else entry
+
+
+def evict_outputs(executor: Any, node_id: str) -> bool:
+    """Drop one node's cached outputs, as the RAM-pressure cache does under memory pressure.
+
+    Returns whether something was dropped. Works on the caches of both versions (a dict ``cache``
+    keyed by the node's cache key).
+    """
+    cache = executor.caches.outputs
+    key_set = getattr(cache, "cache_key_set", None)
+    if key_set is None:
+        return False
+    key = key_set.get_data_key(node_id)
+    store = getattr(cache, "cache", None)
+    if not isinstance(store, dict) or key not in store:
+        return False
+    del store[key]
+    for extra in ("used_generation", "timestamps", "children"):
+        getattr(cache, extra, {}).pop(key, None)
+    return True
+
+
+def state_dict_for_saving(model: Any, clip_sd: dict, vae_sd: dict) -> dict:
+    """``BaseModel.state_dict_for_saving`` with the UNet: 0.33 takes ``(unet_sd, clip_sd, vae_sd)``.
+
+    0.3.64 takes ``(clip_sd, vae_sd)`` and reads the UNet itself; calling it the old way on 0.33 silently
+    saves CLIP as the UNet.
+    """
+    import inspect
+
+    params = list(inspect.signature(model.state_dict_for_saving).parameters)
+    if params and params[0] == "unet_state_dict":
+        return model.state_dict_for_saving(model.diffusion_model.state_dict(), clip_sd, vae_sd)
+    return model.state_dict_for_saving(clip_sd, vae_sd)
+
+
+def run_prompt(prompt: dict | Graph, validate: bool = True, executor: Any = None) -> PromptResult:
     """Validate and execute a prompt with ComfyUI's own ``execution`` module; raise on failure.
+
+    ``executor``: reuse one (from :func:`new_executor`) to keep ComfyUI's output cache between prompts, as
+    the server does; by default every prompt gets a fresh executor (nothing cached).
 
     Raises:
         PromptFailed: validation errors (``exception_type`` = "validation") or the first node error
@@ -535,8 +620,9 @@ def run_prompt(prompt: dict | Graph, validate: bool = True) -> PromptResult:
         import nodes
 
         outputs = [k for k, v in prompt.items() if getattr(nodes.NODE_CLASS_MAPPINGS[v["class_type"]], "OUTPUT_NODE", False)]
-    server = StubServer()
-    executor = execution.PromptExecutor(server)
+    if executor is None:
+        executor = new_executor(StubServer())
+    server = executor.server
     _CAPTURED.clear()
     start = len(PROGRESS)
     executor.execute(prompt, prompt_id, {}, outputs)

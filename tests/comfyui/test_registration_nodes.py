@@ -192,8 +192,13 @@ def test_correspondence_input_errors(comfy_env, small_vae, pair, bad):
         over["garment_mask"] = g.obj(torch.ones(1, 64, 64), "MASK")
     c = _correspondence(g, cm.small_sd15_model(inpaint=True), small_vae, pair, **over)
     g.capture(c[0], "m")
+    if bad == "mode":
+        # ComfyUI 0.33 rejects an unknown combo value at validation; 0.3.64 lets it through to the node.
+        with pytest.raises(PromptFailed) as e:
+            run_prompt(g)
+        assert "magic" in e.value.message and "mode" in e.value.message
     with pytest.raises(PromptFailed) as e:
-        run_prompt(g)
+        run_prompt(g, validate=bad != "mode")  # the node's own check, whatever the server validates
     msg = e.value.message
     assert msg.startswith("MaX4Zero Correspondence:")
     assert {"mode": "'magic' is not one of", "mask": "target_mask is empty",
