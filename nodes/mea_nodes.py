@@ -29,7 +29,15 @@ from .mea_patch import (
     neutralise_background,
     trace_consumers,
 )
-from .trace import FLOW_LAYER_CHOICES, FLOW_MODES, MeaTrace, mls_flow_from_matches, render_flow_view
+from .trace import (
+    FLOW_LAYER_CHOICES,
+    FLOW_MODES,
+    MeaTrace,
+    find_traced_run,
+    mls_flow_from_matches,
+    render_flow_view,
+    samples_key,
+)
 
 __all__ = ["MaskedExtendedAttentionNode", "FlowViewNode", "TRACE", "NODE_CLASSES"]
 
@@ -277,26 +285,20 @@ class FlowViewNode(io.ComfyNode):
         check_choice(node, "layers", layers, list(FLOW_LAYER_CHOICES))
         check_choice(node, "mode", mode, FLOW_MODES)
         check_choice(node, "mls_kind", mls_kind, MLS_KINDS)
-        if not all(hasattr(trace, a) for a in ("enabled", "tau", "records", "reference_crop")):
+        if not all(hasattr(trace, a) for a in ("enabled", "tau", "arm", "reference_crop")):
             raise NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
                                  "MaX4Zero Masked Extended Attention")
-        rerun = ("ComfyUI reused a cached sampling result: change the sampler's seed (or any input of the MEA "
-                 "node) and queue again")
-        if not trace.enabled:
-            raise NodeInputError(node, "the MEA node did not record attention (this view was not connected when it "
-                                 "ran)", rerun)
-        if abs(trace.tau - float(tau)) > 1e-6:
-            raise NodeInputError(node, f"the attention was recorded at tau={trace.tau}, this view asks for "
-                                 f"tau={tau}", rerun)
-        records = trace.records
-        if not records:
-            win = trace.window or (None, None)
-            raise NodeInputError(node, "nothing was recorded: no sampling step used MEA", f"check the MEA window "
-                                 f"(start={win[0]}, end={win[1]}) against the sampler's steps, the masks, and that "
-                                 "the patched model goes to the sampler that made 'samples'")
         lat = samples.get("samples") if isinstance(samples, dict) else None
         if not isinstance(lat, torch.Tensor) or lat.dim() != 4:
             raise NodeInputError(node, "samples is not an image LATENT", "connect the sampler's LATENT output")
+        run, problem, fix = find_traced_run(trace, samples_key(lat), float(tau))
+        if run is None:
+            raise NodeInputError(node, problem, fix)
+        records = list(run.records)
+        if not records:
+            win = trace.window or (None, None)
+            raise NodeInputError(node, "nothing was recorded: no sampling step used MEA", f"check the MEA window "
+                                 f"(start={win[0]}, end={win[1]}) against the sampler's steps, and the masks")
         latent_hw = (int(lat.shape[-2]), int(lat.shape[-1]))
         out_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
 

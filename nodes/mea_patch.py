@@ -82,6 +82,7 @@ __all__ = [
     "center_crop_multiple",
     "trace_consumers",
     "nearest_step",
+    "latent_output_key",
     "MeaPatch",
 ]
 
@@ -338,6 +339,23 @@ def trace_consumers(prompt: Optional[dict], unique_id: Any, output_index: int) -
     return out
 
 
+def latent_output_key(samples: Any) -> Optional[str]:
+    """:func:`~max4zero.nodes.trace.samples_key` of a sampling result as the LATENT output will hold it.
+
+    ComfyUI's samplers hand the OUTER_SAMPLE result on as ``samples.to(intermediate_device,
+    intermediate_dtype)`` (the dtype since 2026; float32 before); the key is taken after the same cast, so
+    it equals the key of the LATENT the flow view receives. None for anything but a plain tensor.
+    """
+    from .trace import samples_key
+
+    if not isinstance(samples, torch.Tensor) or getattr(samples, "is_nested", False):
+        return None
+    import comfy.model_management as mm
+
+    dtype = mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else samples.dtype
+    return samples_key(samples.detach().to(dtype=dtype))
+
+
 def nearest_step(sample_sigmas: Optional[torch.Tensor], sigma: float) -> Optional[int]:
     """Index of the schedule entry closest to ``sigma`` (None without a schedule)."""
     if sample_sigmas is None or not isinstance(sample_sigmas, torch.Tensor) or sample_sigmas.numel() == 0:
@@ -483,13 +501,17 @@ class MeaPatch:
     # -- the wrappers -------------------------------------------------------------------------
 
     def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
-        """Per sampling run: fresh caches, (re)start the trace, free the reference K/V afterwards."""
+        """Per sampling run: fresh caches, (re)start the trace, file the run under its result, free the
+        reference K/V afterwards."""
         self.reset()
         if self.trace is not None:
             sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
             self.trace.begin_run(sigmas)
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
+            if self.trace is not None:
+                self.trace.end_run(latent_output_key(out))
+            return out
         finally:
             self.reset()
 

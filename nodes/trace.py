@@ -9,16 +9,26 @@ trace costs nothing.
 
 Because the flow view runs after sampling, what it may ask for must be known before: the Leffa
 temperature τ changes the recorded flow, so the MEA node reads τ from the connected flow view's widget
-at queue time. ComfyUI caches node results by their inputs; when only the flow view changed, sampling
-is not re-run and the flow view checks that the trace matches (τ, recording on) and otherwise says how
-to re-run. Layers, step window and colour mode are chosen afterwards from what was recorded.
+at queue time. Layers, step window and colour mode are chosen afterwards from what was recorded.
+
+Caches. ComfyUI caches node results by their inputs, and since 2026 its default cache drops outputs
+under RAM pressure (old ModelPatchers first), so the MEA node's output — and the trace object with it —
+can be recomputed while the sampler's result stays cached. The flow view therefore never trusts the
+trace object alone: every sampling run of an MEA-patched model is filed in :data:`RUNS` under
+:func:`samples_key` of its result (recorded or not, a hash per run), and the view looks up the run
+that made the LATENT it was given. It shows that run's attention, or says exactly why it cannot
+(sampled while no view was connected, another τ, not made by an MEA model) and *arms* the trace so
+that the fix it names — re-sampling — records.
 
 No ComfyUI import (tested in the normal suite).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -29,6 +39,12 @@ from ..attention.flow import AttentionCapture, FlowRecord
 
 __all__ = [
     "MeaTrace",
+    "TracedRun",
+    "RunRegistry",
+    "RUNS",
+    "RERUN_FIX",
+    "samples_key",
+    "find_traced_run",
     "FLOW_LAYER_CHOICES",
     "FLOW_MODES",
     "FlowView",
@@ -67,6 +83,7 @@ class MeaTrace:
             raise ValueError(f"tau must be a finite number > 0 (1 = the model's own attention, Leffa 2), got {tau!r}")
         self.enabled = bool(enabled)
         self.tau = float(tau)
+        self.want_entropy = bool(want_entropy)
         self.capture: Optional[AttentionCapture] = (
             AttentionCapture(want_entropy=want_entropy, tau=float(tau)) if self.enabled else None
         )
@@ -105,7 +122,124 @@ class MeaTrace:
 
     @property
     def records(self) -> list[FlowRecord]:
+        """The records of the current (or last) run."""
         return [] if self.capture is None else list(self.capture.records)
+
+    def end_run(self, key: Optional[str], registry: "RunRegistry" = None) -> None:
+        """A sampling run ended with the result whose :func:`samples_key` is ``key``: file it."""
+        if key is None:
+            return
+        (RUNS if registry is None else registry).remember(key, TracedRun(
+            records=tuple(self.records), recorded=self.enabled, tau=self.tau,
+            sample_sigmas=None if self.sample_sigmas is None else tuple(self.sample_sigmas),
+        ))
+
+    def arm(self, tau: float) -> None:
+        """Record from the next sampling run on, at ``tau`` (the flow view asks when it found nothing)."""
+        if self.enabled and self.capture is not None and abs(self.tau - float(tau)) <= 1e-9:
+            return
+        self.enabled = True
+        self.tau = float(tau)
+        self.capture = AttentionCapture(want_entropy=self.want_entropy, tau=self.tau)
+
+
+@dataclass(frozen=True)
+class TracedRun:
+    """One sampling run of an MEA-patched model, filed under the result it produced.
+
+    ``recorded`` is False when no flow view was connected (nothing was captured, by design).
+    """
+
+    records: tuple
+    recorded: bool
+    tau: float
+    sample_sigmas: Optional[tuple]
+
+
+def samples_key(samples: torch.Tensor) -> str:
+    """Identity of a sampled latent: its shape and float32 values, hashed (blake2b).
+
+    Bit-exact: two results have the same key only if every value is equal. A 64×64 latent hashes in
+    well under a millisecond, once per sampling run.
+
+    >>> a = torch.zeros(1, 4, 8, 8)
+    >>> samples_key(a) == samples_key(a.clone()), samples_key(a) == samples_key(a + 1e-7)
+    (True, False)
+    """
+    if not isinstance(samples, torch.Tensor):
+        raise TypeError(f"samples must be a tensor, got {type(samples).__name__}")
+    t = samples.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(tuple(t.shape)).encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class RunRegistry:
+    """The last ``capacity`` sampling runs of MEA-patched models, by :func:`samples_key` (thread-safe).
+
+    Process-wide on purpose: it outlives ComfyUI's cached MEA node output, which the RAM-pressure cache
+    may drop while keeping the sampler's result. Bounded, so memory stays a few runs' records.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = int(capacity)
+        self._runs: "OrderedDict[str, TracedRun]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, key: str, run: TracedRun) -> None:
+        with self._lock:
+            self._runs.pop(key, None)
+            self._runs[key] = run
+            while len(self._runs) > self.capacity:
+                self._runs.popitem(last=False)
+
+    def get(self, key: str) -> Optional[TracedRun]:
+        with self._lock:
+            run = self._runs.get(key)
+            if run is not None:
+                self._runs.move_to_end(key)
+            return run
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+#: Every MEA sampling run of this process (the flow view's source of truth).
+RUNS = RunRegistry()
+
+#: The fix the flow view names when the attention of its samples was not recorded. Both halves work
+#: (tests/comfyui/test_flow_cache.py follows each): the command clears ComfyUI's node cache, so the MEA
+#: node runs again and sees the view; a new seed re-samples with the MEA model, which the view armed.
+RERUN_FIX = (
+    "queue again after running ComfyUI's 'Unload Models and Execution Cache' command (Edit menu: the same "
+    "seed then gives the same image, with its attention recorded), or after changing the sampler's seed"
+)
+
+
+def find_traced_run(
+    trace: MeaTrace, key: str, tau: float, registry: Optional[RunRegistry] = None
+) -> tuple[Optional[TracedRun], str, str]:
+    """The run that made the samples with ``key``, recorded at ``tau``; else ``(None, problem, fix)``.
+
+    When the run cannot be shown, ``trace`` is armed at ``tau`` so that re-sampling with the same
+    (possibly cached) MEA model records what the view needs.
+    """
+    run = (RUNS if registry is None else registry).get(key)
+    if run is not None and run.recorded and abs(run.tau - float(tau)) <= 1e-6:
+        return run, "", ""
+    trace.arm(tau)
+    if run is None:
+        return None, (
+            "the connected 'samples' were not made by a sampler using this MEA node's model in this ComfyUI "
+            "session (or were made too many runs ago)"
+        ), "connect the LATENT output of the sampler whose model comes from the MEA node; if it is, " + RERUN_FIX
+    if not run.recorded:
+        return None, (
+            "these samples were made while no Flow View was connected, so no attention was recorded (ComfyUI "
+            "reused that cached result)"
+        ), RERUN_FIX
+    return None, f"the attention of these samples was recorded at tau={run.tau}, this view asks for tau={tau}", RERUN_FIX
 
 
 # --------------------------------------------------------------------------------------------

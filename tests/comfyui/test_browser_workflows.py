@@ -299,7 +299,9 @@ def load_and_convert(page, server, object_info, name: str) -> dict:
     """Load ``name`` in the page, check it, screenshot it, convert it; cached per workflow."""
     if name in _CONVERTED:
         return _CONVERTED[name]
-    wf = json.loads(_workflow_path(name).read_text())
+    # Opened the way Browse Templates opens it: fetched from the server's template route, not from disk.
+    wf = server.get_json(f"/api/workflow_templates/comfyui-max4zero/{name}.json")
+    assert wf == json.loads(_workflow_path(name).read_text()), f"{name}: the server serves another file"
     res = inspect_load(page, wf, f"{name}.json")
     json_types = {n["type"] for n in wf["nodes"]}
     unknown_to_server = sorted(t for t in json_types if t not in object_info and t not in ("Note", "MarkdownNote",

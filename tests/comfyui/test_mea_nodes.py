@@ -416,7 +416,7 @@ def test_flow_view_explains_a_trace_that_did_not_record(comfy_env, small_sd15_mo
                   samples=g.obj({"samples": torch.zeros(1, 4, 8, 8)}, "LATENT"), layers="all MEA layers",
                   step_start=0.0, step_end=1.0, tau=1.0, mode="absolute")
     g.capture(view[0], "flow")
-    with pytest.raises(PromptFailed, match="did not record attention"):
+    with pytest.raises(PromptFailed, match="not made by a sampler using this MEA node's model"):
         run_prompt(g)
 
 

@@ -2,8 +2,8 @@
 
 Uses ComfyUI's own ``app.custom_node_manager.CustomNodeManager.add_routes``: the pack is installed as
 ``<tmp>/custom_nodes/comfyui-max4zero`` (a symlink to this repository), ``custom_nodes`` points there, and
-the real ``GET /workflow_templates`` handler and the static ``/api/workflow_templates/<pack>`` route are
-called / inspected.
+the real ``GET /workflow_templates`` handler is called and each workflow is fetched over HTTP the way the
+frontend's Browse Templates fetches it.
 """
 
 from __future__ import annotations
@@ -80,15 +80,42 @@ def test_workflow_templates_route_lists_our_workflows(installed_pack):
     assert set(body.get(PACK_DIR_NAME, [])) == EXPECTED, body
 
 
-def test_workflow_files_are_served_from_the_static_template_route(installed_pack, caplog):
-    with caplog.at_level(logging.DEBUG):
-        _, app = _routes(installed_pack)
-    prefix = f"/api/workflow_templates/{PACK_DIR_NAME}"
-    static = [r for r in app.router.resources() if r.canonical == prefix]
-    assert len(static) == 1, [r.canonical for r in app.router.resources()]
-    served = Path(static[0].get_info()["directory"])
-    assert served.resolve() == (cm.PACK_ROOT / "workflows").resolve()
-    for name in EXPECTED:
-        assert json.loads((served / f"{name}.json").read_text(encoding="utf-8"))["nodes"]
-    # 0.3.64 accepts workflows/ but prefers example_workflows/ (debug hint; see docs/workflows.md)
-    assert any("consider renaming it to 'example_workflows'" in r.getMessage() for r in caplog.records)
+def _serve(app, routes, paths: list[str]) -> dict[str, tuple[int, bytes]]:
+    """GET each path from a real aiohttp server whose routes are mounted as ComfyUI's server mounts them
+    (every route also under ``/api``), with whatever the template code added to the app itself."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    api = web.RouteTableDef()
+    for route in routes:
+        if isinstance(route, web.RouteDef):
+            api.route(route.method, "/api" + route.path)(route.handler, **route.kwargs)
+    app.add_routes(api)
+    app.add_routes(routes)
+
+    async def fetch_all():
+        async with TestClient(TestServer(app)) as client:
+            out = {}
+            for path in paths:
+                resp = await client.get(path)
+                out[path] = (resp.status, await resp.read())
+            return out
+
+    return asyncio.run(fetch_all())
+
+
+def test_every_listed_workflow_opens_from_the_template_route(installed_pack):
+    """What Browse Templates fetches (``/api/workflow_templates/<pack>/<name>.json``) is our file, byte for byte.
+
+    0.3.64 and 0.33 serve the folder statically; newer ComfyUI serves each listed file from a route of its own
+    and calls ``workflows/`` a legacy alias. Fetching over HTTP checks the behaviour, not how it is served.
+    """
+    routes, app = _routes(installed_pack)
+    paths = [f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json" for name in sorted(EXPECTED)]
+    served = _serve(app, routes, paths + [f"/api/workflow_templates/{PACK_DIR_NAME}/no_such_workflow.json"])
+    for name, path in zip(sorted(EXPECTED), paths):
+        status, body = served[path]
+        assert status == 200, (path, status)
+        assert body == (cm.PACK_ROOT / "workflows" / f"{name}.json").read_bytes()
+        assert json.loads(body)["nodes"]
+    assert served[f"/api/workflow_templates/{PACK_DIR_NAME}/no_such_workflow.json"][0] == 404
