@@ -88,9 +88,10 @@ class Correspondence(io.ComfyNode):
                                "matches scoring >= score_threshold. all: keep every pair."),
                 io.Float.Input("score_threshold", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Cosine-similarity cut for 'deterministic' control points."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for the feature noise, RANSAC and the random control-point draw: same "
-                             "seed, same matches."),
+                             "seed, same matches. Keep 'control after generate' on 'fixed' to reuse the matches "
+                             "(and skip this node) on the next queue."),
             ],
             outputs=[
                 MatchesType.Output("matches", display_name="matches",

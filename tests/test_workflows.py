@@ -1,9 +1,10 @@
-"""The shipped example workflows (``workflows/*.json``, UI format) load cleanly in ComfyUI 0.3.64's frontend.
+"""The shipped example workflows (``workflows/*.json``, UI format) load cleanly in every supported ComfyUI.
 
 No ComfyUI needed: node schemas come from committed snapshots —
 ``tests/comfyui/node_schema_snapshot.json`` (this pack, checked against the live pack in tests/comfyui),
-``tests/data/object_info_pack.json`` and ``tests/data/object_info_core.json`` (ComfyUI's own ``/object_info``
-for the node types the workflows use; regenerate with ``tests/data/make_object_info.py``).
+``tests/data/object_info_pack-<version>.json`` and ``tests/data/object_info_core-<version>.json`` (ComfyUI's own
+``/object_info`` for the node types the workflows use, one pair per supported version: 0.3.64 and 0.33.0;
+regenerate with ``tests/data/make_object_info.py``). Every workflow is checked against every pair.
 
 Widget rules mirror comfyui-frontend-package 1.27 (the version ComfyUI 0.3.64 pins): widgets follow
 ``input_order`` (required, then optional); an INT input with ``control_after_generate`` — or, when that key is
@@ -23,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = ROOT / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 SCHEMA_SNAPSHOT = ROOT / "tests" / "comfyui" / "node_schema_snapshot.json"
-CORE_INFO = ROOT / "tests" / "data" / "object_info_core.json"
-PACK_INFO = ROOT / "tests" / "data" / "object_info_pack.json"
+DATA = ROOT / "tests" / "data"
+SUPPORTED_COMFYUI = ("0.3.64", "0.33.0")
 
 EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
             "maxzero_sdxl"}
@@ -46,8 +47,17 @@ def _load(path: Path) -> dict:
 
 
 SCHEMAS = _load(SCHEMA_SNAPSHOT)
-INFO = {k: v for k, v in {**_load(CORE_INFO), **_load(PACK_INFO)}.items() if not k.startswith("_")}
-CORE_TYPES = {k for k in _load(CORE_INFO) if not k.startswith("_")}
+
+
+def _snapshot(version: str, part: str) -> dict:
+    return {k: v for k, v in _load(DATA / f"object_info_{part}-{version}.json").items() if not k.startswith("_")}
+
+
+SNAPSHOT_VERSIONS = sorted(p.stem.split("-", 1)[1] for p in DATA.glob("object_info_core-*.json"))
+#: version -> every node type's /object_info entry (ComfyUI's and this pack's)
+INFOS = {v: {**_snapshot(v, "core"), **_snapshot(v, "pack")} for v in SNAPSHOT_VERSIONS}
+CORE_TYPES = {v: set(_snapshot(v, "core")) for v in SNAPSHOT_VERSIONS}
+OLDEST = SUPPORTED_COMFYUI[0]
 
 
 def _opts(spec: list) -> dict:
@@ -64,9 +74,9 @@ def _options(spec: list) -> list | None:
     return _opts(spec).get("options") if spec[0] == "COMBO" else None
 
 
-def frontend_inputs(node_type: str) -> list[tuple[str, list, bool]]:
+def frontend_inputs(node_type: str, version: str = OLDEST) -> list[tuple[str, list, bool]]:
     """(name, spec, optional) in the order the frontend creates them."""
-    info = INFO[node_type]
+    info = INFOS[version][node_type]
     out = []
     for section in ("required", "optional"):
         specs = info["input"].get(section, {})
@@ -88,14 +98,14 @@ def _has_control(name: str, spec: list) -> bool:
     return bool(c)
 
 
-def widget_problems(node: dict) -> list[str]:
+def widget_problems(node: dict, version: str = OLDEST) -> list[str]:
     """Count and validity of ``widgets_values`` against the node's schema."""
     where = f"node {node['id']} ({node['type']})"
     values = node.get("widgets_values", [])
     if not isinstance(values, list):
         return [f"{where}: widgets_values is not a list"]
     expected: list[tuple[str, list | None]] = []  # (name, spec); spec None = control_after_generate value
-    for name, spec, _ in frontend_inputs(node["type"]):
+    for name, spec, _ in frontend_inputs(node["type"], version):
         if _is_widget(spec):
             expected.append((name, spec))
             if _has_control(name, spec):
@@ -132,7 +142,7 @@ def widget_problems(node: dict) -> list[str]:
     return problems
 
 
-def workflow_problems(wf: dict) -> list[str]:
+def workflow_problems(wf: dict, version: str = OLDEST) -> list[str]:
     """Everything that would make the frontend or ComfyUI refuse (or silently mis-load) this workflow."""
     problems: list[str] = []
     for key in ("nodes", "links", "groups", "config", "extra", "version", "last_node_id", "last_link_id"):
@@ -156,15 +166,15 @@ def workflow_problems(wf: dict) -> list[str]:
         where = f"node {n['id']} ({t})"
         if t in FRONTEND_ONLY:
             continue
-        if t not in SCHEMAS and t not in CORE_TYPES:
+        if t not in SCHEMAS and t not in CORE_TYPES[version]:
             problems.append(f"{where}: unknown node type (neither this pack's nor a core node in the snapshot)")
             continue
         if n["properties"].get("Node name for S&R") != t:
             problems.append(f"{where}: properties['Node name for S&R'] should be {t!r}")
         if "title" in n:
             problems.append(f"{where}: keep the default title")
-        problems += widget_problems(n)
-        inputs = frontend_inputs(t)
+        problems += widget_problems(n, version)
+        inputs = frontend_inputs(t, version)
         names = [nm for nm, _, _ in inputs]
         for slot in n.get("inputs", []):
             if slot["name"] not in names:
@@ -173,9 +183,13 @@ def workflow_problems(wf: dict) -> list[str]:
         for nm, spec, optional in inputs:
             if not _is_widget(spec) and not optional and sockets.get(nm, {}).get("link") is None:
                 problems.append(f"{where}: required input {nm!r} is not connected")
-        outs = list(zip(INFO[t]["output_name"], INFO[t]["output"]))
+        info = INFOS[version][t]
+        outs = list(zip(info["output_name"], info["output"]))
         got = [(o["name"], o["type"]) for o in n.get("outputs", [])]
-        if got != outs:
+        # A newer ComfyUI may append outputs (0.33's SaveImage passes its images on); the frontend adds the
+        # missing slots on load (the browser check loads every workflow on each version). So the saved outputs
+        # must be the schema's first ones, in order.
+        if got != outs[: len(got)] or (len(got) < len(outs) and version == OLDEST):
             problems.append(f"{where}: outputs {got} != schema {outs}")
 
     link_ids = set()
@@ -204,8 +218,8 @@ def workflow_problems(wf: dict) -> list[str]:
         if "*" not in (inp["type"], out["type"]) and inp["type"] != out["type"]:
             problems.append(f"{where}: {src['type']}.{out['name']} ({out['type']}) -> {dst['type']}.{inp['name']} "
                             f"({inp['type']}): types differ")
-        if dst["type"] in INFO and not inp.get("widget"):
-            spec = dict((nm, s) for nm, s, _ in frontend_inputs(dst["type"])).get(inp["name"])
+        if dst["type"] in INFOS[version] and not inp.get("widget"):
+            spec = dict((nm, s) for nm, s, _ in frontend_inputs(dst["type"], version)).get(inp["name"])
             if spec is not None and _type(spec) not in ("*", out["type"]):
                 problems.append(f"{where}: {dst['type']}.{inp['name']} is {_type(spec)} in the schema, gets "
                                 f"{out['type']}")
@@ -250,11 +264,18 @@ def test_the_five_workflows_are_shipped():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
 
 
-def test_pack_object_info_agrees_with_the_schema_snapshot():
-    """object_info_pack.json (ranges for the widget checks) must describe the same nodes as the snapshot."""
-    assert set(SCHEMAS) == {k for k in _load(PACK_INFO) if not k.startswith("_")}
+def test_both_supported_comfyui_versions_have_snapshots():
+    assert set(SUPPORTED_COMFYUI) <= set(SNAPSHOT_VERSIONS), SNAPSHOT_VERSIONS
+    for v in SNAPSHOT_VERSIONS:
+        assert _load(DATA / f"object_info_core-{v}.json")["_comfyui_version"] == v
+
+
+@pytest.mark.parametrize("version", SNAPSHOT_VERSIONS)
+def test_pack_object_info_agrees_with_the_schema_snapshot(version):
+    """object_info_pack-<version>.json (ranges for the widget checks) must describe the same nodes as the snapshot."""
+    assert set(SCHEMAS) == set(_snapshot(version, "pack"))
     for nid, schema in SCHEMAS.items():
-        info = INFO[nid]
+        info = INFOS[version][nid]
         flat = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
         for section, optional in (("required", False), ("optional", True)):
             declared = [i["id"] for i in schema["inputs"] if i["optional"] == optional]
@@ -269,11 +290,12 @@ def test_pack_object_info_agrees_with_the_schema_snapshot():
         assert info["output_name"] == [o["name"] for o in schema["outputs"]], nid
 
 
+@pytest.mark.parametrize("version", SNAPSHOT_VERSIONS)
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_is_valid(path):
+def test_workflow_is_valid(path, version):
     wf = _load(path)
     assert wf["version"] == 0.4
-    problems = workflow_problems(wf)
+    problems = workflow_problems(wf, version)
     assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
 
 

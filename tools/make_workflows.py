@@ -35,7 +35,9 @@ POSE = "max4zero_pose.png"
 SEED = 42
 
 INFO: dict = {}
-for _name in ("object_info_core.json", "object_info_pack.json"):
+# The oldest supported ComfyUI's schemas: the workflows must load there (tests/test_workflows.py checks every
+# supported version's snapshot).
+for _name in ("object_info_core-0.3.64.json", "object_info_pack-0.3.64.json"):
     INFO.update({k: v for k, v in json.loads((DATA / _name).read_text(encoding="utf-8")).items()
                  if not k.startswith("_")})
 

@@ -11,8 +11,9 @@ What it does, in-process and through ComfyUI's own code:
 2. builds a real ``server.PromptServer`` and calls its own ``GET /object_info`` handler, so the
    JSON is exactly what the frontend receives;
 3. keeps only the node types that ``workflows/*.json`` use and writes
-   ``object_info_core.json`` (ComfyUI's nodes) and ``object_info_pack.json`` (this pack's nodes:
-   the widget ranges and defaults, which ``node_schema_snapshot.json`` does not record).
+   ``object_info_core-<version>.json`` (ComfyUI's nodes) and ``object_info_pack-<version>.json`` (this
+   pack's nodes: the widget ranges and defaults, which ``node_schema_snapshot.json`` does not record),
+   one pair per supported ComfyUI version (``tests/test_workflows.py`` checks against every pair).
 
 Model and input folders point at a temporary directory holding empty files with the names the
 shipped workflows use, so file-name combos (``ckpt_name``, ``image`` ...) list exactly those names
@@ -114,7 +115,8 @@ def main() -> None:
         raise SystemExit(f"workflows use node types this ComfyUI does not have: {unknown}")
     import comfyui_version
 
-    for name, ids in (("object_info_core.json", used & core), ("object_info_pack.json", pack)):
+    version = comfyui_version.__version__
+    for name, ids in ((f"object_info_core-{version}.json", used & core), (f"object_info_pack-{version}.json", pack)):
         out = {"_comfyui_version": comfyui_version.__version__}
         out.update({k: info[k] for k in sorted(ids)})
         (HERE / name).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
