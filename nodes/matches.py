@@ -52,6 +52,9 @@ class Matches:
         scores: float32 ``[K]`` match confidence (cosine similarity; 1 for hand-made points).
         reference_size: ``(height, width)`` of the reference image the points refer to.
         target_size: ``(height, width)`` of the target image.
+        target_region: bool ``[H, W]`` processed target mask the correspondence matched in (at
+            ``target_size``), or None (hand-made points). Not serialised; Double-Mask Inpaint checks that it
+            repaints this same region.
     """
 
     reference_points: torch.Tensor
@@ -59,6 +62,7 @@ class Matches:
     scores: torch.Tensor
     reference_size: tuple[int, int]
     target_size: tuple[int, int]
+    target_region: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         rp, tp, sc = self.reference_points, self.target_points, self.scores
@@ -78,6 +82,12 @@ class Matches:
         object.__setattr__(self, "scores", sc.detach().to("cpu", torch.float32).contiguous())
         object.__setattr__(self, "reference_size", _size(self.reference_size, "reference_size"))
         object.__setattr__(self, "target_size", _size(self.target_size, "target_size"))
+        if self.target_region is not None:
+            region = self.target_region.detach().to("cpu") > 0.5 if self.target_region.is_floating_point() else \
+                self.target_region.detach().to("cpu").bool()
+            if tuple(region.shape) != self.target_size:
+                raise ValueError(f"target_region is {tuple(region.shape)}, expected the target size {self.target_size}")
+            object.__setattr__(self, "target_region", region)
 
     def __len__(self) -> int:
         return int(self.reference_points.shape[0])

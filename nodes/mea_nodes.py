@@ -84,9 +84,13 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                       "garment prompt); the first entry is used."),
                 io.Combo.Input("guidance", options=list(GUIDANCE_MODES), default="paper",
                                tooltip="paper: three branches, eps = eps_u + cfg*(eps_c - eps_u) + s_mea*M*(eps_MEA - "
-                               "eps_u); the normal passes run without MEA plus one extra positive pass with it "
-                               "(about 2x per MEA step). fused: MEA inside the normal positive pass (cheaper, "
-                               "about 1.5x)."),
+                               "eps_u), M = target mask. Inside the mask that is eps_u + (cfg+s_mea)*(eps_c - eps_u) + "
+                               "s_mea*(eps_MEA - eps_c): 27x text and 15x garment at cfg 12, s_mea 15; outside it, "
+                               "plain CFG. The normal passes run without MEA plus one extra positive pass with it "
+                               "(about 2x per MEA step). fused: a DIFFERENT, cheaper guidance (about 1.5x): MEA inside "
+                               "the normal positive pass, eps = eps_u + cfg*(eps_c,MEA - eps_u) everywhere, one weight "
+                               "for text and garment alike. To weigh the garment about as paper does, use cfg about "
+                               "15 with fused (paper's text weight, 27, would be too strong everywhere)."),
                 io.Float.Input("s_mea", default=15.0, min=0.0, max=100.0, step=0.5,
                                tooltip="Weight of the MEA branch in paper guidance (paper: 15; 0 = off). Not used "
                                "in fused mode."),
@@ -94,8 +98,10 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                tooltip="Attention contrast on the reference half (paper: 1.25; 1.0 = off and "
                                "fastest)."),
                 io.Float.Input("start", default=0.7, min=0.0, max=1.0, step=0.01,
-                               tooltip="Start of the MEA window as a fraction of the schedule (0.7 = t <= 300 of "
-                               "1000, the paper's last 15 of 50 steps)."),
+                               tooltip="Start of the MEA window as a fraction of the schedule, measured in noise "
+                               "level (sigma, ComfyUI's percent_to_sigma): 0.7 = t <= 300 of 1000. That is the paper's "
+                               "last 15 of 50 steps with the ddim_uniform scheduler at 50 steps only; other schedulers "
+                               "and step counts put a different number of steps inside the window."),
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="End of the MEA window as a fraction of the schedule (1.0 = to the end)."),
                 io.Combo.Input("layers", options=list(LAYER_CHOICES), default=DEFAULT_LAYERS,
@@ -106,7 +112,9 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                              "level."),
                 io.Combo.Input("background", options=list(BACKGROUND_CHOICES), default="kept",
                                tooltip="kept: encode the reference as it is (paper). neutralised: flat grey outside "
-                               "the garment mask first, so the result cannot depend on the reference background."),
+                               "the garment mask first, so what this node adds cannot depend on the reference "
+                               "background. This node only: MaX4Zero Correspondence still reads the garment photo's "
+                               "surroundings for its features."),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model (a clone) for KSampler / "
@@ -169,11 +177,13 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         gen = torch.Generator().manual_seed(int(reference_seed))
         noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32)
         garment = _masks.erode(gm_c > 0.5, 3)
-        if not bool(garment.any()):
-            log.warning("%s: the garment mask is empty (after 1 px erosion): the model is returned unchanged in "
-                        "effect", node)
-        if not bool((tm > 0.5).any()):
-            log.warning("%s: the target mask is empty: the model is returned unchanged in effect", node)
+        notify = _node_text(getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None)
+        for empty, what in ((not bool(garment.any()), "the garment mask is empty (after 1 px erosion)"),
+                            (not bool((tm > 0.5).any()), "the target mask is empty")):
+            if empty:  # the contract: a zero mask = no effect (a batch may carry images without a garment)
+                text = f"{node}: {what}: sampling with this model is plain sampling, no try-on"
+                log.warning(text)
+                notify(text)
 
         trace = _make_trace(cls.hidden)
         trace.reference_size = (H, W)
@@ -185,9 +195,25 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             layers=selection, attn1_keys=keys, ref_latent=lat, ref_noise=noise, ref_context=ctx,
             garment_mask=garment, target_mask=tm, trace=trace,
         )
+        patch.notify = notify
         patched = model.clone()
         patch.install(patched)
         return io.NodeOutput(patched, trace)
+
+
+def _node_text(unique_id):
+    """``fn(text)`` that shows ``text`` on the node in the UI (ComfyUI's progress text); a no-op without a server."""
+
+    def send(text: str) -> None:
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        instance = getattr(PromptServer, "instance", None)
+        if unique_id is not None and hasattr(instance, "send_progress_text"):
+            instance.send_progress_text(text, str(unique_id))
+
+    return send
 
 
 def _positive_context(positive, node: str) -> torch.Tensor:
@@ -244,9 +270,11 @@ class FlowViewNode(io.ComfyNode):
                 io.Float.Input("step_end", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Last recorded MEA evaluation to use, as a fraction."),
                 io.Float.Input("tau", default=1.0, min=0.05, max=10.0, step=0.05,
-                               tooltip="Leffa temperature: flow from softmax(QK/sqrt(d)/tau) over the garment "
-                               "tokens (1 = the attention the model used; Leffa trains with 2). Read by the MEA "
-                               "node when sampling starts."),
+                               tooltip="Leffa temperature. tau = 1: the reference half of the attention the model "
+                               "actually used, after the MEA contrast step, renormalised. tau != 1: Leffa's formula "
+                               "exactly, softmax(QK/sqrt(d)/tau) over the garment tokens, without the contrast step "
+                               "(Leffa trains with 2). The two agree only when contrast = 1 and tau = 1. Read by the "
+                               "MEA node when sampling starts."),
                 io.Combo.Input("mode", options=list(FLOW_MODES), default="absolute",
                                tooltip="Colour the absolute reading position (absolute) or its offset from the "
                                "pixel's own position (displacement)."),

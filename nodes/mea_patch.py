@@ -51,6 +51,7 @@ imports ComfyUI modules lazily, inside the functions that run during sampling.
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ import torch
 
 from ..attention.masked_extended import masked_extended_attention
 from ..warping import masks as _masks
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LayerSelection",
@@ -83,6 +86,7 @@ __all__ = [
     "trace_consumers",
     "nearest_step",
     "latent_output_key",
+    "no_op_reason",
     "MeaPatch",
 ]
 
@@ -339,6 +343,34 @@ def trace_consumers(prompt: Optional[dict], unique_id: Any, output_index: int) -
     return out
 
 
+def no_op_reason(stats: dict, start: float, end: float, sigmas: Any) -> tuple[str, str]:
+    """(reason, fix) for a sampling run in which MEA changed nothing although its masks are not empty.
+
+    ``stats`` counts the run's model calls that wanted MEA (``calls``), the chosen layers reached
+    (``layers``) and the layer calls where a query inside the target mask read garment tokens
+    (``effective``).
+
+    >>> no_op_reason({"calls": 0, "layers": 0, "effective": 0}, 0.7, 1.0, None)[0]
+    'no step of this run lies in the MEA window (start=0.7, end=1.0)'
+    """
+    if stats.get("calls", 0) == 0:
+        span = ""
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
+            span = f"; the sampler ran from sigma {float(sigmas[0]):.3g} to {float(sigmas[-1]):.3g}"
+        return (f"no step of this run lies in the MEA window (start={start}, end={end}){span}",
+                "Set start/end so the window covers steps this sampler runs (for a KSampler (Advanced) that "
+                "starts at step 35 of 50, start 0.7 covers it), or connect the patched model to the sampler "
+                "that runs those steps")
+    if stats.get("layers", 0) == 0:
+        return ("none of the chosen self-attention layers was reached in this model's forward pass (another model "
+                "layout, or a ComfyUI version whose attention calls the patch cannot hook)",
+                "Pick another 'layers' choice; if none works, update ComfyUI and report the model and ComfyUI "
+                "version")
+    return ("the target mask or the garment mask has no pixel left at the token grids of the chosen layers "
+            "(a thin or soft mask vanishes when it is shrunk to 1/8 or 1/16 of the image)",
+            "Use a larger or harder (white = 1) mask, or work at a larger size (MaX4Zero Crop To Mask 'size')")
+
+
 def latent_output_key(samples: Any) -> Optional[str]:
     """:func:`~max4zero.nodes.trace.samples_key` of a sampling result as the LATENT output will hold it.
 
@@ -441,6 +473,12 @@ class MeaPatch:
         self.inline_reference = True
         self.reference_passes = 0  # counters for tests and the benchmark
         self.mea_calls = 0
+        #: per sampling run: model calls that wanted MEA, chosen layers reached, layer calls where a query
+        #: inside the target mask read garment tokens (0 at the end of a run = a silent no-op, see
+        #: :meth:`_report_no_op`)
+        self.run_stats = {"calls": 0, "layers": 0, "effective": 0}
+        #: where no-op reports go besides the log: ``fn(text)`` (the node's UI text), or None
+        self.notify: Optional[Callable[[str], None]] = None
 
     def __deepcopy__(self, memo: dict) -> "MeaPatch":
         # ModelPatcher.clone() deep-copies model_options (which hold our post-CFG function): share the
@@ -504,16 +542,28 @@ class MeaPatch:
         """Per sampling run: fresh caches, (re)start the trace, file the run under its result, free the
         reference K/V afterwards."""
         self.reset()
+        self.run_stats = {"calls": 0, "layers": 0, "effective": 0}
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         if self.trace is not None:
-            sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
             self.trace.begin_run(sigmas)
         try:
             out = executor(*args, **kwargs)
             if self.trace is not None:
                 self.trace.end_run(latent_output_key(out))
+            self._report_no_op(sigmas)
             return out
         finally:
             self.reset()
+
+    def _report_no_op(self, sigmas: Any) -> None:
+        """A run that applied MEA nowhere although the masks are not empty: say why, once, and the fix."""
+        if not self.active or self.run_stats["effective"]:
+            return
+        reason = no_op_reason(self.run_stats, self.start, self.end, sigmas)
+        text = f"MaX4Zero Masked Extended Attention did nothing in this sampling run: {reason[0]}. {reason[1]}"
+        log.warning(text)
+        if self.notify is not None:
+            self.notify(text)
 
     def post_cfg_function(self, args: dict) -> torch.Tensor:
         """Paper mode: one extra positive pass with MEA; add s_mea·M⊙(x̂0_MEA − x̂0_u)."""
@@ -555,6 +605,7 @@ class MeaPatch:
         rows = mea_rows(cou, n, all_rows=paper_pass)
         if not rows:
             return executor(*args, **kwargs)
+        self.run_stats["calls"] += 1
 
         step = nearest_step(to.get("sample_sigmas"), sigma)
         mask_idx = row_mask_index(rows, n, len(cou), int(self.target_mask.shape[0]))
@@ -723,6 +774,9 @@ class MeaPatch:
             full = rows.numel() == n
             qm = self._grid_mask("target", hw, q.device)[ctx.mask_index_on(q.device)]  # [R, T]
             rkm = self._grid_mask("garment", entry.hw, q.device)  # [1, T_ref]
+            self.run_stats["layers"] += 1
+            if bool(rkm.any()) and bool(qm.any()):
+                self.run_stats["effective"] += 1
             capture = None
             if self.trace is not None:
                 capture = self.trace.capture_for(

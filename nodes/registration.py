@@ -113,6 +113,20 @@ def warp_garment(
     return warped, (wm > 0.5).float(), grid
 
 
+def prepare_target_mask(
+    target_mask: torch.Tensor, protect_mask: Optional[torch.Tensor] = None, target_dilation: int = 13
+) -> torch.Tensor:
+    """SPEC §1: the processed target mask every later step uses, matching included.
+
+    ``dilate(target ∧ ¬protect, target_dilation)``, bool ``[B, H, W]``. Correspondence and Double-Mask Inpaint
+    both call this, so the region matched is the region repainted.
+    """
+    t = target_mask > 0.5
+    if protect_mask is not None:
+        t = t & ~(protect_mask > 0.5)
+    return _masks.dilate(t, int(target_dilation))
+
+
 def double_mask(
     target_mask: torch.Tensor,
     warped_mask: torch.Tensor,
@@ -128,10 +142,7 @@ def double_mask(
     Returns:
         ``(target, F, D)``, float 0/1 ``[B, H, W]`` (common batch of the inputs).
     """
-    t = target_mask > 0.5
-    if protect_mask is not None:
-        t = t & ~(protect_mask > 0.5)
-    t = _masks.dilate(t, int(target_dilation))
+    t = prepare_target_mask(target_mask, protect_mask, target_dilation)
     thin, dil = _fringe.fringe_masks(t, warped_mask > 0.5, dilation=int(fringe_dilation))
     B = thin.shape[0]
     return t.expand(B, -1, -1).float(), thin.float(), dil.float()

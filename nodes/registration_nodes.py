@@ -6,6 +6,8 @@ Thin glue: conversions in ``convert``, logic in ``registration``, ``geometry``, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from comfy_api.latest import io
 
@@ -37,6 +39,12 @@ def _eroded_garment(node: str, gm: torch.Tensor) -> torch.Tensor:
         raise cv.NodeInputError(node, "garment_mask vanishes after the 1-pixel erosion (it is only a thin line)",
                                 "connect a mask that covers the whole garment")
     return er.float()
+
+
+def _check_odd(node: str, name: str, k) -> None:
+    if int(k) < 1 or int(k) % 2 == 0:
+        raise cv.NodeInputError(node, f"{name}={k} must be a positive odd number (side of the square)",
+                                f"use {max(1, int(k) - 1) | 1} or {max(1, int(k)) | 1}")
 
 
 class Correspondence(io.ComfyNode):
@@ -92,6 +100,15 @@ class Correspondence(io.ComfyNode):
                              tooltip="Seed for the feature noise, RANSAC and the random control-point draw: same "
                              "seed, same matches. Keep 'control after generate' on 'fixed' to reuse the matches "
                              "(and skip this node) on the next queue."),
+                io.Mask.Input("protect_mask", optional=True,
+                              tooltip="Optional: hands, hair or objects that must not be repainted. Connect the same "
+                              "mask as to MaX4Zero Double-Mask Inpaint: the target mask is processed exactly as "
+                              "there (protect removed, then dilated), so the region matched is the region "
+                              "repainted."),
+                io.Int.Input("target_dilation", default=13, min=1, max=255, step=2, optional=True,
+                             tooltip="Square dilation of the target mask before matching; must equal Double-Mask "
+                             "Inpaint's target_dilation (it checks, when its 'matches' input is connected). Paper: "
+                             "13. 1 = off. Odd values only."),
             ],
             outputs=[
                 MatchesType.Output("matches", display_name="matches",
@@ -104,7 +121,8 @@ class Correspondence(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, positive, reference_image, garment_mask, target_image, target_mask, mode, ensemble,
-                outlier_filter, outlier_threshold, control_points, score_threshold, seed) -> io.NodeOutput:
+                outlier_filter, outlier_threshold, control_points, score_threshold, seed, protect_mask=None,
+                target_dilation=13) -> io.NodeOutput:
         from . import features as ft
 
         n = cls.NODE
@@ -120,6 +138,13 @@ class Correspondence(io.ComfyNode):
         cv.check_same_size(n, "target_image", tgt.shape[-2:], "target_mask", tm.shape[-2:])
         cv.check_nonempty(n, "garment_mask", gm, "the garment in the reference photo")
         cv.check_nonempty(n, "target_mask", tm, "the region to repaint on the person")
+        _check_odd(n, "target_dilation", target_dilation)
+        pm = None
+        if protect_mask is not None:
+            pm = _one(n, "protect_mask", cv.mask_to_bhw(protect_mask, n, "protect_mask"))
+            cv.check_same_size(n, "target_image", tgt.shape[-2:], "protect_mask", pm.shape[-2:])
+        tm = reg.prepare_target_mask(tm, pm, int(target_dilation)).float()
+        cv.check_nonempty(n, "target_mask", tm, "the region to repaint on the person, beyond protect_mask")
         gm = _eroded_garment(n, gm)
 
         spec = ft.FeatureSpec(mode=mode, t=ft.PAPER_T if mode == "paper" else ft.DIFT_T,
@@ -132,6 +157,7 @@ class Correspondence(io.ComfyNode):
                 tuple(tgt.shape[-2:]), outlier_filter, outlier_threshold, control_points, score_threshold, seed)
         except ValueError as exc:
             raise cv.NodeInputError(n, str(exc)) from exc
+        matches = dataclasses.replace(matches, target_region=tm[0] > 0.5)
         prev = pv.match_preview(ref[0], tgt[0], matches.reference_points, matches.target_points, matches.scores,
                                 gm[0], tm[0])
         return io.NodeOutput(matches, cv.bchw_to_image(prev[None]))
@@ -229,6 +255,18 @@ class MLSWarp(io.ComfyNode):
         return io.NodeOutput(cv.bchw_to_image(warped), wmask.contiguous(), cv.bchw_to_image(prev[None]))
 
 
+def _check_same_region(node: str, matches, target: torch.Tensor) -> None:
+    """Refuse to repaint another region than the one the correspondence matched in (SPEC §1: one processed mask)."""
+    region = getattr(matches, "target_region", None)
+    if region is None or tuple(region.shape) != tuple(target.shape[-2:]):
+        return  # hand-made points, or matches made at another size: nothing to compare
+    if not torch.equal(region, target[0] > 0.5):
+        differ = int((region != (target[0] > 0.5)).sum())
+        raise cv.NodeInputError(
+            node, f"the processed target mask differs from the one MaX4Zero Correspondence matched in ({differ} "
+            "pixels)", "give both nodes the same target_mask, protect_mask and target_dilation")
+
+
 class DoubleMaskInpaint(io.ComfyNode):
     """Composite + double mask for the fringe phase (SPEC §2e, §3a)."""
 
@@ -263,6 +301,10 @@ class DoubleMaskInpaint(io.ComfyNode):
                 io.Int.Input("fringe_dilation", default=19, min=1, max=255, step=2,
                              tooltip="Square dilation of the thin fringe F into D (kept inside the target mask). "
                              "Paper: 19. 1 = D equals F. Odd values only."),
+                MatchesType.Input("matches", optional=True,
+                                  tooltip="Optional (recommended): the matches of MaX4Zero Correspondence. This node "
+                                  "then checks that the target region it repaints is the one the correspondence "
+                                  "matched in (same target_mask, protect_mask and target_dilation on both nodes)."),
             ],
             outputs=[
                 io.Conditioning.Output("inpaint_positive", display_name="positive",
@@ -287,14 +329,12 @@ class DoubleMaskInpaint(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, vae, target_image, target_mask, warped_image, warped_mask, target_dilation,
-                fringe_dilation, protect_mask=None) -> io.NodeOutput:
+                fringe_dilation, protect_mask=None, matches=None) -> io.NodeOutput:
         import node_helpers
 
         n = cls.NODE
         for name, k in (("target_dilation", target_dilation), ("fringe_dilation", fringe_dilation)):
-            if int(k) < 1 or int(k) % 2 == 0:
-                raise cv.NodeInputError(n, f"{name}={k} must be a positive odd number (side of the square)",
-                                        f"use {max(1, int(k) - 1) | 1} or {max(1, int(k)) | 1}")
+            _check_odd(n, name, k)
         tgt = cv.image_to_bchw(target_image, n, "target_image")
         tm = cv.mask_to_bhw(target_mask, n, "target_mask")
         wimg = cv.image_to_bchw(warped_image, n, "warped_image")
@@ -313,6 +353,7 @@ class DoubleMaskInpaint(io.ComfyNode):
         cv.check_nonempty(n, "target_mask", tm, "the region to repaint on the person")
 
         tmask, thin, dil = reg.double_mask(tm, wm, b.get("protect_mask"), int(target_dilation), int(fringe_dilation))
+        _check_same_region(n, matches, tmask)
         from ..warping import fringe as _fringe
 
         comp = _fringe.composite(tgt.float(), wimg.float(), wm, tmask)

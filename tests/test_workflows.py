@@ -343,6 +343,60 @@ def test_full_tryon_is_wired_as_the_paper_pipeline():
     assert _source(wf, _by_type(wf, "SaveImage")[0], "images") is paste
 
 
+TWO_STAGE = ("maxzero_full_tryon", "maxzero_lora_controlnet", "maxzero_sdxl")
+
+
+def _link_source(wf: dict, node: dict, input_name: str) -> tuple[int, int] | None:
+    """(source node id, output slot) of a connected input, None when unconnected."""
+    lid = next((i["link"] for i in node.get("inputs", []) if i["name"] == input_name), None)
+    if lid is None:
+        return None
+    link = next(lk for lk in wf["links"] if lk[0] == lid)
+    return link[1], link[2]
+
+
+def _widget(wf: dict, node: dict, name: str, version: str = OLDEST):
+    names = []
+    for nm, spec, _ in frontend_inputs(node["type"], version):
+        if _is_widget(spec):
+            names.append(nm)
+            if _has_control(nm, spec):
+                names.append(nm + ".control")
+    return node["widgets_values"][names.index(name)]
+
+
+@pytest.mark.parametrize("name", TWO_STAGE)
+def test_stage_two_denoises_the_whole_latent(name):
+    """The MEA phase: no blending for a 9-channel model. The stage-2 latent's noise mask is all ones (a target-region
+    mask would reset the outside to the stage-1 latent, still noisy at step 35, at every step)."""
+    wf = _load(WORKFLOW_DIR / f"{name}.json")
+    s1, s2 = sorted(_by_type(wf, "KSamplerAdvanced"), key=lambda n: _widget(wf, n, "start_at_step"))
+    lat2 = _source(wf, s2, "latent_image")
+    assert lat2["type"] == "SetLatentNoiseMask" and _source(wf, lat2, "samples") is s1
+    whole = _source(wf, lat2, "mask")
+    assert whole["type"] == "SolidMask" and _widget(wf, whole, "value") == 1.0
+
+
+@pytest.mark.parametrize("name", TWO_STAGE)
+def test_matching_and_repainting_use_one_target_region_and_the_methods_prompts(name):
+    wf = _load(WORKFLOW_DIR / f"{name}.json")
+    corr = _by_type(wf, "MaX4ZeroCorrespondence")[0]
+    dm = _by_type(wf, "MaX4ZeroDoubleMaskInpaint")[0]
+    for input_name in ("target_mask", "protect_mask"):
+        assert _link_source(wf, corr, input_name) == _link_source(wf, dm, input_name), input_name
+    assert _widget(wf, corr, "target_dilation") == _widget(wf, dm, "target_dilation")
+    assert _link_source(wf, dm, "matches") == (corr["id"], 0)  # Double-Mask Inpaint checks the region agrees
+    # empty negative (the base of the MEA term in paper guidance), a positive that describes the garment
+    s1 = _by_type(wf, "KSamplerAdvanced")[0]
+    texts = {n["id"]: n["widgets_values"][0] for n in _by_type(wf, "CLIPTextEncode")}
+    neg_src = _source(wf, dm, "negative")
+    while neg_src["type"] != "CLIPTextEncode":
+        neg_src = _source(wf, neg_src, "negative")
+    assert texts[neg_src["id"]] == ""
+    assert any("wearing" in t for t in texts.values())
+    assert s1 is not None
+
+
 def test_sdxl_workflow_uses_1024_crops_and_grid_layers():
     wf = _load(WORKFLOW_DIR / "maxzero_sdxl.json")
     assert {n["widgets_values"][0] for n in _by_type(wf, "MaX4ZeroCropToMask")} == {1024}

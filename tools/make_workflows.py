@@ -23,8 +23,10 @@ OUT = ROOT / "workflows"
 FRONTEND_VERSION = "1.27.10"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
-POSITIVE = "a person wearing a t-shirt"
-NEGATIVE = "blurry, deformed"
+# The method's prompts: the positive describes the garment, the negative is empty. The negative is the base of the
+# MEA term in paper guidance, so anything written there is pushed against at cfg + s_mea (27x) inside the mask.
+POSITIVE = "a person wearing a striped t-shirt"
+NEGATIVE = ""
 SD15 = "sd15_inpainting.safetensors"
 SDXL = "sdxl_inpainting.safetensors"
 LORA = "garment_detail_lora.safetensors"
@@ -287,7 +289,7 @@ def preview(wf: Workflow, src, col: int, mask: bool = False):
 
 
 def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt, ref, cols: tuple[int, ...],
-                    previews: bool = True, layers: str | None = None, save_prefix: str = "MaX4Zero"):
+                    size: int, previews: bool = True, layers: str | None = None, save_prefix: str = "MaX4Zero"):
     """Correspondence → MLS warp → double mask → KSamplerAdvanced 0→35 → MEA → KSamplerAdvanced 35→50 →
     decode → paste back. Returns the nodes the callers still need."""
     c_reg, c_s1, c_s2, c_out = cols
@@ -298,7 +300,8 @@ def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt,
                    garment_mask=ref.out("mask"), target_image=tgt.out("image"), matches=corr.out("matches"))
     dm = wf.wire(wf.add("MaX4ZeroDoubleMaskInpaint", c_s1), positive=pos, negative=neg, vae=vae_src,
                  target_image=tgt.out("image"), target_mask=tgt.out("mask"),
-                 warped_image=warp.out("warped_image"), warped_mask=warp.out("warped_mask"))
+                 warped_image=warp.out("warped_image"), warped_mask=warp.out("warped_mask"),
+                 matches=corr.out("matches"))
     s1 = wf.wire(wf.add("KSamplerAdvanced", c_s1, add_noise="enable", noise_seed=SEED, steps=50, cfg=12.0,
                         sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0, end_at_step=35,
                         return_with_leftover_noise="enable"),
@@ -307,7 +310,11 @@ def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt,
     # stage 2 (SPEC §3b): the inpaint mask becomes the whole (processed) target mask, over the composite
     ic = wf.wire(wf.add("InpaintModelConditioning", c_s2, noise_mask=True), positive=pos, negative=neg,
                  vae=vae_src, pixels=dm.out("composite"), mask=dm.out("target_mask"))
-    lat2 = wf.wire(wf.add("SetLatentNoiseMask", c_s2), samples=s1, mask=dm.out("target_mask"))
+    # The MEA phase denoises the WHOLE target latent (no blending for a 9-channel model): an all-ones noise mask
+    # replaces the stage-1 mask. A target-region mask here would reset the outside to the stage-1 latent, which
+    # still carries the noise of step 35, at every step; Paste Back restores the outside in pixels instead.
+    whole = wf.add("SolidMask", c_s2, value=1.0, width=size, height=size)
+    lat2 = wf.wire(wf.add("SetLatentNoiseMask", c_s2), samples=s1, mask=whole)
     mea_widgets = {"guidance": "paper", "start": 0.7, "end": 1.0}
     if layers:
         mea_widgets["layers"] = layers
@@ -337,6 +344,16 @@ INPUTS_TEXT = (
     "Masks may also come from LoadImage's alpha (its MASK output) or any segmentation pack "
     "(e.g. SAM / clothes segmentation nodes)."
 )
+PROMPT_TEXT = (
+    "Prompts: describe the GARMENT in the positive prompt (e.g. 'a person wearing a red knitted sweater'). Leave the "
+    "negative prompt EMPTY, as the method does: in paper guidance the negative is the base of the MEA term, so "
+    "anything written there (e.g. 'blurry') is pushed against about 27x (cfg 12 + s_mea 15) inside the mask."
+)
+STAGE2_TEXT = (
+    "Stage 2 denoises the whole latent (SolidMask 1.0 -> Set Latent Noise Mask): the outside of the try-on region "
+    "comes back from the original photo in Paste Back. Guidance 'paper' = three branches (eps_u + cfg*(eps_c - eps_u) "
+    "+ s_mea*M*(eps_MEA - eps_u)); 'fused' is a different, cheaper guidance (see the MEA node's tooltip)."
+)
 SD15_TEXT = (
     f"Checkpoint: an SD1.5 INPAINTING model (9-channel UNet, e.g. sd-v1-5-inpainting), in ComfyUI/models/"
     f"checkpoints/ (the file here is named {SD15}; pick yours in Load Checkpoint). Crop size 512."
@@ -355,11 +372,12 @@ def full_tryon() -> Workflow:
             + INPUTS_TEXT + "\n\nStages: crop both photos around their masks -> deep-feature correspondence -> "
             "MLS warp -> double-mask inpaint -> KSampler (Advanced) steps 0-35 of 50 -> Masked Extended Attention "
             "model -> KSampler (Advanced) steps 35-50 -> decode -> paste back into the full photo. Previews show "
-            "the matches, the warp, the fringes and the Leffa flow view.", box=(400, 420))
+            "the matches, the warp, the fringes and the Leffa flow view.\n\n" + PROMPT_TEXT + "\n\n" + STAGE2_TEXT,
+            box=(400, 640))
     pos, neg = prompts(wf, ckpt.out("CLIP"), col=1)
     tgt, ref = crops(wf, person, person_mask, garment, garment_mask, col=1, size=512)
     r = two_stage_tryon(wf, model_src=ckpt.out("MODEL"), vae_src=ckpt.out("VAE"), pos=pos, neg=neg, mea_pos=pos,
-                        tgt=tgt, ref=ref, cols=(2, 4, 5, 6))
+                        tgt=tgt, ref=ref, cols=(2, 4, 5, 6), size=512)
     preview(wf, r["corr"].out("preview"), col=3)
     preview(wf, r["warp"].out("preview"), col=3)
     preview(wf, r["dm"].out("preview"), col=3)
@@ -425,8 +443,8 @@ def lora_controlnet() -> Workflow:
             f"in ComfyUI/models/controlnet/ (here {CONTROLNET}).\n\n" + INPUTS_TEXT
             + f"\n- {POSE}: the PREPROCESSED control image of the person photo (an OpenPose skeleton or an edge "
             "map, same size as the person photo; make it with a preprocessor pack, e.g. "
-            "comfyui_controlnet_aux). It is cropped with the person mask, exactly like the person photo.",
-            box=(400, 480))
+            "comfyui_controlnet_aux). It is cropped with the person mask, exactly like the person photo.\n\n"
+            + PROMPT_TEXT + "\n\n" + STAGE2_TEXT, box=(400, 700))
     lora = wf.wire(wf.add("LoraLoader", 1, lora_name=LORA, strength_model=0.8, strength_clip=0.8),
                    model=ckpt.out("MODEL"), clip=ckpt.out("CLIP"))
     text_pos, text_neg = prompts(wf, lora.out("CLIP"), col=1)
@@ -437,7 +455,7 @@ def lora_controlnet() -> Workflow:
                   positive=text_pos, negative=text_neg, control_net=cn, image=pose_crop.out("image"),
                   vae=ckpt.out("VAE"))
     r = two_stage_tryon(wf, model_src=lora.out("MODEL"), vae_src=ckpt.out("VAE"), pos=cna.out("positive"),
-                        neg=cna.out("negative"), mea_pos=text_pos, tgt=tgt, ref=ref, cols=(3, 5, 6, 7))
+                        neg=cna.out("negative"), mea_pos=text_pos, tgt=tgt, ref=ref, cols=(3, 5, 6, 7), size=512)
     preview(wf, r["corr"].out("preview"), col=4)
     preview(wf, r["warp"].out("preview"), col=4)
     finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), col=7, prefix="MaX4Zero_lora_controlnet")
@@ -453,11 +471,11 @@ def sdxl() -> Workflow:
             "grid, not by block number: SDXL has no attention at 1/8 of the image, so Masked Extended Attention "
             "uses 'decoder 1/32 + 1/16 + 1/8', i.e. SDXL's 32x32 and 64x64 token grids at 1024 px - the same "
             "grids the paper uses on SD1.5 at 512 px. The correspondence reads the first decoder stage at 1/16 "
-            "by grid too.\n\n" + INPUTS_TEXT, box=(400, 480))
+            "by grid too.\n\n" + INPUTS_TEXT + "\n\n" + PROMPT_TEXT + "\n\n" + STAGE2_TEXT, box=(400, 700))
     pos, neg = prompts(wf, ckpt.out("CLIP"), col=1)
     tgt, ref = crops(wf, person, person_mask, garment, garment_mask, col=1, size=1024)
     r = two_stage_tryon(wf, model_src=ckpt.out("MODEL"), vae_src=ckpt.out("VAE"), pos=pos, neg=neg, mea_pos=pos,
-                        tgt=tgt, ref=ref, cols=(2, 4, 5, 6), layers="decoder 1/32 + 1/16 + 1/8")
+                        tgt=tgt, ref=ref, cols=(2, 4, 5, 6), size=1024, layers="decoder 1/32 + 1/16 + 1/8")
     preview(wf, r["corr"].out("preview"), col=3)
     preview(wf, r["warp"].out("preview"), col=3)
     preview(wf, r["dm"].out("preview"), col=3)
