@@ -43,7 +43,9 @@ How it hooks into ComfyUI 0.3.64 (see ``../shared/COMFYUI_NOTES.md``):
     x̂0 = x − σ·ε (EPS; v-prediction is affine in the model output too, with the same x-dependent offset
     for every branch). Every branch shares x and σ, so differences of x̂0 are −σ times differences of ε
     and the same linear formula holds for x̂0: x̂0 = x̂0_cfg + s_mea·M⊙(x̂0_MEA − x̂0_u). With cfg = 1
-    ComfyUI skips the negative pass; the MEA term then uses the positive prediction as its base.
+    ComfyUI would skip the negative pass; the patch sets ComfyUI's ``disable_cfg1_optimization`` (paper mode,
+    non-empty masks only), so the negative pass runs and the base stays x̂0_u, as the formula says (one more
+    pass per step at cfg 1; cfg 1 with a guidance-distilled model is where that matters).
 
 Pure helpers (no ComfyUI import; tested in ``tests/test_mea_pure.py``) come first; :class:`MeaPatch`
 imports ComfyUI modules lazily, inside the functions that run during sampling.
@@ -493,8 +495,9 @@ class MeaPatch:
 
         patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "max4zero_mea", self.outer_sample_wrapper)
         patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "max4zero_mea", self.apply_model_wrapper)
-        if self.mode == "paper":
-            patcher.set_model_sampler_post_cfg_function(self.post_cfg_function)
+        if self.mode == "paper" and self.active:
+            # The third branch is based on eps_u (SPEC): at cfg 1 ComfyUI would skip the negative pass, so keep it.
+            patcher.set_model_sampler_post_cfg_function(self.post_cfg_function, disable_cfg1_optimization=True)
         return patcher
 
     # -- caches --------------------------------------------------------------------------------
