@@ -37,6 +37,11 @@ class NodeInputError(ValueError):
         super().__init__(f"{node}: {problem}. {fix}" if fix else f"{node}: {problem}.")
 
 
+# ComfyUI shows an error's type as ``module.qualname``; loaded as a custom node, the module is the pack's folder
+# path plus ``.nodes.convert``. The UI should read the pack's own name instead.
+NodeInputError.__module__ = "MaX4Zero"
+
+
 def _shape(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
