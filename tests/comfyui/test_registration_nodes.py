@@ -425,3 +425,68 @@ def test_features_come_from_the_first_decoder_stage_at_one_sixteenth(comfy_env, 
         one = ft.extract_features(model, small_vae, cond, img, torch.zeros(1, SIZE, SIZE),
                                   ft.FeatureSpec("dift", ft.DIFT_T, ensemble=1, seed=0))
     assert not torch.allclose(one, feat)
+
+
+# ------------------------------------------------------------------------------------------------
+# SPEC §2a: the two feature passes draw independent noise
+# ------------------------------------------------------------------------------------------------
+
+
+class _UNetInputs:
+    """Records the exact input of every UNet forward (the tensor entering ``input_blocks[0]``'s conv:
+    noisy latent × c_in, then the inpainting channels) with a forward pre-hook; removed on exit."""
+
+    def __init__(self, model):
+        self.layer = model.model.diffusion_model.input_blocks[0][0]
+        self.calls: list[torch.Tensor] = []
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_pre_hook(
+            lambda mod, args: self.calls.append(args[0].detach().clone()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["paper", "dift"])
+def test_feature_passes_of_identical_images_see_independent_noise(comfy_env, small_vae, pair, mode):
+    """Reference = target and garment mask = target mask: everything the two passes see is identical except
+    the noise, which must differ (a token deep inside both holes would otherwise get the same input in both
+    images and match "no warp"); the same seed still gives the same inputs and the same matches."""
+    model = cm.small_sd15_model(inpaint=True)
+    draws = 1 if mode == "paper" else 2
+    # the node erodes the garment mask by 1 px: give the target that eroded mask, so the two passes match
+    eroded = cm.pack_module("warping.masks").erode(pair["garment_mask"] > 0.5, 3).float()
+    runs = []
+    for _ in range(2):
+        with _UNetInputs(model) as rec:
+            g = Graph()
+            c = _correspondence(g, model, small_vae, pair, mode=mode, ensemble=draws, same=True, seed=7,
+                                target_mask=g.obj(eroded, "MASK"))
+            g.capture(c[0], "m")
+            runs.append((rec.calls, run_prompt(g)["m"]))
+    (calls, m), (calls2, m2) = runs
+    assert len(calls) == 2  # one UNet pass per image (DIFT: its draws batched)
+    ref_x, tgt_x = calls
+    assert ref_x.shape == tgt_x.shape == (draws, 9, SIZE // 8, SIZE // 8)
+    # masked image and mask channels: the same image and mask in both passes ...
+    assert torch.equal(ref_x[:, 4:], tgt_x[:, 4:])
+    # ... the noisy-latent channels are not, anywhere: independent draws, not one draw re-used per image
+    lat_r, lat_t = ref_x[:, :4], tgt_x[:, :4]
+    assert not torch.equal(lat_r, lat_t)
+    assert (lat_r != lat_t).float().mean() > 0.99
+    hole = (pair["garment_mask"][0, ::8, ::8] > 0.5).expand_as(lat_r)  # inside both holes
+    diff = (lat_r - lat_t)[hole]
+    assert diff.abs().mean() > 0.5  # of the order of the noise itself (paper: N(0, 1))
+    if mode == "paper":
+        corr = torch.corrcoef(torch.stack([lat_r.flatten(), lat_t.flatten()]))[0, 1]
+        assert abs(float(corr)) < 0.15
+    else:  # every ensemble draw is new: across draws and across images
+        rows = [lat_r[0], lat_r[1], lat_t[0], lat_t[1]]
+        assert all(not torch.equal(rows[i], rows[j]) for i in range(4) for j in range(i + 1, 4))
+    # deterministic for a seed
+    assert len(calls2) == 2 and all(torch.equal(a, b) for a, b in zip(calls, calls2))
+    assert len(m) > 0
+    assert torch.equal(m.reference_points, m2.reference_points) and torch.equal(m.target_points, m2.target_points)
+    assert torch.equal(m.scores, m2.scores)
