@@ -25,6 +25,10 @@ Modes
   gets an all-zero mask and the clean image as its masked image, so it reconstructs itself), the
   conditioning as connected (DIFT uses an empty prompt), features averaged over an ensemble of draws.
 
+Noise: :func:`pair_features` draws the reference's and the target's noise together from one seed
+(:func:`.registration.feature_noise`, a batch-of-2 draw per ensemble member), so the two
+passes never share noise: identical images give (slightly) different features, as in the method.
+
 Only the base weights with their weight patches (LoRAs) are used: attention patches and wrappers
 attached to the ``MODEL`` (e.g. Masked Extended Attention) are deliberately left out of this pass.
 """
@@ -43,9 +47,10 @@ import comfy.utils
 
 from ..warping import masks as _masks
 from .convert import NodeInputError
+from .registration import feature_noise
 
 __all__ = ["PAPER_T", "DIFT_T", "FeatureSpec", "check_unet", "is_inpainting", "extract_features", "work_size", "resize_image", "feature_grid", "progress_bar",
-           "pair_features"]
+           "pair_features", "latent_shape", "feature_draws"]
 
 PAPER_T = 981  # first step of 50 DDIM "leading" steps
 DIFT_T = 261
@@ -85,6 +90,18 @@ def is_inpainting(model) -> bool:
     """True for a 9-channel inpainting UNet (latent + mask + masked image)."""
     dm = model.model.diffusion_model
     return int(getattr(dm, "in_channels", 4)) == 9 and "mask" in getattr(model.model, "concat_keys", ())
+
+
+def latent_shape(model, hw: tuple[int, int]) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the noise :func:`extract_features` needs for an image of size ``hw`` (multiples of 16)."""
+    lf = model.model.latent_format
+    c = int(lf.latent_channels) if hasattr(lf, "latent_channels") else 4
+    return c, int(hw[0]) // 8, int(hw[1]) // 8
+
+
+def feature_draws(spec: "FeatureSpec") -> int:
+    """Noise draws per image: 1 in paper mode, the ensemble size (≥ 1) in DIFT mode."""
+    return max(1, int(spec.ensemble)) if spec.mode == "dift" else 1
 
 
 def work_size(h: int, w: int) -> tuple[int, int]:
@@ -140,6 +157,7 @@ def extract_features(
     progress: Optional[Callable[[], None]] = None,
     node: str = "MaX4Zero Correspondence",
     info: Optional[dict] = None,
+    noise: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Decoder features of one image at 1/16 resolution.
 
@@ -153,6 +171,9 @@ def extract_features(
         progress: called once per UNet forward.
         info: if given, receives ``"block"`` (the ``("output", i)`` block whose input was read) and
             ``"sigma"``.
+        noise: the N(0, 1) draws to use, ``[draws, C, H/8, W/8]`` (``draws`` = :func:`feature_draws`,
+            ``(C, H/8, W/8)`` = :func:`latent_shape`); :func:`pair_features` passes independent draws
+            for the two images. ``None``: drawn here from ``spec.seed`` (this image alone).
 
     Returns:
         float32 ``[C_feat, H/16, W/16]`` on the model's device (DIFT: mean over the ensemble).
@@ -180,22 +201,25 @@ def extract_features(
         latent = None
         concat_latent = vae.encode(_grey_masked(img_bhwc, mask.float()))
         concat_mask = mask.float()[:, None]
-        draws = 1
     elif spec.mode == "dift":
         raw = vae.encode(img_bhwc)
         latent = base.process_latent_in(raw).float()
         concat_latent = raw if inpaint else None
         concat_mask = torch.zeros((1, 1, H, W)) if inpaint else None
-        draws = max(1, int(spec.ensemble))
     else:
         raise ValueError(f"unknown feature mode {spec.mode!r}")
 
     # After the VAE encodes: loading the VAE may evict the UNet when memory is short.
     comfy.model_management.load_models_gpu([model])
-    lat_c = base.latent_format.latent_channels if hasattr(base.latent_format, "latent_channels") else 4
-    lh, lw = H // 8, W // 8
+    draws = feature_draws(spec)
+    shape = latent_shape(model, (H, W))
+    lh, lw = shape[1], shape[2]
     grid = (math.ceil(lh / 2), math.ceil(lw / 2))
-    gen = torch.Generator(device="cpu").manual_seed(int(spec.seed))
+    if noise is None:
+        noise = feature_noise([shape], draws, spec.seed)[0]
+    elif tuple(noise.shape) != (draws, *shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(draws, *shape)} "
+                         f"({spec.mode} mode, {W}x{H} image)")
     captured: dict[str, torch.Tensor] = {}
 
     def capture(h, hsp, transformer_options):
@@ -211,13 +235,13 @@ def extract_features(
     while done < draws:
         n = min(chunk, draws - done)
         comfy.model_management.throw_exception_if_processing_interrupted()
-        noise = torch.randn((n, lat_c, lh, lw), generator=gen).to(device)
+        eps = noise[done:done + n].to(device)
         sig = sigma.to(device).expand(n)
         if latent is None:
             # max_denoise: the UNet input is exactly the N(0, 1) noise (the paper's pure-noise latent).
-            x = ms.noise_scaling(sig, noise, torch.zeros_like(noise), max_denoise=True)
+            x = ms.noise_scaling(sig, eps, torch.zeros_like(eps), max_denoise=True)
         else:
-            x = ms.noise_scaling(sig, noise, latent.to(device).expand(n, -1, -1, -1), max_denoise=False)
+            x = ms.noise_scaling(sig, eps, latent.to(device).expand(n, -1, -1, -1), max_denoise=False)
         kwargs = _model_kwargs(model, positive, x, device, concat_latent, concat_mask)
         topts = {"patches": {"output_block_patch": [capture]}, "sigmas": sig, "cond_or_uncond": [0] * n}
         captured.clear()
@@ -245,16 +269,20 @@ def pair_features(model, vae, positive, pairs, spec: FeatureSpec, node: str) -> 
     """Features of several ``(image [1, C, H, W], mask [1, H, W])`` pairs, with one progress bar.
 
     Each image is resized to :func:`work_size` first (RGB). Returns ``(features, work_sizes)``.
-    The noise is re-seeded per image, so identical images give identical features.
+    The images' noise is drawn together from ``spec.seed`` (:func:`.registration.feature_noise`):
+    independent across the images (and across DIFT's ensemble draws), and the same for the same seed.
+    Identical images therefore give different (if close) features, as with the method's batch-of-2 draw.
     """
-    step = progress_bar(len(pairs) * spec.ensemble)
-    feats, works = [], []
-    for img, m in pairs:
-        work = work_size(*img.shape[-2:])
+    draws = feature_draws(spec)
+    step = progress_bar(len(pairs) * draws)
+    works = [work_size(*img.shape[-2:]) for img, _ in pairs]
+    noises = feature_noise([latent_shape(model, w) for w in works], draws, spec.seed)
+    feats = []
+    for (img, m), work, eps in zip(pairs, works, noises):
         rgb = img[:, :3] if img.shape[1] >= 3 else img[:, :1].expand(-1, 3, -1, -1)
         m_w = _masks.resize_to_grid(m > 0.5, work).float()
-        feats.append(extract_features(model, vae, positive, resize_image(rgb, work), m_w, spec, step, node))
-        works.append(work)
+        feats.append(extract_features(model, vae, positive, resize_image(rgb, work), m_w, spec, step, node,
+                                      noise=eps))
     return feats, works
 
 

@@ -19,7 +19,7 @@ from .preview import grid_lines
 
 __all__ = [
     "OUTLIER_FILTERS", "CONTROL_POINT_MODES", "MLS_KINDS", "SAMPLINGS", "FEATURE_STRIDE",
-    "grid_mask", "matches_from_features", "warp_garment", "double_mask", "grey_out",
+    "grid_mask", "matches_from_features", "warp_garment", "double_mask", "grey_out", "feature_noise",
 ]
 
 OUTLIER_FILTERS = ("ransac", "none")
@@ -27,6 +27,43 @@ CONTROL_POINT_MODES = ("random", "deterministic", "all")
 MLS_KINDS = _mls.KINDS
 SAMPLINGS = ("bilinear", "nearest")
 FEATURE_STRIDE = 16  # image pixels per feature token (decoder features at 1/16)
+
+
+def feature_noise(shapes, draws: int, seed: int) -> list[torch.Tensor]:
+    """Independent N(0, 1) noise for the feature passes of several images (SPEC §2a), from ONE seed.
+
+    The method draws the two images' noise together (the research code: one batch of 2), so the
+    reference and the target never see the same noise, even at the same size; re-seeding per image
+    would give a token deep inside both masked holes exactly the same input in both passes and pull
+    mutual nearest neighbours towards "no warp". Here one CPU generator is seeded once with ``seed``
+    and draw ``k`` of image ``i`` is its ``k · len(shapes) + i``-th ``torch.randn`` call: draw ``k``
+    is a batch-of-``len(shapes)`` draw (paper mode: ``draws = 1``, exactly one such batch; DIFT:
+    one per ensemble member, so every member is independent across images and across members).
+
+    Args:
+        shapes: one latent shape ``(C, h, w)`` per image (the images may differ in size).
+        draws: noise draws per image (1 in paper mode, the ensemble size in DIFT mode), ≥ 1.
+        seed: the node's seed; the same seed gives bit-identical noise (CPU generator, any device).
+
+    Returns:
+        One float32 CPU tensor ``[draws, C, h, w]`` per image, in the order of ``shapes``.
+
+    >>> ref, tgt = feature_noise([(4, 2, 2), (4, 2, 2)], draws=1, seed=0)
+    >>> ref.shape, bool(torch.equal(ref, tgt))
+    (torch.Size([1, 4, 2, 2]), False)
+    >>> bool(torch.equal(feature_noise([(4, 2, 2), (4, 2, 2)], 1, 0)[1], tgt))
+    True
+    """
+    shapes = [tuple(int(s) for s in sh) for sh in shapes]
+    draws = int(draws)
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    out = [torch.empty((draws, *sh), dtype=torch.float32) for sh in shapes]
+    for k in range(draws):
+        for i, sh in enumerate(shapes):
+            out[i][k] = torch.randn(sh, generator=gen, dtype=torch.float32)
+    return out
 
 
 def grid_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -281,8 +281,10 @@ class DoubleMaskInpaint(io.ComfyNode):
             description=(
                 "Pastes the warped garment into the target mask and prepares inpainting of what the warp did not "
                 "cover: the model's mask channel gets the dilated fringe D (so it sees context), while the latent's "
-                "noise mask is the thin fringe F (so only F is generated). Connect positive/negative/latent to a "
-                "stock KSamplerAdvanced with an inpainting model (paper: steps 0 -> 35 of 50, cfg 12)."
+                "noise mask is the thin fringe F on the latent grid (so only F is generated) and the latent is "
+                "emptied there (so F starts from pure noise, as in the paper). Connect positive/negative/latent to a "
+                "stock KSamplerAdvanced with an inpainting model (paper: steps 0 -> 35 of 50, cfg 12, add_noise "
+                "enable)."
             ),
             inputs=[
                 io.Conditioning.Input("positive", tooltip="Garment prompt (from CLIP Text Encode)."),
@@ -312,7 +314,10 @@ class DoubleMaskInpaint(io.ComfyNode):
                 io.Conditioning.Output("inpaint_negative", display_name="negative",
                                        tooltip="Negative with the same inpaint image and mask."),
                 io.Latent.Output("latent", display_name="latent",
-                                 tooltip="The composite encoded, with noise_mask = F: only F is regenerated."),
+                                 tooltip="The composite encoded, with noise_mask = F at latent resolution (1 in "
+                                 "every latent cell, 8x8 pixels, that F touches; 0 elsewhere) and the latent set to 0 "
+                                 "in those cells: only F is regenerated, starting from pure noise; every other cell "
+                                 "keeps the composite exactly."),
                 io.Image.Output("composite", display_name="composite",
                                 tooltip="Warped garment inside (warped mask AND target mask), the person elsewhere."),
                 io.Mask.Output("processed_target_mask", display_name="target_mask",
@@ -366,7 +371,16 @@ class DoubleMaskInpaint(io.ComfyNode):
         d8 = dil[:, oy:oy + h8, ox:ox + w8]
         f8 = thin[:, oy:oy + h8, ox:ox + w8]
         concat_latent = vae.encode(cv.bchw_to_image(reg.grey_out(pix.permute(0, 3, 1, 2), d8)))
-        latent = {"samples": vae.encode(pix), "noise_mask": f8.reshape(-1, 1, h8, w8)}
+        samples = vae.encode(pix)
+        # SPEC §3a: F starts from pure noise. The noise mask is F on the latent grid, hard (a bilinear resize
+        # of a pixel-size F would hand partly covered cells a share of the composite), and the latent is 0
+        # there, so the sampler's first input inside F is noise alone; outside, the composite is untouched.
+        try:
+            cells = _fringe.latent_fringe_mask(f8, tuple(samples.shape[-2:]))
+        except ValueError as exc:
+            raise cv.NodeInputError(n, f"the VAE's latent does not fit the image: {exc}",
+                                    "use the VAE of an SD1.5/SD2/SDXL inpainting checkpoint") from exc
+        latent = {"samples": _fringe.clear_latent_cells(samples, cells), "noise_mask": cells}
         concat_mask = d8.reshape(-1, 1, h8, w8)
         out = [node_helpers.conditioning_set_values(c, {"concat_latent_image": concat_latent,
                                                         "concat_mask": concat_mask}) for c in (positive, negative)]

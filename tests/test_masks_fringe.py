@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from max4zero.warping.fringe import composite, fringe_masks
+from max4zero.warping import fringe as fringe_module
+from max4zero.warping.fringe import clear_latent_cells, composite, fringe_masks, latent_fringe_mask
 from max4zero.warping.masks import bbox, dilate, erode, resize_to_grid, to_bool
 
 
@@ -205,3 +206,94 @@ def test_composite_errors():
         composite(img, img, m, torch.ones(7, 8))
     with pytest.raises(ValueError, match="batch"):
         composite(torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8), m, m)
+
+
+# ---------------------------------------------------------------- F on the latent grid (SPEC §3a)
+
+
+def test_latent_fringe_mask_any_pixel_rule():
+    F = torch.zeros(2, 16, 24)
+    F[0, 9, 3] = 1  # one pixel: cell (1, 0)
+    F[1, 0:8, 8:16] = 1  # a whole cell: (0, 1)
+    F[1, 15, 23] = 1  # the last pixel: cell (1, 2)
+    out = latent_fringe_mask(F, (2, 3))
+    assert out.dtype == torch.float32 and out.shape == (2, 1, 2, 3)
+    assert out[0, 0].tolist() == [[0, 0, 0], [1, 0, 0]]
+    assert out[1, 0].tolist() == [[0, 1, 0], [0, 0, 1]]
+    # every layout and dtype of a mask, the same answer; [H, W] gives batch 1
+    for m in (F > 0.5, F[:, None], (F * 255).to(torch.uint8)):
+        assert torch.equal(latent_fringe_mask(m, (2, 3)), out)
+    assert torch.equal(latent_fringe_mask(F[0], (2, 3)), out[:1])
+    # a cell is on iff any of its 8x8 pixels is on; never on without one
+    g = torch.Generator().manual_seed(0)
+    R = torch.rand(3, 32, 40, generator=g) > 0.97
+    cells = latent_fringe_mask(R, (4, 5))
+    per_cell = R.reshape(3, 4, 8, 5, 8).any(dim=(2, 4))
+    assert torch.equal(cells[:, 0] > 0.5, per_cell)
+    # factor 1: the mask itself
+    assert torch.equal(latent_fringe_mask(R, (32, 40))[:, 0] > 0.5, R)
+
+
+def test_latent_fringe_mask_survives_comfyui_resize_and_pixel_mask_does_not():
+    """ComfyUI resizes a LATENT's noise_mask to the latent size bilinearly (sampler_helpers.prepare_mask):
+    the identity on a mask already at that size; a pixel-size F comes out soft where it partly covers a cell."""
+    F = torch.zeros(1, 1, 32, 32)
+    F[..., 4:20, 12:20] = 1  # an edge through the middle of a cell row
+    F[..., 24:32, 1:3] = 1  # a sliver at the left of a cell
+    cells = latent_fringe_mask(F, (4, 4))
+    assert cells[0, 0].tolist() == [[0, 1, 1, 0], [0, 1, 1, 0], [0, 1, 1, 0], [1, 0, 0, 0]]
+    assert torch.equal(torch.nn.functional.interpolate(cells, size=(4, 4), mode="bilinear"), cells)
+    soft = torch.nn.functional.interpolate(F, size=(4, 4), mode="bilinear")
+    assert ((soft > 0) & (soft < 1)).any()  # partly covered cells: part composite, part noise
+    assert soft[0, 0, 3, 0] == 0  # the sliver's cell: not regenerated at all
+
+
+def test_fringe_starts_from_pure_noise_under_the_sampler_blend():
+    """ComfyUI's first inpainting input, with the latent and mask the double-mask node now makes: inside F's
+    cells noise alone (whatever the composite), outside the noised composite exactly as before."""
+    g = torch.Generator().manual_seed(1)
+    F = torch.zeros(1, 64, 64)
+    F[0, 20:45, 11:30] = 1
+    cells = latent_fringe_mask(F, (8, 8))
+    noise = torch.randn(1, 4, 8, 8, generator=g)
+    sigma = 14.6146
+    firsts = []
+    for comp in (torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g) * 3 + 1):
+        lat = clear_latent_cells(comp, cells)
+        x = noise * (1 + sigma**2) ** 0.5 + lat  # noise_scaling(σ_max, noise, latent_image, max_denoise=True)
+        x = x * cells + (noise * sigma + lat) * (1 - cells)  # KSamplerX0Inpaint's blend
+        inside = (cells > 0.5).expand_as(x)
+        assert torch.equal(x[inside], (noise * (1 + sigma**2) ** 0.5)[inside])
+        assert torch.equal(x[~inside], (noise * sigma + comp)[~inside])
+        firsts.append(x)
+    assert torch.equal(firsts[0][inside], firsts[1][inside]) and not torch.equal(firsts[0], firsts[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_clear_latent_cells_is_exact_outside(dtype):
+    g = torch.Generator().manual_seed(2)
+    lat = torch.randn(2, 4, 3, 5, generator=g).to(dtype)
+    cells = (torch.rand(1, 1, 3, 5, generator=g) > 0.5).float()  # batch 1 broadcasts
+    out = clear_latent_cells(lat, cells)
+    assert out.dtype == dtype and out.shape == lat.shape
+    on = (cells > 0.5).expand_as(lat)
+    assert torch.equal(out[~on], lat[~on]) and (out[on] == 0).all()
+    assert out.data_ptr() != lat.data_ptr()
+
+
+def test_latent_mask_errors():
+    with pytest.raises(ValueError, match="integer factor"):
+        latent_fringe_mask(torch.zeros(1, 20, 24), (2, 3))
+    with pytest.raises(ValueError, match="integer factor"):
+        latent_fringe_mask(torch.zeros(1, 16, 24), (2, 6))  # factor 8 down, 4 across
+    with pytest.raises(ValueError, match=r"\[B, 1, h, w\]"):
+        clear_latent_cells(torch.zeros(1, 4, 2, 3), torch.zeros(1, 1, 2, 4))
+    with pytest.raises(ValueError, match="batch"):
+        clear_latent_cells(torch.zeros(2, 4, 2, 3), torch.zeros(3, 1, 2, 3))
+
+
+def test_fringe_docstring_examples():
+    import doctest
+
+    res = doctest.testmod(fringe_module, raise_on_error=False)
+    assert res.attempted >= 4 and res.failed == 0

@@ -308,6 +308,57 @@ def test_double_mask_matches_spec_and_protect_order():
 # ------------------------------------------------------------------------------------------------
 
 
+# ------------------------------------------------------------------------------------------------
+# stage-1 feature noise (SPEC §2a: independent draws for the two images)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_feature_noise_differs_between_the_images_and_is_seeded():
+    shapes = [(4, 8, 8), (4, 8, 8)]
+    ref, tgt = reg.feature_noise(shapes, 1, seed=3)
+    assert ref.shape == tgt.shape == (1, 4, 8, 8) and ref.dtype == torch.float32
+    # same size, same seed: still different noise (re-seeding per image would make them equal)
+    assert not torch.equal(ref, tgt)
+    again = reg.feature_noise(shapes, 1, seed=3)
+    assert torch.equal(again[0], ref) and torch.equal(again[1], tgt)
+    other = reg.feature_noise(shapes, 1, seed=4)
+    assert not torch.equal(other[0], ref) and not torch.equal(other[1], tgt)
+    # no image gets the noise of a generator freshly seeded for it alone, except the first one
+    fresh = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ref[0], fresh) and not torch.equal(tgt[0], fresh)
+    # independent: uncorrelated, each N(0, 1)
+    a, b = reg.feature_noise([(4, 64, 64)] * 2, 1, seed=0)
+    corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+    assert abs(float(corr)) < 0.05
+    assert abs(float(a.std()) - 1) < 0.05 and abs(float(b.mean())) < 0.05
+
+
+def test_feature_noise_dift_ensemble_draws_are_batches_of_two():
+    shapes = [(4, 8, 8), (4, 6, 10)]  # images of different sizes are fine
+    ref, tgt = reg.feature_noise(shapes, 3, seed=11)
+    assert ref.shape == (3, 4, 8, 8) and tgt.shape == (3, 4, 6, 10)
+    # draw k of image i is call k*2 + i of one generator seeded once
+    gen = torch.Generator().manual_seed(11)
+    for k in range(3):
+        assert torch.equal(ref[k], torch.randn(shapes[0], generator=gen))
+        assert torch.equal(tgt[k], torch.randn(shapes[1], generator=gen))
+    # all six draws differ (same-size check on the first 4x6x8 corner)
+    rows = [x[:, :6, :8].flatten() for x in (*ref, *tgt)]
+    assert all(not torch.equal(rows[i], rows[j]) for i in range(6) for j in range(i + 1, 6))
+    # paper mode is the first batch of the same sequence
+    p_ref, p_tgt = reg.feature_noise(shapes, 1, seed=11)
+    assert torch.equal(p_ref[0], ref[0]) and torch.equal(p_tgt[0], tgt[0])
+    with pytest.raises(ValueError, match="draws"):
+        reg.feature_noise(shapes, 0, seed=0)
+
+
+def test_registration_docstring_examples():
+    import doctest
+
+    res = doctest.testmod(reg, raise_on_error=False)
+    assert res.attempted >= 3 and res.failed == 0
+
+
 def test_match_preview_draws_lines_coloured_by_score():
     ref = torch.zeros(3, 40, 30)
     tgt = torch.zeros(3, 20, 50)

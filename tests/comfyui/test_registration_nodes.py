@@ -302,14 +302,19 @@ def test_double_mask_conditioning_matches_spec(comfy_env, small_vae, pair):
         extras = r[k][0][1]
         assert torch.equal(extras["concat_mask"], D_.float()[:, None])
         assert extras["concat_latent_image"].shape == (1, 4, SIZE // 8, SIZE // 8)
-    assert torch.equal(r["latent"]["noise_mask"], F_.float()[:, None])
+    # the noise mask is F on the latent grid, hard (any pixel of F regenerates its 8x8 cell) ...
+    cells = torch.nn.functional.max_pool2d(F_.float()[:, None], 8, 8)
+    assert torch.equal(r["latent"]["noise_mask"], cells)
     # masked image = composite with D greyed, exactly as stock InpaintModelConditioning would build it
     import nodes
 
     ref_pos, _, ref_lat = nodes.InpaintModelConditioning().encode(cm.conditioning(1), cm.conditioning(2), comp,
                                                                    small_vae, r["D"], True)
     assert torch.allclose(ref_pos[0][1]["concat_latent_image"], r["pos"][0][1]["concat_latent_image"], atol=1e-5)
-    assert torch.allclose(ref_lat["samples"], r["latent"]["samples"], atol=1e-5)
+    # ... and the composite latent is kept outside those cells, emptied inside (F starts from noise)
+    on = (cells > 0.5).expand_as(r["latent"]["samples"])
+    assert torch.allclose(ref_lat["samples"][~on], r["latent"]["samples"][~on], atol=1e-5)
+    assert on.any() and (r["latent"]["samples"][on] == 0).all()
     assert r["prev"].shape == (1, SIZE, SIZE, 3)
 
 
@@ -367,11 +372,12 @@ def test_two_stage_pipeline_with_stock_ksampler_advanced(comfy_env, small_vae, b
     assert r["warped"].shape == (1, SIZE, SIZE, 3)
     s1_out = r["s1"]["samples"]
     assert s1_out.shape == (batch, 4, SIZE // 8, SIZE // 8) and torch.isfinite(s1_out).all()
-    # stage 1 regenerates only the thin fringe F: where F's latent-size mask is 0 the composite latent is kept
+    # stage 1 regenerates only the thin fringe F: where F's latent-grid mask is 0 the composite latent is kept
     lat = r["latent"]["samples"]
-    f_lat = torch.nn.functional.interpolate(r["F"][:, None], size=lat.shape[-2:], mode="bilinear")
+    f_lat = r["latent"]["noise_mask"]
+    assert torch.equal(f_lat, torch.nn.functional.max_pool2d(r["F"][:, None], 8, 8))
     keep = (f_lat == 0).expand_as(lat)
-    changed = (f_lat > 0.99).expand_as(lat)
+    changed = (f_lat == 1).expand_as(lat)
     assert keep.any() and changed.any()
     # ... forward-noised with the sampler's own fixed noise at step 7 (leftover noise returned)
     import comfy.sample
@@ -425,3 +431,146 @@ def test_features_come_from_the_first_decoder_stage_at_one_sixteenth(comfy_env, 
         one = ft.extract_features(model, small_vae, cond, img, torch.zeros(1, SIZE, SIZE),
                                   ft.FeatureSpec("dift", ft.DIFT_T, ensemble=1, seed=0))
     assert not torch.allclose(one, feat)
+
+
+# ------------------------------------------------------------------------------------------------
+# SPEC §2a: the two feature passes draw independent noise
+# ------------------------------------------------------------------------------------------------
+
+
+class _UNetInputs:
+    """Records the exact input of every UNet forward (the tensor entering ``input_blocks[0]``'s conv:
+    noisy latent × c_in, then the inpainting channels) with a forward pre-hook; removed on exit."""
+
+    def __init__(self, model):
+        self.layer = model.model.diffusion_model.input_blocks[0][0]
+        self.calls: list[torch.Tensor] = []
+
+    def __enter__(self):
+        self.handle = self.layer.register_forward_pre_hook(
+            lambda mod, args: self.calls.append(args[0].detach().clone()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["paper", "dift"])
+def test_feature_passes_of_identical_images_see_independent_noise(comfy_env, small_vae, pair, mode):
+    """Reference = target and garment mask = target mask: everything the two passes see is identical except
+    the noise, which must differ (a token deep inside both holes would otherwise get the same input in both
+    images and match "no warp"); the same seed still gives the same inputs and the same matches."""
+    model = cm.small_sd15_model(inpaint=True)
+    draws = 1 if mode == "paper" else 2
+    # the node erodes the garment mask by 1 px: give the target that eroded mask, so the two passes match
+    eroded = cm.pack_module("warping.masks").erode(pair["garment_mask"] > 0.5, 3).float()
+    runs = []
+    for _ in range(2):
+        with _UNetInputs(model) as rec:
+            g = Graph()
+            c = _correspondence(g, model, small_vae, pair, mode=mode, ensemble=draws, same=True, seed=7,
+                                target_mask=g.obj(eroded, "MASK"))
+            g.capture(c[0], "m")
+            runs.append((rec.calls, run_prompt(g)["m"]))
+    (calls, m), (calls2, m2) = runs
+    assert len(calls) == 2  # one UNet pass per image (DIFT: its draws batched)
+    ref_x, tgt_x = calls
+    assert ref_x.shape == tgt_x.shape == (draws, 9, SIZE // 8, SIZE // 8)
+    # masked image and mask channels: the same image and mask in both passes ...
+    assert torch.equal(ref_x[:, 4:], tgt_x[:, 4:])
+    # ... the noisy-latent channels are not, anywhere: independent draws, not one draw re-used per image
+    lat_r, lat_t = ref_x[:, :4], tgt_x[:, :4]
+    assert not torch.equal(lat_r, lat_t)
+    assert (lat_r != lat_t).float().mean() > 0.99
+    hole = (pair["garment_mask"][0, ::8, ::8] > 0.5).expand_as(lat_r)  # inside both holes
+    diff = (lat_r - lat_t)[hole]
+    assert diff.abs().mean() > 0.5  # of the order of the noise itself (paper: N(0, 1))
+    if mode == "paper":
+        corr = torch.corrcoef(torch.stack([lat_r.flatten(), lat_t.flatten()]))[0, 1]
+        assert abs(float(corr)) < 0.15
+    else:  # every ensemble draw is new: across draws and across images
+        rows = [lat_r[0], lat_r[1], lat_t[0], lat_t[1]]
+        assert all(not torch.equal(rows[i], rows[j]) for i in range(4) for j in range(i + 1, 4))
+    # deterministic for a seed
+    assert len(calls2) == 2 and all(torch.equal(a, b) for a, b in zip(calls, calls2))
+    assert len(m) > 0
+    assert torch.equal(m.reference_points, m2.reference_points) and torch.equal(m.target_points, m2.target_points)
+    assert torch.equal(m.scores, m2.scores)
+
+
+# ------------------------------------------------------------------------------------------------
+# SPEC §3a: stage 1 starts from pure noise inside the thin fringe F
+# ------------------------------------------------------------------------------------------------
+
+
+def _double_mask_then_sample(small_vae, model, target, tm, wm, warped, steps, seed=1):
+    """Double-Mask Inpaint → stock KSamplerAdvanced (add_noise enable, steps 0 → steps, cfg 3, euler) on a clone
+    of ``model`` with an APPLY_MODEL wrapper recording every noisy input x. Returns (result, recorded x's)."""
+    import comfy.patcher_extension
+
+    seen: list[torch.Tensor] = []
+
+    def record(executor, x, *args, **kwargs):
+        seen.append(x.detach().clone())
+        return executor(x, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "max4zero_test_record", record)
+    g = Graph()
+    d = g.node("MaX4ZeroDoubleMaskInpaint", positive=g.obj(cm.conditioning(1), "CONDITIONING"),
+               negative=g.obj(cm.conditioning(2), "CONDITIONING"), vae=g.obj(small_vae, "VAE"),
+               target_image=g.obj(target, "IMAGE"), target_mask=g.obj(tm, "MASK"),
+               warped_image=g.obj(warped, "IMAGE"), warped_mask=g.obj(wm, "MASK"), target_dilation=13,
+               fringe_dilation=19)
+    s = g.node("KSamplerAdvanced", model=g.obj(m, "MODEL"), add_noise="enable", noise_seed=seed, steps=steps,
+               cfg=3.0, sampler_name="euler", scheduler="normal", positive=d[0], negative=d[1], latent_image=d[2],
+               start_at_step=0, end_at_step=steps, return_with_leftover_noise="disable")
+    for name, link in (("latent", d[2]), ("F", d[5]), ("out", s[0])):
+        g.capture(link, name)
+    return run_prompt(g), seen
+
+
+def test_stage1_fringe_starts_from_pure_noise(comfy_env, small_vae, pair):
+    """Two composites (different person photos, same masks and warp) through Double-Mask Inpaint and the stock
+    KSamplerAdvanced: the first model input inside F's latent cells is bit-identical (pure noise, no composite
+    signal); outside F it is the noised composite, which differs; the result outside F is the composite."""
+    import comfy.sample
+    import comfy.samplers
+
+    model = cm.small_sd15_model(inpaint=True)
+    tm = pair["target_mask"]
+    wm = torch.zeros_like(tm)
+    wm[:, 56:112, 40:104] = 1.0  # covers the lower part of the target mask only
+    targets = (pair["target"], (1.0 - pair["target"]).flip(2).contiguous())
+    results = [_double_mask_then_sample(small_vae, model, t, tm, wm, pair["reference"], steps=2) for t in targets]
+
+    F_pix = results[0][0]["F"]
+    assert torch.equal(F_pix, results[1][0]["F"])
+    cells = torch.nn.functional.max_pool2d(F_pix[:, None], 8, 8)  # latent cells holding any pixel of F
+    frac = torch.nn.functional.avg_pool2d(F_pix[:, None], 8, 8)
+    assert ((frac > 0) & (frac < 1)).any() and (cells == 0).any()  # F partly covers some cells
+    inside = (cells > 0.5).expand(1, 4, -1, -1)
+
+    ms = model.get_model_object("model_sampling")
+    s0 = float(comfy.samplers.calculate_sigmas(ms, "normal", 2)[0])
+    firsts = []
+    for res, seen in results:
+        x = seen[0]
+        assert all(torch.equal(row, x[0]) for row in x)  # cond and uncond rows: the same noisy latent
+        firsts.append(x[:1])
+    noise = comfy.sample.prepare_noise(results[0][0]["latent"]["samples"], 1)
+    # inside F: pure noise at sigma_max, the same for both composites, bit for bit
+    assert torch.equal(firsts[0][inside], firsts[1][inside])
+    assert torch.allclose(firsts[0][inside], (noise * (1 + s0**2) ** 0.5)[inside], atol=1e-4)
+    # outside F: the composite latent, forward-noised with the same noise, so the composites differ there
+    assert not torch.allclose(firsts[0][~inside], firsts[1][~inside], atol=1e-2)
+    for (res, _), x in zip(results, firsts):
+        comp = model.model.process_latent_in(res["latent"]["samples"])
+        assert torch.allclose(x[~inside], (noise * s0 + comp)[~inside], atol=1e-4)
+        # the latent the node hands over: F's cells as a hard noise mask, the composite emptied there
+        assert torch.equal(res["latent"]["noise_mask"], cells)
+        assert (res["latent"]["samples"][inside] == 0).all()
+        # after sampling, ComfyUI restores the composite outside F: nothing changes there
+        out = res["out"]["samples"]
+        assert torch.allclose(out[~inside], res["latent"]["samples"][~inside], atol=1e-4)
+        assert (out[inside] - res["latent"]["samples"][inside]).abs().max() > 1e-3
