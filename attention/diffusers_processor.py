@@ -1,4 +1,4 @@
-"""Masked Extended Attention (SPEC §3b) as a diffusers attention processor.
+"""Masked Extended Attention (docs/method.md §3b) as a diffusers attention processor.
 
 This is the only module of the pack that imports diffusers (the optional ``diffusers`` extra);
 ComfyUI never imports it. The science lives in :mod:`.masked_extended`; this file only routes a
@@ -154,7 +154,7 @@ class MaskedExtendedAttentionHandle:
 
     Attributes that may be changed between UNet calls:
         enabled: ``False`` makes every layer run its previous processor (e.g. the unconditional
-            branch of three-branch guidance, SPEC §3b).
+            branch of three-branch guidance, docs/method.md §3b).
         contrast: attention contrast (1.0 = off, paper 1.25).
         layout: batch-mode row order, ``"halves"`` or ``"interleaved"``.
         capture: recorder passed to ``masked_extended_attention`` (None = no capture). In batch

@@ -1,4 +1,4 @@
-"""Leffa attention flow fields (SPEC.md §4): where each target token reads from in the reference.
+"""Leffa attention flow fields (docs/method.md §4): where each target token reads from in the reference.
 
 Coordinate convention (used by every function here and by the MEA capture):
 

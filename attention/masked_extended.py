@@ -1,4 +1,4 @@
-"""Masked Extended Attention (MaX4Zero, SPEC.md §3b) for one self-attention layer.
+"""Masked Extended Attention (MaX4Zero, docs/method.md §3b) for one self-attention layer.
 
 Target queries inside the try-on region attend over the target's own keys *and* the garment
 tokens of a reference image; everything else is plain self-attention. Plain PyTorch, no ComfyUI.

@@ -1,4 +1,4 @@
-"""Deep UNet features from the user's ComfyUI ``MODEL`` for the initial registration (SPEC §2a).
+"""Deep UNet features from the user's ComfyUI ``MODEL`` for the initial registration (docs/method.md §2a).
 
 Which features
 --------------

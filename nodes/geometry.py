@@ -1,9 +1,9 @@
 """Crop a padded square around a mask to the model's working size, and paste the result back.
 
-For photos "in the wild" the person (or the garment) is small in the frame: SPEC §1 crops a padded
+For photos "in the wild" the person (or the garment) is small in the frame: docs/method.md §1 crops a padded
 square around the target mask (and around the garment on the reference), works at the model's
 native size, and pastes back with a feathered seam; outside the mask the original pixels are kept
-exactly (SPEC §3 Finish). Any input size and aspect: a box that does not fit in the image is shifted
+exactly (docs/method.md §3 Finish). Any input size and aspect: a box that does not fit in the image is shifted
 inside it when it can be, otherwise the missing border is filled (edge pixels for images, 0 for
 masks), so the crop is always an exact square.
 
@@ -175,7 +175,7 @@ def paste(
         mask: where pasting is allowed, ``[B, 1, H, W]`` at the original size or ``[B, 1, s, s]`` at
             the crop size (e.g. the dilated target mask); on where > 0.5. None → the whole box.
         feather: side of the box blur (odd, in original pixels) that softens the seam; the ramp lies
-            INSIDE the mask, so every pixel outside it is the original pixel, bit for bit (SPEC §3
+            INSIDE the mask, so every pixel outside it is the original pixel, bit for bit (docs/method.md §3
             Finish: paste the original back outside the mask, blur the seam 3×3). 1 = hard edge.
         mode: resampling of the crop back to the box size ("bicubic", "bilinear" or "nearest").
 

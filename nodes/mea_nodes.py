@@ -63,7 +63,7 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             category="MaX4Zero",
             description=(
                 "Patches the MODEL so the try-on region of the target reads the garment from a reference image "
-                "(MaX4Zero's Masked Extended Attention, SPEC §3b): target self-attention in the chosen decoder "
+                "(MaX4Zero's Masked Extended Attention, docs/method.md §3b): target self-attention in the chosen decoder "
                 "layers attends over its own tokens plus the garment tokens of the reference, which is run "
                 "through the same model at the current noise level each step. Use it for the last part of the "
                 "schedule (paper: 0.7 → 1.0) with any sampler. The input MODEL is not modified. Connect 'trace' "
@@ -253,7 +253,7 @@ class FlowViewNode(io.ComfyNode):
             display_name=FLOW_NAME,
             category="MaX4Zero",
             description=(
-                "Shows where each generated pixel read the garment from (Leffa attention flow, SPEC §4), from "
+                "Shows where each generated pixel read the garment from (Leffa attention flow, docs/method.md §4), from "
                 "the attention recorded by the Masked Extended Attention node during sampling: flow as a colour "
                 "wheel, the reference warped by the attention, how much each pixel relies on the reference, how "
                 "sharp that attention is, and the disagreement with the MLS warp of the registration stage."

@@ -1,6 +1,6 @@
-"""Masked Extended Attention as a ComfyUI model patch (SPEC.md §3b): reference pass, attn1 chaining, guidance.
+"""Masked Extended Attention as a ComfyUI model patch (docs/method.md §3b): reference pass, attn1 chaining, guidance.
 
-How it hooks into ComfyUI 0.3.64 (see ``../shared/COMFYUI_NOTES.md``):
+How it hooks into ComfyUI (0.3.64 and 0.33.0):
 
 * **APPLY_MODEL wrapper** (:meth:`MeaPatch.apply_model_wrapper`). It sees the exact noisy batch ``x`` at
   sigma ``t`` of every model call. When a call needs MEA (sigma inside the window and, in ``fused`` mode,
@@ -118,7 +118,7 @@ class LayerSelection:
         return part in self.parts and level in self.levels
 
 
-#: Choices offered by the node (label → selection). The first is the paper's (SPEC §3b).
+#: Choices offered by the node (label → selection). The first is the paper's (docs/method.md §3b).
 LAYER_CHOICES: dict[str, LayerSelection] = {
     "decoder 1/16 + 1/8 (paper)": LayerSelection(frozenset({"output"}), frozenset({0, 1})),
     "decoder 1/8": LayerSelection(frozenset({"output"}), frozenset({0})),
@@ -496,7 +496,7 @@ class MeaPatch:
         patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "max4zero_mea", self.outer_sample_wrapper)
         patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "max4zero_mea", self.apply_model_wrapper)
         if self.mode == "paper" and self.active:
-            # The third branch is based on eps_u (SPEC): at cfg 1 ComfyUI would skip the negative pass, so keep it.
+            # The third branch is based on eps_u (docs/method.md §3b): at cfg 1 ComfyUI would skip the negative pass, so keep it.
             patcher.set_model_sampler_post_cfg_function(self.post_cfg_function, disable_cfg1_optimization=True)
         return patcher
 

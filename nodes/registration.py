@@ -30,7 +30,7 @@ FEATURE_STRIDE = 16  # image pixels per feature token (decoder features at 1/16)
 
 
 def feature_noise(shapes, draws: int, seed: int) -> list[torch.Tensor]:
-    """Independent N(0, 1) noise for the feature passes of several images (SPEC §2a), from ONE seed.
+    """Independent N(0, 1) noise for the feature passes of several images (docs/method.md §2a), from ONE seed.
 
     The method draws the two images' noise together (the research code: one batch of 2), so the
     reference and the target never see the same noise, even at the same size; re-seeding per image
@@ -94,7 +94,7 @@ def matches_from_features(
     score_threshold: float = 0.5,
     seed: int = 0,
 ) -> Matches:
-    """SPEC §2b-c: mutual nearest neighbours inside the masks → outlier filter → pixel control points.
+    """docs/method.md §2b-c: mutual nearest neighbours inside the masks → outlier filter → pixel control points.
 
     Features were computed on images resized to ``*_work_hw`` (multiples of 16); the control points
     are returned in the pixels of the original ``*_hw`` images.
@@ -125,7 +125,7 @@ def warp_garment(
     sampling: str = "bilinear",
     grid_step: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC §2d: warp the reference garment onto the target with MLS (backward mapping).
+    """docs/method.md §2d: warp the reference garment onto the target with MLS (backward mapping).
 
     Args:
         reference: ``[1, C, Hr, Wr]``; garment_mask ``[1, Hr, Wr]`` (already eroded if wanted).
@@ -153,7 +153,7 @@ def warp_garment(
 def prepare_target_mask(
     target_mask: torch.Tensor, protect_mask: Optional[torch.Tensor] = None, target_dilation: int = 13
 ) -> torch.Tensor:
-    """SPEC §1: the processed target mask every later step uses, matching included.
+    """docs/method.md §1: the processed target mask every later step uses, matching included.
 
     ``dilate(target ∧ ¬protect, target_dilation)``, bool ``[B, H, W]``. Correspondence and Double-Mask Inpaint
     both call this, so the region matched is the region repainted.
@@ -171,7 +171,7 @@ def double_mask(
     target_dilation: int = 13,
     fringe_dilation: int = 19,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC §1 preprocessing + §2e fringes.
+    """docs/method.md §1 preprocessing + §2e fringes.
 
     ``target = dilate(target ∧ ¬protect, target_dilation)``; ``F = target ∧ ¬warped``;
     ``D = dilate(F, fringe_dilation) ∧ target``. Dilation 1 switches a step off.

@@ -23,7 +23,7 @@ CATEGORY = "MaX4Zero"
 MatchesType = io.Custom("MAX4ZERO_MATCHES")
 CropType = io.Custom("MAX4ZERO_CROP")
 
-GARMENT_EROSION = 3  # SPEC §1: garment mask eroded by 1 px (3×3)
+GARMENT_EROSION = 3  # docs/method.md §1: garment mask eroded by 1 px (3×3)
 
 
 def _one(node: str, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def _check_odd(node: str, name: str, k) -> None:
 
 
 class Correspondence(io.ComfyNode):
-    """Deep-feature correspondence between the garment photo and the person (SPEC §2a-c)."""
+    """Deep-feature correspondence between the garment photo and the person (docs/method.md §2a-c)."""
 
     NODE = "MaX4Zero Correspondence"
 
@@ -164,7 +164,7 @@ class Correspondence(io.ComfyNode):
 
 
 class MLSWarp(io.ComfyNode):
-    """Moving Least Squares warp of the garment onto the target (SPEC §2d)."""
+    """Moving Least Squares warp of the garment onto the target (docs/method.md §2d)."""
 
     NODE = "MaX4Zero MLS Warp"
 
@@ -256,7 +256,7 @@ class MLSWarp(io.ComfyNode):
 
 
 def _check_same_region(node: str, matches, target: torch.Tensor) -> None:
-    """Refuse to repaint another region than the one the correspondence matched in (SPEC §1: one processed mask)."""
+    """Refuse to repaint another region than the one the correspondence matched in (docs/method.md §1: one processed mask)."""
     region = getattr(matches, "target_region", None)
     if region is None or tuple(region.shape) != tuple(target.shape[-2:]):
         return  # hand-made points, or matches made at another size: nothing to compare
@@ -268,7 +268,7 @@ def _check_same_region(node: str, matches, target: torch.Tensor) -> None:
 
 
 class DoubleMaskInpaint(io.ComfyNode):
-    """Composite + double mask for the fringe phase (SPEC §2e, §3a)."""
+    """Composite + double mask for the fringe phase (docs/method.md §2e, §3a)."""
 
     NODE = "MaX4Zero Double-Mask Inpaint"
 
@@ -372,7 +372,7 @@ class DoubleMaskInpaint(io.ComfyNode):
         f8 = thin[:, oy:oy + h8, ox:ox + w8]
         concat_latent = vae.encode(cv.bchw_to_image(reg.grey_out(pix.permute(0, 3, 1, 2), d8)))
         samples = vae.encode(pix)
-        # SPEC §3a: F starts from pure noise. The noise mask is F on the latent grid, hard (a bilinear resize
+        # docs/method.md §3a: F starts from pure noise. The noise mask is F on the latent grid, hard (a bilinear resize
         # of a pixel-size F would hand partly covered cells a share of the composite), and the latent is 0
         # there, so the sampler's first input inside F is noise alone; outside, the composite is untouched.
         try:
@@ -389,7 +389,7 @@ class DoubleMaskInpaint(io.ComfyNode):
 
 
 class CropToMask(io.ComfyNode):
-    """Padded square crop around a mask, resized to the model's working size (SPEC §1, in the wild)."""
+    """Padded square crop around a mask, resized to the model's working size (docs/method.md §1, in the wild)."""
 
     NODE = "MaX4Zero Crop To Mask"
 
@@ -442,7 +442,7 @@ class CropToMask(io.ComfyNode):
 
 
 class PasteBack(io.ComfyNode):
-    """Paste a generated crop back into the full photo (SPEC §3 Finish)."""
+    """Paste a generated crop back into the full photo (docs/method.md §3 Finish)."""
 
     NODE = "MaX4Zero Paste Back"
 

@@ -1,6 +1,6 @@
 """The ``MAX4ZERO_TRACE`` handle (MEA node → Leffa flow view) and the flow view's pure computations.
 
-Recording (SPEC §4): while the MEA patch samples, each MEA layer call hands the reduced reference
+Recording (docs/method.md §4): while the MEA patch samples, each MEA layer call hands the reduced reference
 attention (flow, row mass, entropy, peak per query — never the heads × T × T_ref map) to an
 :class:`~max4zero.attention.flow.AttentionCapture`. Recording is switched on by the MEA node only when
 a node of the prompt consumes its trace output (hidden PROMPT + UNIQUE_ID inputs); otherwise

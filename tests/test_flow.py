@@ -1,4 +1,4 @@
-"""Leffa attention flow: coordinates, reductions, accumulation, visualisation (SPEC.md §4)."""
+"""Leffa attention flow: coordinates, reductions, accumulation, visualisation (docs/method.md §4)."""
 
 from __future__ import annotations
 

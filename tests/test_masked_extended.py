@@ -1,4 +1,4 @@
-"""Masked Extended Attention against a naive float64 implementation written here (SPEC.md §3b)."""
+"""Masked Extended Attention against a naive float64 implementation written here (docs/method.md §3b)."""
 
 from __future__ import annotations
 

@@ -208,7 +208,7 @@ def test_composite_errors():
         composite(torch.zeros(2, 3, 8, 8), torch.zeros(3, 3, 8, 8), m, m)
 
 
-# ---------------------------------------------------------------- F on the latent grid (SPEC §3a)
+# ---------------------------------------------------------------- F on the latent grid (docs/method.md §3a)
 
 
 def test_latent_fringe_mask_any_pixel_rule():

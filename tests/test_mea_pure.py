@@ -116,7 +116,7 @@ def test_paper_guidance_same_in_eps_and_x0_space():
     eu, ec, em = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
     m = (torch.rand(1, 1, 8, 8, generator=g) > 0.5).float()
     s_txt, s_mea = 7.5, 15.0
-    eps = eu + s_txt * (ec - eu) + s_mea * m * (em - eu)  # SPEC §3b in noise space
+    eps = eu + s_txt * (ec - eu) + s_mea * m * (em - eu)  # docs/method.md §3b in noise space
     x0 = lambda e: x - sigma * e  # noqa: E731  (EPS: denoised = x - sigma * eps)
     cfg_x0 = x0(eu) + s_txt * (x0(ec) - x0(eu))  # what ComfyUI's CFG hands to post-CFG functions
     out = mp.paper_guidance(cfg_x0, x0(eu), x0(em), m, s_mea)

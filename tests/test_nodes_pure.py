@@ -309,7 +309,7 @@ def test_double_mask_matches_spec_and_protect_order():
 
 
 # ------------------------------------------------------------------------------------------------
-# stage-1 feature noise (SPEC §2a: independent draws for the two images)
+# stage-1 feature noise (docs/method.md §2a: independent draws for the two images)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -307,7 +307,7 @@ def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt,
                         return_with_leftover_noise="enable"),
                  model=model_src, positive=dm.out("positive"), negative=dm.out("negative"),
                  latent_image=dm.out("latent"))
-    # stage 2 (SPEC §3b): the inpaint mask becomes the whole (processed) target mask, over the composite
+    # stage 2 (docs/method.md §3b): the inpaint mask becomes the whole (processed) target mask, over the composite
     ic = wf.wire(wf.add("InpaintModelConditioning", c_s2, noise_mask=True), positive=pos, negative=neg,
                  vae=vae_src, pixels=dm.out("composite"), mask=dm.out("target_mask"))
     # The MEA phase denoises the WHOLE target latent (no blending for a 9-channel model): an all-ones noise mask

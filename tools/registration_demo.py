@@ -1,6 +1,6 @@
 """MaX4Zero's weight-free half on real pictures: control points → Moving Least Squares warp → fringes.
 
-Stage 1 of the method (SPEC §2d–2e) without a diffusion model: the control points that deep-feature
+Stage 1 of the method (docs/method.md §2d–2e) without a diffusion model: the control points that deep-feature
 matching would produce are given by hand in a small JSON file, so nothing is downloaded.
 
     python tools/registration_demo.py                       # the shipped samples → demo_out/
@@ -20,11 +20,11 @@ garment), and ``points.json``::
 Coordinates are pixel (x, y) with (0, 0) the centre of the top-left pixel. Both images are resized so
 that their longer side is ``--size`` (aspect kept) and the points are scaled with them.
 
-Masks are prepared as in paper mode (SPEC §1): garment mask eroded 3×3, person mask dilated 13×13,
+Masks are prepared as in paper mode (docs/method.md §1): garment mask eroded 3×3, person mask dilated 13×13,
 fringe dilation 19×19; these sizes are for 512 px and scale with ``--size``. The MLS defaults are the
 paper's (affine, exact map) except two: ``alpha`` is 1, not 0.1, because with 0.1 the weights barely fall
 off and a dozen hand-picked points give one nearly global affine map (the paper has hundreds of feature
-matches); sampling is bilinear, not nearest (SPEC §2d: bilinear is better). ``--alpha 0.1 --mode nearest``
+matches); sampling is bilinear, not nearest (docs/method.md §2d: bilinear is better). ``--alpha 0.1 --mode nearest``
 is paper mode.
 
 Writes into ``--out`` (default ``demo_out/`` in the repository): ``overview.png`` (points reference ↔
@@ -72,7 +72,7 @@ OUTPUTS = {
     "mls_grid": "mls_grid.png",
 }
 
-# Paper-mode kernel sides at the 512 px working size (SPEC §1, §2e).
+# Paper-mode kernel sides at the 512 px working size (docs/method.md §1, §2e).
 GARMENT_ERODE_512 = 3
 TARGET_DILATE_512 = 13
 FRINGE_DILATE_512 = 19
@@ -459,7 +459,7 @@ def run(
     reference_on = load_mask(Path(garment_mask), reference_file_size, size, "garment mask")
     pts = load_points(Path(points), reference_file_size, target_file_size, reference_img.size, target_img.size)
 
-    # Paper-mode preprocessing (SPEC §1): a 1 px erosion keeps background colour off the garment's edge;
+    # Paper-mode preprocessing (docs/method.md §1): a 1 px erosion keeps background colour off the garment's edge;
     # the dilation gives the repainted region a margin around the user's mask.
     reference_on = masks.erode(reference_on, _odd(GARMENT_ERODE_512, size))
     if not reference_on.any():

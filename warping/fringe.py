@@ -1,10 +1,10 @@
-"""Composite of the warped garment and the fringe masks (SPEC §2e).
+"""Composite of the warped garment and the fringe masks (docs/method.md §2e).
 
 The warp rarely covers the whole target mask. What it leaves uncovered, the *thin fringe* F, is
 what stage 2 really generates; the *dilated fringe* D (F grown by 19×19, kept inside the target
 mask) is what the inpainting model is shown as its mask, so it predicts F with context.
 
-F is generated from pure noise (SPEC §3a): :func:`latent_fringe_mask` takes F to the latent grid
+F is generated from pure noise (docs/method.md §3a): :func:`latent_fringe_mask` takes F to the latent grid
 (hard, any pixel of F regenerates its latent cell) and :func:`clear_latent_cells` empties the
 composite latent there, so a sampler's first input inside F is noise alone while every other latent
 cell keeps the composite bit for bit.
@@ -59,7 +59,7 @@ def fringe_masks(
     Args:
         target_mask: region to repaint, ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``.
         warped_mask: the garment mask after the MLS warp, same ``H, W``; batch 1 broadcasts.
-        dilation: odd square kernel side (SPEC: 19 → 19×19); 1 makes ``D = F``.
+        dilation: odd square kernel side (paper: 19 → 19×19); 1 makes ``D = F``.
 
     Returns:
         ``(F, D)`` in ``target_mask``'s layout and dtype (values 0/1), with the common batch size.

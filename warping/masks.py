@@ -117,7 +117,7 @@ def _kernel(kernel: int) -> int:
 
 
 def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Dilate with a ``kernel × kernel`` square (``kernel`` odd; 13 → 13×13, SPEC's target-mask dilation).
+    """Dilate with a ``kernel × kernel`` square (``kernel`` odd; 13 → 13×13, the paper's target-mask dilation).
 
     A pixel is on if any pixel of the square centred on it is on. Exact (max-pool), any size.
     Returns the input's layout and dtype.
@@ -131,7 +131,7 @@ def dilate(mask: torch.Tensor, kernel: int) -> torch.Tensor:
 
 
 def erode(mask: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Erode with a ``kernel × kernel`` square (``kernel`` odd; 3 → 3×3 = 1 px, SPEC's garment erosion).
+    """Erode with a ``kernel × kernel`` square (``kernel`` odd; 3 → 3×3 = 1 px, the paper's garment erosion).
 
     A pixel stays on only if every pixel of the square centred on it that lies inside the image is
     on: the image border does not eat into the mask (same as OpenCV's default border for erode and

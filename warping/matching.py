@@ -1,4 +1,4 @@
-"""Deep-feature matching for the initial registration (SPEC §2b, §2c).
+"""Deep-feature matching for the initial registration (docs/method.md §2b, §2c).
 
 Pipeline: :func:`mutual_nearest_neighbors` on two feature maps → optional
 :func:`filter_matches` (RANSAC homography on token-grid coordinates) → :func:`control_points`
@@ -251,7 +251,7 @@ def filter_matches(
     Args:
         index_a, index_b, score: the output of :func:`mutual_nearest_neighbors`, ``[M]`` each.
         grid_a, grid_b: ``(H, W)`` of the token grids the indices refer to.
-        threshold: inlier threshold in cells (SPEC: 5, loose and global). None → no filtering.
+        threshold: inlier threshold in cells (paper: 5, loose and global). None → no filtering.
         seed: RANSAC seed.
         max_iter, confidence: passed to kornia's RANSAC.
         return_inliers: also return the bool ``[M]`` inlier mask.
@@ -318,7 +318,7 @@ def control_points(
     seed: int = 0,
     threshold: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token matches → pixel control-point pairs for the MLS warp (SPEC §2c).
+    """Token matches → pixel control-point pairs for the MLS warp (docs/method.md §2c).
 
     Each match ``(col, row)`` in A ↔ ``(col', row')`` in B gives up to 4 pairs, one per offset
     ``(ox, oy)`` in ``(0, 0), (0, s/2), (s/2, 0), (s/2, s/2)`` with ``s = stride`` (16 → offsets

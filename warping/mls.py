@@ -12,7 +12,7 @@ Public API
   coarse grid upsampled bilinearly).
 * :func:`warp` -- sample images or masks through such a map (``grid_sample``, zeros outside).
 
-Paper use (SPEC 2d): ``backward_map(src=target_points, dst=reference_points, H, W, "affine",
+Paper use (docs/method.md §2d): ``backward_map(src=target_points, dst=reference_points, H, W, "affine",
 alpha=0.1)`` gives, for every target pixel, where to read the reference; then
 ``warp(reference, map, "nearest")`` (paper mode) or ``"bilinear"``.
 

@@ -1,10 +1,10 @@
-"""The guidance formula, checked where it runs: ComfyUI's own sampler, one Euler step (SPEC §3b, Guidance).
+"""The guidance formula, checked where it runs: ComfyUI's own sampler, one Euler step (docs/method.md §3b, Guidance).
 
 What is checked
 ---------------
 One Euler step from σ_max to 0 (``steps=1``, sampler ``euler``, scheduler ``normal``: sigmas
 ``[σ_max, 0]``) returns the guided denoised prediction x̂0 itself: ``x + (x − D)/σ·(0 − σ) = D``. ComfyUI's
-CFG works on x̂0, and every branch shares x and σ, so the SPEC formula on ε holds on x̂0 as well (module
+CFG works on x̂0, and every branch shares x and σ, so the method's formula on ε holds on x̂0 as well (module
 docstring of ``nodes/mea_patch.py``). With one seed, therefore, the stock ``KSamplerAdvanced`` output is
 
 * paper: ``u + cfg·(c − u) + s_mea·M⊙(mea − u)``
@@ -29,7 +29,7 @@ cfg = 1
 -------
 ComfyUI skips the negative pass at cfg = 1 (``sampling_function``: ``uncond_ = None`` unless
 ``model_options["disable_cfg1_optimization"]``). The paper patch sets that switch (paper mode, non-empty masks),
-so ``u`` is computed and the formula is SPEC's at cfg = 1 too: ``c + s_mea·M⊙(mea − u)`` (see
+so ``u`` is computed and the formula is the method's (docs/method.md §3b) at cfg = 1 too: ``c + s_mea·M⊙(mea − u)`` (see
 :data:`CFG1_BASE`). Fused at cfg = 1 is ``c_MEA``.
 
 cond/uncond orders (all made by ComfyUI's sampler, verified from the recorded calls)
@@ -70,7 +70,7 @@ ORDERS = ("uncond_first", "cond_first", "split")
 TOL = 1e-4  # relative to the magnitude of the expected x̂0 (float32, one UNet call per branch)
 MEA = "MaX4ZeroMaskedExtendedAttention"
 
-#: Base of the paper MEA term at cfg = 1: the negative prediction, as SPEC's formula says (the patch keeps the
+#: Base of the paper MEA term at cfg = 1: the negative prediction, as the method's formula says (the patch keeps the
 #: negative pass at cfg = 1; see the module docstring).
 CFG1_BASE = "u"
 

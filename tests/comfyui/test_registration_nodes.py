@@ -122,7 +122,7 @@ def test_correspondence_paper_mode_on_inpainting_model(comfy_env, small_vae, pai
     # 'all' control points: 4 per match, on the 16-px token lattice (+0/8 offsets)
     assert len(m) % 4 == 0
     assert torch.all(m.reference_points % 8 == 0)
-    gm, tm = pair["garment_mask"][0], pair["target_mask"][0]
+    gm, tm = pair["garment_mask"][0], m.target_region.float()  # the processed (dilated) target mask is matched in
     for pts, mask in ((m.reference_points, gm), (m.target_points, tm)):
         # token corners lie inside the (nearest-resized) mask's tokens
         tok = (pts // 16).long()
@@ -434,7 +434,7 @@ def test_features_come_from_the_first_decoder_stage_at_one_sixteenth(comfy_env, 
 
 
 # ------------------------------------------------------------------------------------------------
-# SPEC §2a: the two feature passes draw independent noise
+# docs/method.md §2a: the two feature passes draw independent noise
 # ------------------------------------------------------------------------------------------------
 
 
@@ -469,7 +469,7 @@ def test_feature_passes_of_identical_images_see_independent_noise(comfy_env, sma
         with _UNetInputs(model) as rec:
             g = Graph()
             c = _correspondence(g, model, small_vae, pair, mode=mode, ensemble=draws, same=True, seed=7,
-                                target_mask=g.obj(eroded, "MASK"))
+                                target_mask=g.obj(eroded, "MASK"), target_dilation=1)  # both holes alike
             g.capture(c[0], "m")
             runs.append((rec.calls, run_prompt(g)["m"]))
     (calls, m), (calls2, m2) = runs
@@ -499,7 +499,7 @@ def test_feature_passes_of_identical_images_see_independent_noise(comfy_env, sma
 
 
 # ------------------------------------------------------------------------------------------------
-# SPEC §3a: stage 1 starts from pure noise inside the thin fringe F
+# docs/method.md §3a: stage 1 starts from pure noise inside the thin fringe F
 # ------------------------------------------------------------------------------------------------
 
 

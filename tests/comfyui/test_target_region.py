@@ -1,4 +1,4 @@
-"""Matching and repainting use one processed target mask (SPEC §1: protect removed, then dilated 13×13).
+"""Matching and repainting use one processed target mask (docs/method.md §1: protect removed, then dilated 13×13).
 
 Correspondence processes the target mask exactly as Double-Mask Inpaint does; given the matches, Double-Mask
 Inpaint refuses a region that differs, so the two cannot get out of step by accident.
