@@ -19,7 +19,8 @@ reference pass instead (one more UNet call per step: a one-row call costs ~0.6 o
 measured with the full-width model on one CPU thread). The rest is MEA attention itself (contrast
 1.25 runs the explicit, chunked path; contrast 1.0 the SDPA fast path — both are measured).
 
-Goals (issue 4): fused ≤ 1.5× vanilla, paper ≤ 2.0× vanilla.
+Goals: fused ≤ 1.5× vanilla, paper ≤ 2.0× vanilla; recording the attention for a connected flow view
+("rec" rows) ≤ 1.10× the same mode unrecorded.
 
 ``--clock cpu --threads 1`` measures per-thread CPU time on one thread: stable ratios on a machine
 shared with other jobs (wall time on a busy 2-core box varies by 2-4×).
@@ -132,14 +133,16 @@ def main() -> None:
     sel = mp.LAYER_CHOICES[mp.DEFAULT_LAYERS]
     keys = mp.attn1_slots(patcher.model.diffusion_model, sel.parts)
 
-    def variant(mode: str | None, contrast: float, inline: bool = True):
+    from max4zero.nodes.trace import MeaTrace
+
+    def variant(mode: str | None, contrast: float, inline: bool = True, record: bool = False):
         if mode is None:
             return patcher, None
         m = patcher.clone()
         patch = mp.MeaPatch(
             mode=mode, s_mea=15.0, contrast=contrast, start=0.0, end=1.0, layers=sel, attn1_keys=keys,
             ref_latent=ref_latent, ref_noise=ref_noise, ref_context=pos[0][0], garment_mask=garment[None],
-            target_mask=target[None].float(),
+            target_mask=target[None].float(), trace=MeaTrace(enabled=record),
         )
         patch.inline_reference = inline
         patch.install(m)
@@ -161,7 +164,8 @@ def main() -> None:
 
     cases = [("vanilla", None, 1.0, True), ("fused", "fused", 1.25, True), ("paper", "paper", 1.25, True),
              ("fused c=1", "fused", 1.0, True), ("paper c=1", "paper", 1.0, True),
-             ("fused sep", "fused", 1.25, False), ("paper sep", "paper", 1.25, False)]
+             ("fused sep", "fused", 1.25, False), ("paper sep", "paper", 1.25, False),
+             ("fused rec", "fused", 1.25, True), ("paper rec", "paper", 1.25, True)]
     print(f"model: SD1.5 block layout, model_channels {channels} ({n_params / 1e6:.0f} M UNet parameters, "
           f"random weights); image {args.size}x{args.size} (latent {lat_side}x{lat_side}); euler, CFG 7.5, "
           f"batch 1; {args.steps} steps x {args.repeats} repeats; device {mm.get_torch_device()}; "
@@ -169,7 +173,7 @@ def main() -> None:
     results = {}
     with torch.inference_mode():
         for name, mode, contrast, inline in cases:
-            model, patch = variant(mode, contrast, inline)
+            model, patch = variant(mode, contrast, inline, record=name.endswith(" rec"))
             run(model)  # warm-up (model load, first-call allocations)
             times = []
             with Peak(args.device) as peak:
@@ -184,6 +188,11 @@ def main() -> None:
             results[name] = (statistics.median(times), peak.mb)
             print(f"  measured {name:10s} {statistics.median(times):8.3f} s/step{extra}")
     base = results["vanilla"][0]
+    # recording for a connected flow view: goal at most 10 % of a step over the same mode unrecorded
+    for mode in ("fused", "paper"):
+        rec, plain = results[f"{mode} rec"][0], results[mode][0]
+        print(f"recording cost ({mode}): {rec / plain:.3f}x the unrecorded step (goal <= 1.10: "
+              f"{'ok' if rec / plain <= 1.10 else 'MISS'})")
     print()
     print(f"{'mode':12s} {'s/step':>9s} {'x vanilla':>10s} {'goal':>6s} {'peak MB':>9s}")
     goals = {"fused": 1.5, "paper": 2.0, "fused c=1": 1.5, "paper c=1": 2.0, "fused sep": 1.5, "paper sep": 2.0}
