@@ -71,6 +71,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..warping.masks import resize_to_grid, to_bool
 from .masked_extended import masked_extended_attention
+from .policy import check_contrast, token_grid
+from ..warping.shapes import as_hw
 
 __all__ = [
     "MaskedExtendedAttnProcessor",
@@ -81,36 +83,6 @@ __all__ = [
 
 _MODES = ("batch", "recorded")
 _LAYOUTS = ("halves", "interleaved")
-_PHASES = ("record", "use")
-
-
-def token_grid(tokens: int, latent_hw: Sequence[int], max_levels: int = 8) -> tuple[int, int, int]:
-    """Token grid of a layer that sees ``tokens`` tokens in a UNet whose latent is ``latent_hw``.
-
-    Args:
-        tokens: sequence length ``T`` of the layer's hidden states.
-        latent_hw: ``(H, W)`` of the UNet input (latent).
-        max_levels: how many halvings to try (8 covers any UNet in use).
-
-    Returns:
-        ``(h, w, factor)``: ``h · w == tokens``, ``factor`` = 2^k the downsampling from the latent.
-
-    Raises:
-        ValueError: no level matches (the latent size is not the one the UNet is running on).
-    """
-    H, W = (int(s) for s in latent_hw)
-    h, w, factor = H, W, 1
-    for _ in range(max_levels + 1):
-        if h * w == tokens:
-            return h, w, factor
-        if h == 1 and w == 1:
-            break
-        h, w, factor = -(-h // 2), -(-w // 2), factor * 2
-    raise ValueError(
-        f"a self-attention layer has {tokens} tokens, which is no downsampled grid of the latent size "
-        f"{(H, W)}: pass the latent (H, W) the UNet actually runs on as latent_hw, or leave latent_hw=None "
-        "so it is read from the UNet input"
-    )
 
 
 def _mask_bool(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
@@ -197,7 +169,7 @@ class MaskedExtendedAttentionHandle:
         self.step: int | None = None
         self.unet_calls = 0
         self._fixed_hw = latent_hw is not None
-        self.latent_hw: tuple[int, int] | None = _check_hw(latent_hw) if latent_hw is not None else None
+        self.latent_hw: tuple[int, int] | None = as_hw(latent_hw, "latent_hw", square_ok=False) if latent_hw is not None else None
         self.set_masks(ref_key_mask, query_mask)
         self.processors: dict[str, MaskedExtendedAttnProcessor] = {}
         self.mea_calls: dict[str, int] = {}
@@ -213,7 +185,7 @@ class MaskedExtendedAttentionHandle:
 
     @contrast.setter
     def contrast(self, value: float) -> None:
-        self._contrast = _check_contrast(value)
+        self._contrast = check_contrast(value)
 
     @property
     def layout(self) -> str:
@@ -302,16 +274,6 @@ class MaskedExtendedAttentionHandle:
             self.unet_calls += 1
 
 
-def _check_contrast(contrast: float) -> float:
-    try:
-        c = float(contrast)
-    except (TypeError, ValueError):
-        raise ValueError(f"contrast must be a number (1.0 = off, paper 1.25), got {contrast!r}") from None
-    if not math.isfinite(c) or c < 0:
-        raise ValueError(f"contrast must be finite and >= 0 (1.0 = off, paper 1.25), got {contrast!r}")
-    return c
-
-
 def _check_scales(scales: Sequence[int] | None) -> frozenset[int] | None:
     if scales is None:
         return None
@@ -323,16 +285,6 @@ def _check_scales(scales: Sequence[int] | None) -> frozenset[int] | None:
             )
         out.add(s)
     return frozenset(out)
-
-
-def _check_hw(hw: Sequence[int]) -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in hw)
-    except (TypeError, ValueError):
-        raise ValueError(f"latent_hw must be (height, width) of the latent, got {hw!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"latent_hw must be positive, got {(h, w)}")
-    return h, w
 
 
 class MaskedExtendedAttnProcessor:

@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..warping.shapes import as_hw
+
 __all__ = [
     "FlowStats",
     "FlowRecord",
@@ -68,36 +70,35 @@ class FlowStats(NamedTuple):
 # grids
 
 
-def _hw(hw: Union[int, Sequence[int]], name: str = "hw") -> HW:
-    if isinstance(hw, int):
-        hw = (hw, hw)
-    try:
-        h, w = int(hw[0]), int(hw[1])
-    except (TypeError, IndexError, ValueError):
-        raise ValueError(f"{name} must be (height, width), got {hw!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"{name} must be positive, got {(h, w)}")
-    return h, w
-
-
 def _axis(n: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
     if n == 1:
         return torch.full((1,), -1.0, device=device, dtype=dtype)
     return torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
 
 
+def check_tau(tau: Any, name: str = "tau") -> float:
+    """The Leffa temperature τ as a float; raises unless it is a finite number > 0 (1 = off, Leffa trains with 2).
+
+    >>> check_tau(2)
+    2.0
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"{name} must be a finite number > 0 (1 = off, Leffa 2), got {tau!r}")
+    return float(tau)
+
+
 def reference_grid(
     ref_hw: Union[int, Sequence[int]], device: Any = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Token centres of an h×w grid: [h·w, 2] (x, y), row-major, align_corners=True in [−1, 1]."""
-    h, w = _hw(ref_hw, "ref_hw")
+    h, w = as_hw(ref_hw, "ref_hw")
     gy, gx = torch.meshgrid(_axis(h, device, dtype), _axis(w, device, dtype), indexing="ij")
     return torch.stack([gx, gy], dim=-1).reshape(h * w, 2)
 
 
 def identity_flow(hw: Union[int, Sequence[int]], device: Any = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The flow that reads every position from the same position: [h, w, 2]."""
-    h, w = _hw(hw)
+    h, w = as_hw(hw)
     return reference_grid((h, w), device, dtype).view(h, w, 2)
 
 
@@ -166,7 +167,7 @@ def reference_flow(
     if probs_ref.dim() < 2:
         raise ValueError(f"probs_ref must be [..., T, T_ref], got {tuple(probs_ref.shape)}")
     t_ref = probs_ref.shape[-1]
-    hw = _square_hw(t_ref, "ref_hw") if ref_hw is None else _hw(ref_hw, "ref_hw")
+    hw = _square_hw(t_ref, "ref_hw") if ref_hw is None else as_hw(ref_hw, "ref_hw")
     if hw[0] * hw[1] != t_ref:
         raise ValueError(f"ref_hw={hw} has {hw[0] * hw[1]} tokens but probs_ref has T_ref={t_ref}")
     ax = _norm_head_axis(head_axis, probs_ref.dim())
@@ -198,10 +199,9 @@ def reference_flow_from_logits(
         logits_tgt: [..., H, T, T] target-half logits; when given, mass = share of softmax over
             [target ; garment reference] at τ = 1 (what the model uses), else mass is None.
     """
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0 (1 = off, Leffa 2), got {tau!r}")
+    check_tau(tau)
     t_ref = logits_ref.shape[-1]
-    hw = _square_hw(t_ref, "ref_hw") if ref_hw is None else _hw(ref_hw, "ref_hw")
+    hw = _square_hw(t_ref, "ref_hw") if ref_hw is None else as_hw(ref_hw, "ref_hw")
     if hw[0] * hw[1] != t_ref:
         raise ValueError(f"ref_hw={hw} has {hw[0] * hw[1]} tokens but logits_ref has T_ref={t_ref}")
     ax = _norm_head_axis(head_axis, logits_ref.dim())
@@ -258,8 +258,7 @@ def reference_flow_from_qk(
         FlowStats(flow [B, T, 2], mass [B, T] or None, None, None). Batch elements without garment
         keys get flow 0 and mass 0.
     """
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a finite number > 0 (1 = off, Leffa 2), got {tau!r}")
+    check_tau(tau)
     if q.dim() != 3 or k_ref.dim() != 3 or q.shape[-1] != k_ref.shape[-1] or q.shape[-1] % heads:
         raise ValueError(
             f"q {tuple(q.shape)} and k_ref {tuple(k_ref.shape)} must be [B, T, heads*d] with the same width divisible by heads={heads}"
@@ -268,7 +267,7 @@ def reference_flow_from_qk(
     t_ref = k_ref.shape[1]
     if k_ref.shape[0] not in (1, b):
         raise ValueError(f"k_ref batch must be 1 or {b}, got {k_ref.shape[0]}")
-    hw = _square_hw(t_ref, "ref_hw") if ref_hw is None else _hw(ref_hw, "ref_hw")
+    hw = _square_hw(t_ref, "ref_hw") if ref_hw is None else as_hw(ref_hw, "ref_hw")
     if hw[0] * hw[1] != t_ref:
         raise ValueError(f"ref_hw={hw} has {hw[0] * hw[1]} tokens but T_ref={t_ref}")
     if ref_key_mask is None:
@@ -366,8 +365,7 @@ class AttentionCapture:
         sigmas: Optional[Tuple[Optional[float], Optional[float]]] = None,
         layers: Optional[Union[Iterable[Any], Callable[[Any], bool]]] = None,
     ) -> None:
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite number > 0 (1 = off, Leffa 2), got {tau!r}")
+        check_tau(tau)
         self.want_entropy = bool(want_entropy)
         self.tau = float(tau)
         self.before_contrast = bool(before_contrast)
@@ -387,7 +385,7 @@ class AttentionCapture:
             if key not in ("ref_hw", "query_hw", "layer", "step", "sigma"):
                 raise ValueError(f"unknown capture context {key!r}; use ref_hw, query_hw, layer, step or sigma")
             if key in ("ref_hw", "query_hw") and value is not None:
-                value = _hw(value, key)
+                value = as_hw(value, key)
             setattr(self, key, value)
         return self
 
@@ -457,7 +455,7 @@ def select_records(
     """Records whose query grid is in ``grids`` (ints mean square), step in [lo, hi], sigma in
     [lo, hi] (bounds inclusive, None = open; records without step/sigma fail a given range), and
     layer in ``layers`` (a collection, or a predicate)."""
-    grid_set = None if grids is None else {_hw(g, "grids entry") for g in grids}
+    grid_set = None if grids is None else {as_hw(g, "grids entry") for g in grids}
     layer_ok: Optional[Callable[[Any], bool]]
     if layers is None:
         layer_ok = None
@@ -502,7 +500,7 @@ def resize_flow(flow: torch.Tensor, size: Union[int, Sequence[int]]) -> torch.Te
 
     Values are absolute normalised positions, so they are interpolated, not rescaled.
     """
-    size = _hw(size, "size")
+    size = as_hw(size, "size")
     if flow.dim() == 3 and flow.shape[-1] == 2:
         return _resize_grid(flow.unsqueeze(0), size)[0]
     if flow.dim() == 4 and flow.shape[-1] == 2:
@@ -524,7 +522,7 @@ class FlowAccumulator:
     """
 
     def __init__(self, size: Union[int, Sequence[int]], *, mass_weighted: bool = False) -> None:
-        self.size = _hw(size, "size")
+        self.size = as_hw(size, "size")
         self.mass_weighted = mass_weighted
         self._flow: Optional[torch.Tensor] = None
         self._flow_w: Optional[torch.Tensor] = None
@@ -694,7 +692,7 @@ def warp_by_flow(
         raise ValueError(f"flow must be [B, h, w, 2] or [h, w, 2], got {tuple(flow.shape)}")
     if fl.shape[0] not in (1, img.shape[0]) and img.shape[0] != 1:
         raise ValueError(f"flow batch {fl.shape[0]} does not match the image batch {img.shape[0]}")
-    out_hw = tuple(img.shape[-2:]) if size is None else _hw(size, "size")
+    out_hw = tuple(img.shape[-2:]) if size is None else as_hw(size, "size")
     grid = _resize_grid(fl.float(), out_hw)
     bsz = max(img.shape[0], grid.shape[0])
     img = img.expand(bsz, -1, -1, -1)
@@ -724,10 +722,10 @@ def end_point_error(
     b = flow_b.float().unsqueeze(0) if flow_b.dim() == 3 else flow_b.float()
     if size is None:
         size = max(tuple(a.shape[1:3]), tuple(b.shape[1:3]), key=lambda hw: hw[0] * hw[1])
-    size = _hw(size, "size")
+    size = as_hw(size, "size")
     d = _resize_grid(a, size) - _resize_grid(b, size)
     if pixel_size is not None:
-        ph, pw = _hw(pixel_size, "pixel_size")
+        ph, pw = as_hw(pixel_size, "pixel_size")
         d = d * torch.tensor([(pw - 1) / 2.0, (ph - 1) / 2.0], device=d.device)
     e = torch.linalg.vector_norm(d, dim=-1)
     return e[0] if flow_a.dim() == 3 and flow_b.dim() == 3 else e
@@ -739,7 +737,7 @@ def pixel_map_to_flow(pixel_map: torch.Tensor, ref_size: Union[int, Sequence[int
 
     ``ref_size`` = (H_ref, W_ref) of the reference image the map samples. Works on [..., 2].
     """
-    h, w = _hw(ref_size, "ref_size")
+    h, w = as_hw(ref_size, "ref_size")
     if pixel_map.shape[-1] != 2:
         raise ValueError(f"pixel_map must end in (x, y), got {tuple(pixel_map.shape)}")
     den = torch.tensor([max(w - 1, 1), max(h - 1, 1)], device=pixel_map.device, dtype=torch.float32)
@@ -748,6 +746,6 @@ def pixel_map_to_flow(pixel_map: torch.Tensor, ref_size: Union[int, Sequence[int
 
 def flow_to_pixel_map(flow: torch.Tensor, ref_size: Union[int, Sequence[int]]) -> torch.Tensor:
     """Inverse of :func:`pixel_map_to_flow`: normalised (x, y) → reference pixel coordinates."""
-    h, w = _hw(ref_size, "ref_size")
+    h, w = as_hw(ref_size, "ref_size")
     den = torch.tensor([max(w - 1, 1), max(h - 1, 1)], device=flow.device, dtype=torch.float32)
     return (flow.float() + 1.0) * (den / 2.0)

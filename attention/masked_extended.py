@@ -44,7 +44,8 @@ from typing import Callable, Dict, Optional, Protocol, Tuple, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from .flow import reference_grid
+from .flow import check_tau, reference_grid
+from .policy import check_contrast
 
 __all__ = [
     "masked_extended_attention",
@@ -168,8 +169,7 @@ def _check_inputs(
         raise ValueError(f"reference batch must be 1 or {b}, got k_ref {k_ref.shape[0]}, v_ref {v_ref.shape[0]}")
     if t_ref < 1:
         raise ValueError("the reference has no tokens; pass at least one reference token")
-    if not (isinstance(contrast, (int, float)) and math.isfinite(contrast) and contrast >= 0):
-        raise ValueError(f"contrast must be a finite number ≥ 0 (1.0 = off, paper 1.25), got {contrast!r}")
+    check_contrast(contrast)
 
     def _mask(m: torch.Tensor, name: str, length: int) -> torch.Tensor:
         if not isinstance(m, torch.Tensor):
@@ -490,8 +490,7 @@ def _region_path(
     tau = float(getattr(capture, "tau", 1.0)) if want_cap else 1.0
     before = bool(getattr(capture, "before_contrast", False)) if want_cap else False
     if want_cap:
-        if not (math.isfinite(tau) and tau > 0):
-            raise ValueError(f"capture.tau must be a finite number > 0, got {tau!r}")
+        check_tau(tau, "capture.tau")
         grid = reference_grid(_resolve_ref_hw(capture, t_ref), dev)
         cap_flow = torch.zeros(b, t, 2, device=dev, dtype=f32)
         cap_mass = torch.zeros(b, t, device=dev, dtype=f32)

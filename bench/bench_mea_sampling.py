@@ -116,7 +116,8 @@ def main() -> None:
     import comfy.sample
     import comfy_models as cm
 
-    from max4zero.nodes import mea_patch as mp
+    from max4zero.attention import policy
+    from max4zero.nodes import mea_calls, mea_patch as mp
 
     channels = 320 if args.model == "full" else 32
     patcher = cm.small_sd15_model(inpaint=False, model_channels=channels, cached=False)
@@ -130,8 +131,8 @@ def main() -> None:
     yy, xx = torch.meshgrid(torch.arange(args.size), torch.arange(args.size), indexing="ij")
     garment = ((yy - args.size / 2).abs() < args.size * 0.35) & ((xx - args.size / 2).abs() < args.size * 0.3)
     target = ((yy - args.size * 0.55).abs() < args.size * 0.3) & ((xx - args.size / 2).abs() < args.size * 0.28)
-    sel = mp.LAYER_CHOICES[mp.DEFAULT_LAYERS]
-    keys = mp.attn1_slots(patcher.model.diffusion_model, sel.parts)
+    sel = policy.LAYER_CHOICES[policy.DEFAULT_LAYERS]
+    keys = mea_calls.attn1_slots(patcher.model.diffusion_model, sel.parts)
 
     from max4zero.nodes.trace import MeaTrace
 

@@ -46,6 +46,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..warping import masks as _masks
+from ..warping.images import grey_out
 from .convert import NodeInputError
 from .registration import feature_noise
 
@@ -141,12 +142,6 @@ def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, c
     return {k: v.process_cond(batch_size=B, area=None, device=device).cond for k, v in out.items()}
 
 
-def _grey_masked(img_bhwc: torch.Tensor, mask_bhw: torch.Tensor) -> torch.Tensor:
-    """Pixels under the (rounded) mask set to 0.5 grey, as ComfyUI's InpaintModelConditioning does."""
-    keep = (1.0 - mask_bhw.round())[..., None]
-    return (img_bhwc - 0.5) * keep + 0.5
-
-
 def extract_features(
     model,
     vae,
@@ -199,7 +194,7 @@ def extract_features(
                 "switch mode to 'dift' (works with any SD UNet), or load an inpainting checkpoint "
                 "(e.g. sd-v1-5-inpainting or stable-diffusion-2-inpainting)")
         latent = None
-        concat_latent = vae.encode(_grey_masked(img_bhwc, mask.float()))
+        concat_latent = vae.encode(grey_out(img_bhwc.permute(0, 3, 1, 2), mask).permute(0, 2, 3, 1).contiguous())
         concat_mask = mask.float()[:, None]
     elif spec.mode == "dift":
         raw = vae.encode(img_bhwc)

@@ -27,19 +27,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..warping.shapes import as_hw
+
 __all__ = ["Matches", "FORMAT"]
 
 FORMAT = "max4zero-matches/1"
-
-
-def _size(v: Any, name: str) -> tuple[int, int]:
-    try:
-        h, w = (int(s) for s in v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be [height, width], got {v!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"{name} must be positive, got {[h, w]}")
-    return h, w
 
 
 @dataclass(frozen=True)
@@ -80,8 +72,8 @@ class Matches:
         object.__setattr__(self, "reference_points", rp.detach().to("cpu", torch.float32).contiguous())
         object.__setattr__(self, "target_points", tp.detach().to("cpu", torch.float32).contiguous())
         object.__setattr__(self, "scores", sc.detach().to("cpu", torch.float32).contiguous())
-        object.__setattr__(self, "reference_size", _size(self.reference_size, "reference_size"))
-        object.__setattr__(self, "target_size", _size(self.target_size, "target_size"))
+        object.__setattr__(self, "reference_size", as_hw(self.reference_size, "reference_size", square_ok=False))
+        object.__setattr__(self, "target_size", as_hw(self.target_size, "target_size", square_ok=False))
         if self.target_region is not None:
             region = self.target_region.detach().to("cpu") > 0.5 if self.target_region.is_floating_point() else \
                 self.target_region.detach().to("cpu").bool()
@@ -176,8 +168,8 @@ class Matches:
             ref.append((xa, ya))
             tgt.append((xb, yb))
             sc.append(s)
-        return cls(torch.tensor(ref), torch.tensor(tgt), torch.tensor(sc), _size(ref_size, "reference_size"),
-                   _size(tgt_size, "target_size"))
+        return cls(torch.tensor(ref), torch.tensor(tgt), torch.tensor(sc), as_hw(ref_size, "reference_size", square_ok=False),
+                   as_hw(tgt_size, "target_size", square_ok=False))
 
     # -- geometry --------------------------------------------------------------------------
 
@@ -187,8 +179,8 @@ class Matches:
         Pixel centres stay pixel centres: ``x' = (x + 0.5) · W'/W − 0.5`` (likewise y), the convention of
         the MLS warp and of ``F.interpolate(align_corners=False)``.
         """
-        rh, rw = _size(reference_size, "reference_size")
-        th, tw = _size(target_size, "target_size")
+        rh, rw = as_hw(reference_size, "reference_size", square_ok=False)
+        th, tw = as_hw(target_size, "target_size", square_ok=False)
         rs = torch.tensor([rw / self.reference_size[1], rh / self.reference_size[0]])
         ts = torch.tensor([tw / self.target_size[1], th / self.target_size[0]])
         return Matches((self.reference_points + 0.5) * rs - 0.5, (self.target_points + 0.5) * ts - 0.5, self.scores,

@@ -18,19 +18,11 @@ from comfy_api.latest import io, ui
 from ..warping import masks as _masks
 from .convert import NodeInputError, check_choice, check_same_size, image_to_bchw, mask_to_bhw
 from .features import check_unet
-from .mea_patch import (
-    BACKGROUND_CHOICES,
-    DEFAULT_LAYERS,
-    GUIDANCE_MODES,
-    LAYER_CHOICES,
-    MeaPatch,
-    attn1_slots,
-    center_crop_multiple,
-    neutralise_background,
-    trace_consumers,
-)
+from ..attention.policy import DEFAULT_LAYERS, FLOW_LAYER_CHOICES, GUIDANCE_MODES, LAYER_CHOICES
+from ..warping.images import center_crop_multiple, neutralise_background
+from .mea_calls import attn1_slots, trace_consumers
+from .mea_patch import BACKGROUND_CHOICES, MeaPatch
 from .trace import (
-    FLOW_LAYER_CHOICES,
     FLOW_MODES,
     MeaTrace,
     find_traced_run,

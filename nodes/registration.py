@@ -19,7 +19,7 @@ from .preview import grid_lines
 
 __all__ = [
     "OUTLIER_FILTERS", "CONTROL_POINT_MODES", "MLS_KINDS", "SAMPLINGS", "FEATURE_STRIDE",
-    "grid_mask", "matches_from_features", "warp_garment", "double_mask", "grey_out", "feature_noise",
+    "grid_mask", "matches_from_features", "warp_garment", "double_mask", "feature_noise",
 ]
 
 OUTLIER_FILTERS = ("ransac", "none")
@@ -185,7 +185,3 @@ def double_mask(
     return t.expand(B, -1, -1).float(), thin.float(), dil.float()
 
 
-def grey_out(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` with pixels where ``round(mask) == 1`` set to 0.5 (InpaintModelConditioning's rule)."""
-    keep = (1.0 - mask.float().round())[:, None]
-    return (image.float() - 0.5) * keep + 0.5

@@ -11,6 +11,8 @@ import dataclasses
 import torch
 from comfy_api.latest import io
 
+from ..warping import fringe as _fringe
+from ..warping import images as _images
 from ..warping import masks as _masks
 from ..warping import mls as _mls
 from . import convert as cv
@@ -359,18 +361,14 @@ class DoubleMaskInpaint(io.ComfyNode):
 
         tmask, thin, dil = reg.double_mask(tm, wm, b.get("protect_mask"), int(target_dilation), int(fringe_dilation))
         _check_same_region(n, matches, tmask)
-        from ..warping import fringe as _fringe
 
         comp = _fringe.composite(tgt.float(), wimg.float(), wm, tmask)
         comp_img = cv.bchw_to_image(comp)
         # Same pixel/mask handling as ComfyUI's InpaintModelConditioning: centre-crop to multiples of 8.
-        H, W = comp_img.shape[1:3]
-        h8, w8 = (H // 8) * 8, (W // 8) * 8
-        oy, ox = (H % 8) // 2, (W % 8) // 2
-        pix = comp_img[:, oy:oy + h8, ox:ox + w8]
-        d8 = dil[:, oy:oy + h8, ox:ox + w8]
-        f8 = thin[:, oy:oy + h8, ox:ox + w8]
-        concat_latent = vae.encode(cv.bchw_to_image(reg.grey_out(pix.permute(0, 3, 1, 2), d8)))
+        pix = _images.center_crop_multiple(comp_img, 8, (1, 2))
+        d8, f8 = (_images.center_crop_multiple(m, 8, (1, 2)) for m in (dil, thin))
+        h8, w8 = int(pix.shape[1]), int(pix.shape[2])
+        concat_latent = vae.encode(cv.bchw_to_image(_images.grey_out(pix.permute(0, 3, 1, 2), d8)))
         samples = vae.encode(pix)
         # docs/method.md §3a: F starts from pure noise. The noise mask is F on the latent grid, hard (a bilinear resize
         # of a pixel-size F would hand partly covered cells a share of the composite), and the latent is 0

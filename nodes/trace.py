@@ -36,6 +36,7 @@ import torch
 
 from ..attention import flow as _flow
 from ..attention.flow import AttentionCapture, FlowRecord
+from ..attention.policy import FLOW_LAYER_CHOICES, grid_level
 
 __all__ = [
     "MeaTrace",
@@ -55,13 +56,6 @@ __all__ = [
 
 FLOW_MODES = ("absolute", "displacement")
 
-#: Flow view layer choices: label → token-grid levels (0 = latent grid = 1/8 of the image), None = all.
-FLOW_LAYER_CHOICES: dict[str, Optional[frozenset]] = {
-    "all MEA layers": None,
-    "1/8 grid": frozenset({0}),
-    "1/16 grid": frozenset({1}),
-    "1/32 grid": frozenset({2}),
-}
 
 
 class MeaTrace:
@@ -79,8 +73,7 @@ class MeaTrace:
     """
 
     def __init__(self, enabled: bool, tau: float = 1.0, want_entropy: bool = True) -> None:
-        if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-            raise ValueError(f"tau must be a finite number > 0 (1 = the model's own attention, Leffa 2), got {tau!r}")
+        _flow.check_tau(tau)
         self.enabled = bool(enabled)
         self.tau = float(tau)
         self.want_entropy = bool(want_entropy)
@@ -246,12 +239,6 @@ def find_traced_run(
 # flow view
 
 
-def _level(latent_hw: Sequence[int], hw: Sequence[int]) -> int:
-    from .mea_patch import grid_level
-
-    return grid_level(latent_hw, hw)
-
-
 def select_for_view(
     records: Sequence[FlowRecord],
     latent_hw: Sequence[int],
@@ -267,7 +254,7 @@ def select_for_view(
     """
     if not (0.0 <= step_start <= step_end <= 1.0):
         raise ValueError(f"need 0 ≤ step_start ≤ step_end ≤ 1, got {step_start} and {step_end}")
-    chosen = [r for r in records if levels is None or _level(latent_hw, r.query_hw) in levels]
+    chosen = [r for r in records if levels is None or grid_level(latent_hw, r.query_hw) in levels]
     sigmas = sorted({float(r.sigma) for r in chosen if r.sigma is not None}, reverse=True)
     if not sigmas:
         return chosen

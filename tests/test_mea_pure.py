@@ -10,7 +10,11 @@ import torch
 
 from max4zero.attention.flow import AttentionCapture, FlowRecord, reference_grid
 from max4zero.attention.masked_extended import masked_extended_attention, plain_attention
+from max4zero.attention import policy
+from max4zero.nodes import mea_calls as calls
 from max4zero.nodes import mea_patch as mp
+from max4zero.nodes.mea_replace import Attn1Replace, CallRows, RefEntry
+from max4zero.warping import images
 from max4zero.nodes.matches import Matches
 from max4zero.nodes.trace import MeaTrace, mls_flow_from_matches, render_flow_view, select_for_view
 
@@ -25,24 +29,24 @@ from max4zero.nodes.trace import MeaTrace, mls_flow_from_matches, render_flow_vi
      ((13, 20), (7, 10), 1), ((13, 20), (4, 5), 2), ((9, 9), (5, 5), 1), ((96, 64), (48, 32), 1)],
 )
 def test_grid_level_counts_halvings_with_ceil(latent, layer, level):
-    assert mp.grid_level(latent, layer) == level
+    assert policy.grid_level(latent, layer) == level
 
 
 def test_grid_level_rejects_nonsense():
     with pytest.raises(ValueError, match="positive"):
-        mp.grid_level((0, 8), (4, 4))
+        policy.grid_level((0, 8), (4, 4))
 
 
 def test_paper_selection_is_decoder_at_latent_and_half():
-    sel = mp.LAYER_CHOICES[mp.DEFAULT_LAYERS]
+    sel = policy.LAYER_CHOICES[policy.DEFAULT_LAYERS]
     assert sel.selects("output", 0) and sel.selects("output", 1)
     assert not sel.selects("output", 2) and not sel.selects("input", 0) and not sel.selects("middle", 1)
     # SD1.5 at 512: output blocks 6-8 are 32x32 and 9-11 are 64x64 on a 64x64 latent; 3-5 are 16x16
     grids = {3: 16, 4: 16, 5: 16, 6: 32, 7: 32, 8: 32, 9: 64, 10: 64, 11: 64}
-    chosen = [i for i, g in grids.items() if sel.selects("output", mp.grid_level((64, 64), (g, g)))]
+    chosen = [i for i, g in grids.items() if sel.selects("output", policy.grid_level((64, 64), (g, g)))]
     assert chosen == [6, 7, 8, 9, 10, 11]
     # SDXL 1024: latent 128, decoder attention at 32 and 64 only -> only the 64 grid (1/16 of the image)
-    assert [g for g in (32, 64) if sel.selects("output", mp.grid_level((128, 128), (g, g)))] == [64]
+    assert [g for g in (32, 64) if sel.selects("output", policy.grid_level((128, 128), (g, g)))] == [64]
 
 
 class _ST(torch.nn.Module):
@@ -69,10 +73,10 @@ class _FakeUNet(torch.nn.Module):
 
 def test_attn1_slots_walk_blocks_and_depths():
     u = _FakeUNet()
-    assert mp.attn1_slots(u, ["output"]) == [("output", 0, 0), ("output", 0, 1), ("output", 2, 0)]
-    assert mp.attn1_slots(u, ["input", "middle"]) == [
+    assert calls.attn1_slots(u, ["output"]) == [("output", 0, 0), ("output", 0, 1), ("output", 2, 0)]
+    assert calls.attn1_slots(u, ["input", "middle"]) == [
         ("input", 1, 0), ("input", 2, 0), ("input", 2, 1), ("middle", 0, 0), ("middle", 0, 1), ("middle", 0, 2)]
-    assert mp.is_unet(u) and not mp.is_unet(torch.nn.Linear(2, 2))
+    assert calls.is_unet(u) and not calls.is_unet(torch.nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +85,10 @@ def test_attn1_slots_walk_blocks_and_depths():
 
 def test_window_uses_decreasing_sigmas():
     s0, s1 = 2.0, 0.0  # start 0.7 -> sigma 2.0, end 1.0 -> sigma 0
-    assert mp.in_window(1.0, s0, s1) and mp.in_window(2.0, s0, s1) and mp.in_window(0.0, s0, s1)
-    assert not mp.in_window(2.1, s0, s1)
-    assert mp.in_window(2.0 * (1 + 1e-7), s0, s1)  # float32 rounding of the same schedule value
-    assert not mp.in_window(0.5, 0.0, 0.0)  # start = end = 1.0: nothing
+    assert policy.in_window(1.0, s0, s1) and policy.in_window(2.0, s0, s1) and policy.in_window(0.0, s0, s1)
+    assert not policy.in_window(2.1, s0, s1)
+    assert policy.in_window(2.0 * (1 + 1e-7), s0, s1)  # float32 rounding of the same schedule value
+    assert not policy.in_window(0.5, 0.0, 0.0)  # start = end = 1.0: nothing
 
 
 @pytest.mark.parametrize(
@@ -92,21 +96,21 @@ def test_window_uses_decreasing_sigmas():
     [([0, 1], 4, [0, 1]), ([1, 0], 4, [2, 3]), ([0], 3, [0, 1, 2]), ([1], 2, []), ([1, 0, 0], 3, [1, 2]), ([], 2, [0, 1])],
 )
 def test_mea_rows_follow_cond_or_uncond(cou, n, expect):
-    assert mp.mea_rows(cou, n) == expect
+    assert policy.mea_rows(cou, n) == expect
 
 
 def test_mea_rows_all_rows_and_bad_layout():
-    assert mp.mea_rows([1, 0], 4, all_rows=True) == [0, 1, 2, 3]
+    assert policy.mea_rows([1, 0], 4, all_rows=True) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="does not split"):
-        mp.mea_rows([0, 1], 3)
+        policy.mea_rows([0, 1], 3)
 
 
 def test_row_mask_index():
-    assert mp.row_mask_index([2, 3], 4, 2, 1) == [0, 0]
-    assert mp.row_mask_index([2, 3], 4, 2, 2) == [0, 1]
-    assert mp.row_mask_index([0, 1, 2], 3, 1, 3) == [0, 1, 2]
+    assert policy.row_mask_index([2, 3], 4, 2, 1) == [0, 0]
+    assert policy.row_mask_index([2, 3], 4, 2, 2) == [0, 1]
+    assert policy.row_mask_index([0, 1, 2], 3, 1, 3) == [0, 1, 2]
     with pytest.raises(ValueError, match="one mask per latent"):
-        mp.row_mask_index([0, 1], 4, 2, 3)
+        policy.row_mask_index([0, 1], 4, 2, 3)
 
 
 def test_paper_guidance_same_in_eps_and_x0_space():
@@ -119,42 +123,42 @@ def test_paper_guidance_same_in_eps_and_x0_space():
     eps = eu + s_txt * (ec - eu) + s_mea * m * (em - eu)  # docs/method.md §3b in noise space
     x0 = lambda e: x - sigma * e  # noqa: E731  (EPS: denoised = x - sigma * eps)
     cfg_x0 = x0(eu) + s_txt * (x0(ec) - x0(eu))  # what ComfyUI's CFG hands to post-CFG functions
-    out = mp.paper_guidance(cfg_x0, x0(eu), x0(em), m, s_mea)
+    out = policy.paper_guidance(cfg_x0, x0(eu), x0(em), m, s_mea)
     assert torch.allclose(out, x0(eps), atol=1e-4)
-    assert torch.equal(mp.paper_guidance(cfg_x0, x0(eu), x0(em), m, 0.0), cfg_x0)
+    assert torch.equal(policy.paper_guidance(cfg_x0, x0(eu), x0(em), m, 0.0), cfg_x0)
     outside = m == 0
     assert torch.equal(out.expand_as(x)[outside.expand_as(x)], cfg_x0[outside.expand_as(x)])
 
 
 def test_bind_apply_model_args_positional_and_keyword():
     x, t = torch.zeros(1), torch.ones(1)
-    named, extra = mp.bind_apply_model_args((x, t, None, "ctx", None, {"a": 1}), {"y": 5})
+    named, extra = calls.bind_apply_model_args((x, t, None, "ctx", None, {"a": 1}), {"y": 5})
     assert named["c_crossattn"] == "ctx" and named["transformer_options"] == {"a": 1} and extra == {"y": 5}
-    named, extra = mp.bind_apply_model_args((x, t), {"c_crossattn": "c", "transformer_options": {"b": 2}, "y": 1})
+    named, extra = calls.bind_apply_model_args((x, t), {"c_crossattn": "c", "transformer_options": {"b": 2}, "y": 1})
     assert named["c_crossattn"] == "c" and named["c_concat"] is None and named["transformer_options"] == {"b": 2}
     assert extra == {"y": 1}
-    named, _ = mp.bind_apply_model_args((x, t), {})
+    named, _ = calls.bind_apply_model_args((x, t), {})
     assert named["transformer_options"] == {}
 
 
 def test_slice_row():
     a = torch.arange(6).view(3, 2)
-    assert torch.equal(mp.slice_row(a, 3, 1), a[1:2])
-    assert mp.slice_row(7, 3, 1) == 7
+    assert torch.equal(calls.slice_row(a, 3, 1), a[1:2])
+    assert calls.slice_row(7, 3, 1) == 7
     b = torch.zeros(2, 2)  # not per-row
-    assert mp.slice_row(b, 3, 1) is b
-    out = mp.slice_row([a, b], 3, 2)
+    assert calls.slice_row(b, 3, 1) is b
+    out = calls.slice_row([a, b], 3, 2)
     assert torch.equal(out[0], a[2:3]) and out[1] is b
 
 
 def test_reference_concat_layouts():
     lat = torch.randn(1, 4, 5, 6)
-    c = mp.reference_concat(("mask", "masked_image"), lat)  # SD inpainting: [mask ; masked image]
+    c = calls.reference_concat(("mask", "masked_image"), lat)  # SD inpainting: [mask ; masked image]
     assert c.shape == (1, 5, 5, 6) and torch.equal(c[:, :1], torch.zeros(1, 1, 5, 6)) and torch.equal(c[:, 1:], lat)
-    c = mp.reference_concat(("concat_image", "mask_inverted"), lat)
+    c = calls.reference_concat(("concat_image", "mask_inverted"), lat)
     assert torch.equal(c[:, 4:], torch.ones(1, 1, 5, 6))
     with pytest.raises(ValueError, match="cannot build"):
-        mp.reference_concat(("depth",), lat)
+        calls.reference_concat(("depth",), lat)
 
 
 def test_neutralise_background_depends_only_on_garment_pixels():
@@ -162,17 +166,17 @@ def test_neutralise_background_depends_only_on_garment_pixels():
     img = torch.rand(1, 8, 8, 3, generator=g)
     mask = torch.zeros(1, 8, 8)
     mask[:, 2:6, 3:7] = 1
-    a = mp.neutralise_background(img, mask)
+    a = images.neutralise_background(img, mask)
     other = img.clone()
     other[:, 0] = 0.123  # background row changes
-    assert torch.equal(mp.neutralise_background(other, mask), a)
+    assert torch.equal(images.neutralise_background(other, mask), a)
     assert torch.equal(a[0, 0, 0], torch.full((3,), 0.5))
     assert torch.equal(a[:, 2:6, 3:7], img[:, 2:6, 3:7])
 
 
 def test_center_crop_multiple_matches_vae_encode():
     x = torch.arange(1 * 19 * 21 * 3).view(1, 19, 21, 3)
-    y = mp.center_crop_multiple(x, 8, (1, 2))
+    y = images.center_crop_multiple(x, 8, (1, 2))
     assert y.shape == (1, 16, 16, 3)
     assert torch.equal(y, x[:, 1:17, 2:18])  # offset (n % 8) // 2, like comfy's vae_encode_crop_pixels
 
@@ -184,16 +188,16 @@ def test_trace_consumers_finds_links_to_the_trace_output():
         "7": {"class_type": "MaX4ZeroFlowView", "inputs": {"trace": ["5", 1], "tau": 2.0}},
         "8": {"class_type": "Other", "inputs": {"x": [5, 1]}},
     }
-    found = mp.trace_consumers(prompt, "5", 1)
+    found = calls.trace_consumers(prompt, "5", 1)
     assert [c for c, _ in found] == ["MaX4ZeroFlowView", "Other"]
     assert found[0][1]["tau"] == 2.0
-    assert mp.trace_consumers(prompt, "6", 1) == []
-    assert mp.trace_consumers(None, "5", 1) == [] and mp.trace_consumers(prompt, None, 1) == []
+    assert calls.trace_consumers(prompt, "6", 1) == []
+    assert calls.trace_consumers(None, "5", 1) == [] and calls.trace_consumers(prompt, None, 1) == []
 
 
 def test_nearest_step():
     s = torch.tensor([14.6, 5.0, 2.0, 0.5, 0.0])
-    assert mp.nearest_step(s, 2.0) == 2 and mp.nearest_step(s, 0.6) == 3 and mp.nearest_step(None, 1.0) is None
+    assert policy.nearest_step(s, 2.0) == 2 and policy.nearest_step(s, 0.6) == 3 and policy.nearest_step(None, 1.0) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +206,7 @@ def test_nearest_step():
 
 def _patch(**kw):
     args = dict(
-        mode="fused", s_mea=15.0, contrast=1.0, start=0.0, end=1.0, layers=mp.LAYER_CHOICES[mp.DEFAULT_LAYERS],
+        mode="fused", s_mea=15.0, contrast=1.0, start=0.0, end=1.0, layers=policy.LAYER_CHOICES[policy.DEFAULT_LAYERS],
         attn1_keys=[("output", 9, 0), ("output", 6, 0)], ref_latent=torch.zeros(1, 4, 4, 4),
         ref_noise=torch.zeros(1, 4, 4, 4), ref_context=None, garment_mask=torch.ones(1, 16, 16, dtype=torch.bool),
         target_mask=torch.ones(1, 16, 16),
@@ -219,13 +223,12 @@ def test_with_replaces_wraps_existing_slots_and_never_mutates():
           "other": 3}
     snapshot = {"patches_replace": {"attn1": dict(to["patches_replace"]["attn1"]), "attn2": {"x": 1}}, "other": 3}
     seen = {}
-    new = p._with_replaces(to, lambda key, prev: seen.setdefault(key, prev) and (lambda *a: None) or (lambda *a: None))
+    new = p.with_replaces(to, lambda key, prev: seen.setdefault(key, prev) and (lambda *a: None) or (lambda *a: None))
     assert seen[("output", 9, 0)] is theirs3
     assert seen[("output", 6, 0)] is theirs2  # the 2-tuple slot our 3-tuple key would shadow is wrapped
     assert to == snapshot  # the caller's dicts are untouched
     assert set(new["patches_replace"]["attn1"]) == {("output", 9, 0), ("output", 6), ("output", 6, 0)}
     assert new["patches_replace"]["attn2"] == {"x": 1} and new["other"] == 3
-    assert mp.MeaPatch.__deepcopy__(p, {}) is p
 
 
 def _extra(latent_hw, hw, heads, cou, block=("output", 9)):
@@ -242,15 +245,15 @@ def test_use_replace_applies_mea_to_positive_region_queries_only():
     p = _patch(target_mask=tm)
     k_ref = torch.randn(1, T, heads * d, generator=g)
     v_ref = torch.randn(1, T, heads * d, generator=g)
-    store = {("output", 9, 0): mp._RefEntry(k_ref, v_ref, hw)}
+    store = {("output", 9, 0): RefEntry(k_ref, v_ref, hw)}
     calls = []
 
     def theirs(q, k, v, e):
         calls.append(q.shape[0])
         return plain_attention(q, k, v, heads) * 0.5  # another pack's replace with a visible effect
 
-    ctx = mp._UseContext(rows=[2, 3], mask_index=[0, 0], n_rows=4, sigma=1.0, step=0)  # cou [1, 0]
-    fn = p._use_replace(("output", 9, 0), theirs, store, ctx)
+    ctx = CallRows(rows=[2, 3], mask_index=[0, 0], n_rows=4, sigma=1.0, step=0)  # cou [1, 0]
+    fn = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "use", ctx, store)
     q, k, v = (torch.randn(4, T, heads * d, generator=g) for _ in range(3))
     out = fn(q, k, v, _extra((4, 4), hw, heads, [1, 0]))
     base = plain_attention(q, k, v, heads) * 0.5
@@ -264,8 +267,8 @@ def test_use_replace_applies_mea_to_positive_region_queries_only():
     assert torch.allclose(out[2:, qm], mea[:, qm])  # region queries of positive rows: MEA
     assert not torch.allclose(out[2:, qm], base[2:, qm], atol=1e-3)
     # a layer at an unselected grid (latent/4) is left to the existing replace
-    store2 = {("output", 9, 0): mp._RefEntry(k_ref[:, :4], v_ref[:, :4], (2, 2))}
-    fn2 = p._use_replace(("output", 9, 0), theirs, store2, ctx)
+    store2 = {("output", 9, 0): RefEntry(k_ref[:, :4], v_ref[:, :4], (2, 2))}
+    fn2 = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "use", ctx, store2)
     q2, k2, v2 = q[:, :4], k[:, :4], v[:, :4]
     assert torch.equal(fn2(q2, k2, v2, _extra((8, 8), (2, 2), heads, [1, 0])), plain_attention(q2, k2, v2, heads) * 0.5)
 
@@ -274,7 +277,7 @@ def test_record_replace_keeps_selected_layers_and_returns_theirs():
     p = _patch()
     store = {}
     theirs = lambda q, k, v, e: q * 2  # noqa: E731
-    fn = p._record_replace(("output", 9, 0), theirs, store)
+    fn = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "record", store=store)
     q = torch.randn(1, 16, 8)
     k, v = q + 1, q + 2
     assert torch.equal(fn(q, k, v, _extra((4, 4), (4, 4), 2, [0])), q * 2)
@@ -298,10 +301,11 @@ def test_latent_mask_for_paper_guidance():
     tm = torch.zeros(2, 16, 16)
     tm[0, :8] = 1
     p = _patch(target_mask=tm)
-    m = p.latent_mask(torch.zeros(2, 4, 4, 4))
+    run = mp.MeaRun(p)
+    m = run.latent_mask(torch.zeros(2, 4, 4, 4))
     assert m.shape == (2, 1, 4, 4) and m[0, 0, :2].eq(1).all() and m[0, 0, 2:].eq(0).all() and m[1].eq(0).all()
     with pytest.raises(ValueError, match="one mask per latent"):
-        p.latent_mask(torch.zeros(3, 4, 4, 4))
+        run.latent_mask(torch.zeros(3, 4, 4, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,34 +404,34 @@ def test_mls_flow_from_identity_matches_is_the_identity():
 def test_append_row_and_pad_control():
     a = torch.arange(6.0).view(3, 2)
     ref = torch.tensor([[9.0, 9.0]])
-    assert torch.equal(mp._append_row(a, ref, 3), torch.cat([a, ref]))
-    assert mp._append_row(5, 7, 3) == 5
-    out = mp._append_row([a, a], [ref, ref * 2], 3)
+    assert torch.equal(calls.append_row(a, ref, 3), torch.cat([a, ref]))
+    assert calls.append_row(5, 7, 3) == 5
+    out = calls.append_row([a, a], [ref, ref * 2], 3)
     assert torch.equal(out[1][-1], torch.tensor([18.0, 18.0]))
     ctrl = {"input": [torch.ones(2, 3, 4, 4), None], "middle": [torch.ones(2, 5, 2, 2)], "output": []}
-    padded = mp._pad_control(ctrl, 2)
+    padded = calls.pad_control(ctrl, 2)
     assert padded["input"][0].shape == (3, 3, 4, 4) and padded["input"][0][2].eq(0).all()
     assert padded["input"][1] is None and padded["output"] == [] and padded["middle"][0][:2].eq(1).all()
     assert padded["input"] is not ctrl["input"] and len(ctrl["input"]) == 2  # ComfyUI pops from these lists
-    assert mp._pad_control(None, 2) is None
+    assert calls.pad_control(None, 2) is None
 
 
 def test_inline_reference_only_when_the_chunk_layout_survives():
     p = _patch(ref_latent=torch.zeros(1, 4, 8, 8), ref_context=torch.zeros(1, 77, 16))
     x = lambda n: {"x": torch.zeros(n, 4, 8, 8), "t": torch.ones(n), "c_crossattn": torch.zeros(n, 77, 16),  # noqa: E731
                    "control": None}
-    assert p._can_inline(x(2), {}, [1, 0], 2)  # batch 1 with CFG: one-row chunks
-    assert p._can_inline(x(3), {}, [0], 3)  # a single chunk (paper's extra pass) grows
-    assert not p._can_inline(x(4), {}, [1, 0], 4)  # two 2-row chunks: a 5th row would break the layout
+    assert p.can_inline(x(2), [1, 0], 2)  # batch 1 with CFG: one-row chunks
+    assert p.can_inline(x(3), [0], 3)  # a single chunk (paper's extra pass) grows
+    assert not p.can_inline(x(4), [1, 0], 4)  # two 2-row chunks: a 5th row would break the layout
     other = x(2)
     other["x"] = torch.zeros(2, 4, 6, 8)
-    assert not p._can_inline(other, {}, [1, 0], 2)  # reference latent of another size
+    assert not p.can_inline(other, [1, 0], 2)  # reference latent of another size
     other = x(2)
     other["c_crossattn"] = torch.zeros(2, 154, 16)
-    assert not p._can_inline(other, {}, [1, 0], 2)  # text of another length
+    assert not p.can_inline(other, [1, 0], 2)  # text of another length
     other = x(2)
     other["control"] = object()
-    assert not p._can_inline(other, {}, [1, 0], 2)
+    assert not p.can_inline(other, [1, 0], 2)
 
 
 def test_use_replace_reads_the_reference_row_of_the_same_batch():
@@ -438,8 +442,8 @@ def test_use_replace_reads_the_reference_row_of_the_same_batch():
     q, k, v = (torch.randn(3, T, heads * d, generator=g) for _ in range(3))  # rows [uncond, cond, ref]
     theirs = lambda q, k, v, e: plain_attention(q, k, v, heads)  # noqa: E731
     store = {}
-    ctx = mp._UseContext(rows=[1], mask_index=[0], n_rows=3, sigma=1.0, step=None, ref_row=2)
-    out = p._use_replace(("output", 9, 0), theirs, store, ctx)(q, k, v, _extra((4, 4), hw, heads, [1, 0, 0]))
+    ctx = CallRows(rows=[1], mask_index=[0], n_rows=3, sigma=1.0, step=None, ref_row=2)
+    out = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "inline", ctx, store)(q, k, v, _extra((4, 4), hw, heads, [1, 0, 0]))
     ones = torch.ones(1, T, dtype=torch.bool)
     mea = masked_extended_attention(q[1:2], k[1:2], v[1:2], k[2:3], v[2:3], ones, ones, heads)
     plain = plain_attention(q, k, v, heads)

@@ -15,6 +15,7 @@ import torch
 from max4zero.nodes import convert as cv
 from max4zero.nodes import geometry as geo
 from max4zero.nodes import preview as pv
+from max4zero.warping.images import grey_out
 from max4zero.nodes import registration as reg
 from max4zero.nodes.matches import FORMAT, Matches
 
@@ -299,7 +300,7 @@ def test_double_mask_matches_spec_and_protect_order():
     assert tm2[0, 19, 15] == 1
     tm3, _, _ = reg.double_mask(t, w, p2, target_dilation=1, fringe_dilation=1)
     assert tm3[0, 19, 15] == 0
-    assert torch.equal(reg.grey_out(torch.ones(1, 3, 2, 2), torch.tensor([[[1.0, 0.4], [0.6, 0.0]]]))[0, 0],
+    assert torch.equal(grey_out(torch.ones(1, 3, 2, 2), torch.tensor([[[1.0, 0.4], [0.6, 0.0]]]))[0, 0],
                        torch.tensor([[0.5, 1.0], [0.5, 1.0]]))
 
 

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .shapes import as_hw
+
 __all__ = [
     "to_bool",
     "resize_to_grid",
@@ -69,21 +71,6 @@ def to_bool(mask: torch.Tensor) -> torch.Tensor:
     return on
 
 
-def _size2(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, bool):
-        raise ValueError(f"size must be an int or (height, width), got {size!r}")
-    if isinstance(size, int):
-        h = w = size
-    else:
-        try:
-            h, w = (int(s) for s in size)
-        except (TypeError, ValueError):
-            raise ValueError(f"size must be an int or (height, width), got {size!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"size must be positive, got {(h, w)}")
-    return h, w
-
-
 def resize_to_grid(mask: torch.Tensor, size: int | Sequence[int], keep_thin: bool = False) -> torch.Tensor:
     """Resize a mask to a token grid.
 
@@ -99,7 +86,7 @@ def resize_to_grid(mask: torch.Tensor, size: int | Sequence[int], keep_thin: boo
         The mask at ``size`` in the input's layout and dtype (values 0/1).
     """
     on, restore = _layout(mask)
-    h, w = _size2(size)
+    h, w = as_hw(size, "size")
     if keep_thin:
         out = F.adaptive_max_pool2d(on.float(), (h, w)) > 0.5
     else:

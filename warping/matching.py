@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .shapes import as_hw
+
 __all__ = [
     "mutual_nearest_neighbors",
     "filter_matches",
@@ -185,19 +187,9 @@ def mutual_nearest_neighbors(
 
 def grid_xy(index: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Row-major flat indices of an ``(H, W)`` grid → float32 ``[M, 2]`` ``(x, y) = (col, row)``."""
-    _, W = _grid_hw(grid, "grid")
+    _, W = as_hw(grid, "grid", square_ok=False)
     index = index.long()
     return torch.stack([index % W, torch.div(index, W, rounding_mode="floor")], dim=1).to(torch.float32)
-
-
-def _grid_hw(grid: Sequence[int], name: str) -> tuple[int, int]:
-    try:
-        h, w = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be the token grid size (height, width), got {grid!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"{name} must be positive, got {(h, w)}")
-    return h, w
 
 
 def _check_triple(index_a: torch.Tensor, index_b: torch.Tensor, score: torch.Tensor, grid_a, grid_b) -> None:
@@ -209,7 +201,7 @@ def _check_triple(index_a: torch.Tensor, index_b: torch.Tensor, score: torch.Ten
             f"{tuple(index_b.shape)}, {tuple(score.shape)}: pass mutual_nearest_neighbors' output unchanged"
         )
     for idx, grid, name in ((index_a, grid_a, "a"), (index_b, grid_b, "b")):
-        h, w = _grid_hw(grid, f"grid_{name}")
+        h, w = as_hw(grid, f"grid_{name}", square_ok=False)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= h * w):
             raise ValueError(
                 f"index_{name} has values outside the {h}x{w} grid_{name}: pass the feature grid size the "

@@ -352,28 +352,19 @@ def test_guidance_formula_through_the_sampler(comfy_env, kind, order):
 
 def _mutant_mea_in_normal_passes(mp, monkeypatch):
     """1: paper mode also applies MEA in its normal passes (positive rows, as fused does)."""
-    original = mp.MeaPatch.apply_model_wrapper
+    original = mp.rows_with_mea
 
-    def wrapper(self, executor, *args, **kwargs):
-        if self.mode != "paper":
-            return original(self, executor, *args, **kwargs)
-        self.mode = "fused"
-        try:
-            return original(self, executor, *args, **kwargs)
-        finally:
-            self.mode = "paper"
+    def rows(mode, cond_or_uncond, n_rows, mea_pass):
+        if mode == "paper" and not mea_pass:
+            return original("fused", cond_or_uncond, n_rows, False)
+        return original(mode, cond_or_uncond, n_rows, mea_pass)
 
-    monkeypatch.setattr(mp.MeaPatch, "apply_model_wrapper", wrapper)
+    monkeypatch.setattr(mp, "rows_with_mea", rows)
 
 
 def _mutant_base_is_cond(mp, monkeypatch):
     """2: the post-CFG base is cond_denoised instead of uncond_denoised."""
-    original = mp.MeaPatch.post_cfg_function
-
-    def post_cfg(self, args):
-        return original(self, {**args, "uncond_denoised": args["cond_denoised"]})
-
-    monkeypatch.setattr(mp.MeaPatch, "post_cfg_function", post_cfg)
+    monkeypatch.setattr(mp, "guidance_base", lambda uncond, cond: cond)
 
 
 def _mutant_mask_ignored(mp, monkeypatch):
@@ -382,19 +373,20 @@ def _mutant_mask_ignored(mp, monkeypatch):
     def latent_mask(self, x):
         return torch.ones(1, 1, *x.shape[-2:], dtype=x.dtype, device=x.device)
 
-    monkeypatch.setattr(mp.MeaPatch, "latent_mask", latent_mask)
+    monkeypatch.setattr(mp.MeaRun, "latent_mask", latent_mask)
 
 
 def _mutant_rows_by_position(mp, monkeypatch):
     """4: MEA rows = the last chunk (assumes ComfyUI's usual [uncond, cond]) instead of cond_or_uncond."""
+    original = mp.rows_with_mea
 
-    def rows(cond_or_uncond, n_rows, all_rows=False):
-        if all_rows:
-            return list(range(n_rows))
+    def rows(mode, cond_or_uncond, n_rows, mea_pass):
+        if mode == "paper":
+            return original(mode, cond_or_uncond, n_rows, mea_pass)
         per = n_rows // max(1, len(cond_or_uncond or [0]))
         return list(range(n_rows - per, n_rows))
 
-    monkeypatch.setattr(mp, "mea_rows", rows)
+    monkeypatch.setattr(mp, "rows_with_mea", rows)
 
 
 MUTANTS = {
