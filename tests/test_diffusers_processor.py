@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
-from max4zero.attention.diffusers_processor import (  # noqa: E402
+from max4zero.adapters.diffusers_processor import (  # noqa: E402
     MaskedExtendedAttnProcessor,
     install_masked_extended_attention,
     token_grid,

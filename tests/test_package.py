@@ -28,12 +28,14 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_core_never_imports_comfy_or_diffusers_at_top_level():
-    for folder in ("attention", "warping"):
+    for folder in ("attention", "warping", "adapters"):
         for path in (ROOT / folder).rglob("*.py"):
             mods = _imported_modules(path)
             assert "comfy" not in mods and "comfy_api" not in mods, path
             if path.name != "diffusers_processor.py":
                 assert "diffusers" not in mods, path
+    # the only module that imports diffusers is the diffusers adapter
+    assert "diffusers" in _imported_modules(ROOT / "adapters" / "diffusers_processor.py")
 
 
 def test_importing_the_pack_does_not_import_diffusers():
@@ -41,7 +43,7 @@ def test_importing_the_pack_does_not_import_diffusers():
         "import sys; sys.path.insert(0, %r); from pack_import import import_pack; "
         "import_pack(); import max4zero.attention, max4zero.warping; "
         "import pkgutil, importlib\n"
-        "for m in ('attention', 'warping'):\n"
+        "for m in ('attention', 'warping', 'adapters'):\n"
         "    pkg = importlib.import_module('max4zero.' + m)\n"
         "    for info in pkgutil.iter_modules(pkg.__path__):\n"
         "        if info.name != 'diffusers_processor':\n"

@@ -1,7 +1,7 @@
 """Masked Extended Attention (docs/method.md §3b) as a diffusers attention processor.
 
 This is the only module of the pack that imports diffusers (the optional ``diffusers`` extra);
-ComfyUI never imports it. The science lives in :mod:`.masked_extended`; this file only routes a
+ComfyUI never imports it. The science lives in ``attention/`` (the policy, Masked Extended Attention, the flow); this file only routes a
 diffusers ``Attention`` layer's projections into it.
 
 Usage (paper layout, reference and target denoised in one batch)::
@@ -35,14 +35,14 @@ Token grid of a layer
 Masks
     Given at any resolution (image or latent), ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``, bool or
     float (> 0.5 = on); resized to each layer's grid by nearest neighbour
-    (:func:`..warping.masks.resize_to_grid`) once per grid and cached. ``ref_key_mask`` is the
+    (:func:`~max4zero.attention.policy.token_mask`) once per grid and cached. ``ref_key_mask`` is the
     (eroded) garment mask on the reference, ``query_mask`` the target (try-on) mask. Batch size 1
     broadcasts over the pairs; otherwise it must equal the number of target rows.
 
 What runs where
     - MEA path: projections exactly as ``AttnProcessor2_0`` (group norm, q/k/v, optional q/k norm),
       then reference rows: plain self-attention (``scaled_dot_product_attention``; the reference
-      branch is unchanged) and target rows: :func:`.masked_extended.masked_extended_attention`,
+      branch is unchanged) and target rows: :func:`~max4zero.attention.masked_extended.masked_extended_attention`,
       then ``to_out``, residual and rescale exactly as ``AttnProcessor2_0``.
     - Everything else (cross-attention, layers whose grid is not selected, ``handle.enabled``
       False): the layer's previous processor, called with the same arguments (``AttnProcessor2_0``
@@ -64,14 +64,14 @@ try:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "max4zero.attention.diffusers_processor needs diffusers: install the optional extra "
+        "max4zero.adapters.diffusers_processor needs diffusers: install the optional extra "
         "(pip install 'comfyui-max4zero[diffusers]' or pip install 'diffusers>=0.27'). "
         "ComfyUI users do not need this module."
     ) from exc
 
-from ..warping.masks import resize_to_grid, to_bool
-from .masked_extended import masked_extended_attention
-from .policy import check_contrast, token_grid
+from ..warping.masks import to_bool
+from ..attention.masked_extended import masked_extended_attention
+from ..attention.policy import check_contrast, token_grid, token_mask
 from ..warping.shapes import as_hw
 
 __all__ = [
@@ -214,7 +214,7 @@ class MaskedExtendedAttentionHandle:
         if src is None:
             out = torch.ones(1, tokens, dtype=torch.bool, device=device)
         else:
-            out = resize_to_grid(src, hw).reshape(src.shape[0], hw[0] * hw[1]).to(device)
+            out = token_mask(src, hw).to(device)
         self._grid_cache[key] = out
         return out
 
