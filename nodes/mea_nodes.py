@@ -15,21 +15,15 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
+from ..attention.flow_view import FLOW_MODES, render_flow_view
+from ..attention.policy import DEFAULT_LAYERS, FLOW_LAYER_CHOICES, GUIDANCE_MODES, LAYER_CHOICES
 from ..warping import masks as _masks
+from ..warping.images import center_crop_multiple, neutralise_background
 from .convert import NodeInputError, check_choice, check_same_size, image_to_bchw, mask_to_bhw
 from .features import check_unet
-from ..attention.policy import DEFAULT_LAYERS, FLOW_LAYER_CHOICES, GUIDANCE_MODES, LAYER_CHOICES
-from ..warping.images import center_crop_multiple, neutralise_background
 from .mea_calls import attn1_slots, trace_consumers
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
-from .trace import (
-    FLOW_MODES,
-    MeaTrace,
-    find_traced_run,
-    mls_flow_from_matches,
-    render_flow_view,
-    samples_key,
-)
+from .trace import MeaTrace, find_traced_run, mls_flow_from_matches, samples_key
 
 __all__ = ["MaskedExtendedAttentionNode", "FlowViewNode", "TRACE", "NODE_CLASSES"]
 
