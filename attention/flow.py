@@ -329,10 +329,6 @@ class FlowRecord:
     step: Optional[int] = None
     sigma: Optional[float] = None
 
-    @property
-    def grid(self) -> HW:
-        return self.query_hw
-
 
 class AttentionCapture:
     """Recorder for :func:`masked_extended_attention`'s ``capture`` argument.
@@ -531,6 +527,7 @@ class FlowAccumulator:
         self._peak: Optional[torch.Tensor] = None
         self._w = 0.0
         self._w_ent = 0.0
+        self._w_peak = 0.0
         self.count = 0
 
     def update(
@@ -569,6 +566,7 @@ class FlowAccumulator:
         if peak is not None:
             p = _resize_grid(peak.float().unsqueeze(-1), self.size)[..., 0]
             self._peak = weight * p if self._peak is None else self._peak + weight * p
+            self._w_peak += weight
         self.count += 1
 
     def update_record(self, record: FlowRecord, weight: float = 1.0) -> None:
@@ -584,7 +582,7 @@ class FlowAccumulator:
         flow = self._flow / self._flow_w.clamp_min(1e-12).unsqueeze(-1)
         mass = self._mass / self._w
         ent = None if self._ent is None else self._ent / self._w_ent
-        peak = None if self._peak is None else self._peak / self._w_ent
+        peak = None if self._peak is None else self._peak / self._w_peak
         return FlowStats(flow, mass, ent, peak)
 
 

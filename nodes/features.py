@@ -281,11 +281,6 @@ def pair_features(model, vae, positive, pairs, spec: FeatureSpec, node: str) -> 
     return feats, works
 
 
-def feature_grid(h: int, w: int) -> tuple[int, int]:
-    """Token grid of :func:`extract_features` for an ``h × w`` image (multiples of 16)."""
-    return math.ceil((h // 8) / 2), math.ceil((w // 8) / 2)
-
-
 def progress_bar(total: int):
     """A ComfyUI progress bar (the UI's bar on the running node) → callable advancing it by one."""
     bar = comfy.utils.ProgressBar(total)

@@ -18,6 +18,7 @@ from comfy_api.latest import io, ui
 from ..attention.flow_view import FLOW_MODES, render_flow_view
 from ..attention.policy import DEFAULT_LAYERS, FLOW_LAYER_CHOICES, GUIDANCE_MODES, LAYER_CHOICES
 from ..warping import masks as _masks
+from ..warping import mls as _mls
 from ..warping.images import center_crop_multiple, neutralise_background
 from .convert import NodeInputError, check_choice, check_same_size, image_to_bchw, mask_to_bhw
 from .features import check_unet
@@ -37,7 +38,6 @@ FLOW_ID = "MaX4ZeroFlowView"
 MEA_NAME = "MaX4Zero Masked Extended Attention"
 FLOW_NAME = "MaX4Zero Leffa Flow View"
 TRACE_OUTPUT_INDEX = 1
-MLS_KINDS = ("affine", "similarity", "rigid")
 
 
 class MaskedExtendedAttentionNode(io.ComfyNode):
@@ -162,7 +162,7 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         lat = model.model.process_latent_in(latent.detach().float().cpu())
         gen = torch.Generator().manual_seed(int(reference_seed))
         noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32)
-        garment = _masks.erode(gm_c > 0.5, 3)
+        garment = _masks.erode(gm_c > 0.5, _masks.GARMENT_EROSION)
         notify = _node_text(getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None)
         for empty, what in ((not bool(garment.any()), "the garment mask is empty (after 1 px erosion)"),
                             (not bool((tm > 0.5).any()), "the target mask is empty")):
@@ -269,7 +269,7 @@ class FlowViewNode(io.ComfyNode):
                 io.Image.Input("mls_warped", optional=True, tooltip="Optional: the MLS-warped reference; without "
                                "matches, the disagreement is its colour difference from the attention-warped "
                                "reference."),
-                io.Combo.Input("mls_kind", options=list(MLS_KINDS), default="affine", optional=True,
+                io.Combo.Input("mls_kind", options=list(_mls.KINDS), default="affine", optional=True,
                                tooltip="MLS kind used by the MLS warp node (paper: affine)."),
                 io.Float.Input("mls_alpha", default=0.1, min=0.01, max=4.0, step=0.01, optional=True,
                                tooltip="MLS alpha used by the MLS warp node (paper: 0.1)."),
@@ -298,7 +298,7 @@ class FlowViewNode(io.ComfyNode):
         node = FLOW_NAME
         check_choice(node, "layers", layers, list(FLOW_LAYER_CHOICES))
         check_choice(node, "mode", mode, FLOW_MODES)
-        check_choice(node, "mls_kind", mls_kind, MLS_KINDS)
+        check_choice(node, "mls_kind", mls_kind, _mls.KINDS)
         if not all(hasattr(trace, a) for a in ("enabled", "tau", "arm", "reference_crop")):
             raise NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
                                  "MaX4Zero Masked Extended Attention")

@@ -25,7 +25,6 @@ CATEGORY = "MaX4Zero"
 MatchesType = io.Custom("MAX4ZERO_MATCHES")
 CropType = io.Custom("MAX4ZERO_CROP")
 
-GARMENT_EROSION = 3  # docs/method.md §1: garment mask eroded by 1 px (3×3)
 
 
 def _one(node: str, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +35,7 @@ def _one(node: str, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def _eroded_garment(node: str, gm: torch.Tensor) -> torch.Tensor:
-    er = _masks.erode(gm > 0.5, GARMENT_EROSION)
+    er = _masks.erode(gm > 0.5, _masks.GARMENT_EROSION)
     if not bool(er.any()):
         raise cv.NodeInputError(node, "garment_mask vanishes after the 1-pixel erosion (it is only a thin line)",
                                 "connect a mask that covers the whole garment")

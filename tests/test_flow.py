@@ -263,3 +263,19 @@ def test_accumulator_direct_use():
     r = acc.result()
     assert torch.allclose(r.flow[0], identity_flow((6, 6)), atol=1e-6) and r.entropy is None
     assert acc.count == 1
+
+
+def test_accumulator_averages_peak_by_its_own_weight():
+    """Peak given without entropy (and with it on other records) is a plain weighted mean of the peaks."""
+    from max4zero.attention.flow import FlowAccumulator
+
+    acc = FlowAccumulator((2, 2))
+    flow, mass = torch.zeros(1, 2, 2, 2), torch.ones(1, 2, 2)
+    acc.update(flow, mass, peak=torch.full((1, 2, 2), 0.5), weight=1.0)
+    acc.update(flow, mass, entropy=torch.ones(1, 2, 2), peak=torch.full((1, 2, 2), 1.0), weight=3.0)
+    stats = acc.result()
+    assert torch.allclose(stats.peak, torch.full((1, 2, 2), (0.5 + 3.0) / 4.0))
+    assert torch.allclose(stats.entropy, torch.ones(1, 2, 2))
+    only_peak = FlowAccumulator((2, 2))
+    only_peak.update(flow, mass, peak=torch.full((1, 2, 2), 0.25))
+    assert torch.allclose(only_peak.result().peak, torch.full((1, 2, 2), 0.25))  # no division by zero

@@ -85,7 +85,9 @@ def test_broadcast_and_checks():
         cv.check_nonempty("N", "m", torch.full((1, 3, 3), 0.4))
     with pytest.raises(ValueError, match=r"mode='x' is not one of \['a', 'b'\]"):
         cv.check_choice("N", "mode", "x", ("a", "b"))
-    assert isinstance(cv.NodeInputError("N", "p", "f"), ValueError)
+    err = cv.NodeInputError("N", "p.", "do f")
+    assert str(err) == "N: p. do f" and (err.node, err.problem, err.fix) == ("N", "p.", "do f")
+    assert str(cv.NodeInputError("N", "p")) == "N: p."
 
 
 # ------------------------------------------------------------------------------------------------

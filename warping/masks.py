@@ -19,7 +19,11 @@ import torch.nn.functional as F
 
 from .shapes import as_hw
 
+#: docs/method.md §1: the garment mask is eroded by 1 px, a 3×3 square, everywhere it is used.
+GARMENT_EROSION = 3
+
 __all__ = [
+    "GARMENT_EROSION",
     "to_bool",
     "resize_to_grid",
     "erode",

@@ -248,58 +248,88 @@ def _moments(mom: torch.Tensor, rel: torch.Tensor, v: torch.Tensor, c: _Setup, h
         mom[:, :, s:e] = acc.view(3, 6, n)
 
 
+class _Moments:
+    """The weighted moments of one block of points, as the kinds' formulas use them ([n] each).
+
+    p*, u* are the weighted centroids of the source points and of the displacements u = q − p, C the
+    weighted covariance of p̂ = p − p*, D_u the cross moment of p̂ and û; ``translate`` marks points whose
+    weighted sources sit at one spot (K = 1, duplicates), where only the translation is defined.
+    """
+
+    def __init__(self, mom: torch.Tensor, rel: torch.Tensor) -> None:
+        self.eps = torch.finfo(mom.dtype).eps
+        self.mom = mom
+        W = self.W = mom[0, 0]
+        self.mx, self.my = mom[0, 1] / W, mom[0, 2] / W  # p* - p_nn
+        self.cxx = mom[0, 3] / W - self.mx * self.mx  # C = sum w p^ p^T / W
+        self.cxy = mom[0, 4] / W - self.mx * self.my
+        self.cyy = mom[0, 5] / W - self.my * self.my
+        self.usx, self.usy = mom[1, 0] / W, mom[2, 0] / W  # u* (centred)
+        self.dxx = mom[1, 1] / W - self.mx * self.usx  # D_u = sum w p^ u^T / W
+        self.dxy = mom[2, 1] / W - self.mx * self.usy
+        self.dyx = mom[1, 2] / W - self.my * self.usx
+        self.dyy = mom[2, 2] / W - self.my * self.usy
+        self.s2 = (mom[0, 3] + mom[0, 5]) / W  # spread about p_nn: the scale of round-off in C
+        self.tr = self.cxx + self.cyy  # mu
+        self.ex, self.ey = -(rel[0] + self.mx), -(rel[1] + self.my)  # v - p*
+        self.translate = self.tr <= 64 * self.eps * self.s2
+        self.c_re = self.dxx + self.dyy  # c_u = sum w conj(p^) u^ / W
+        self.c_im = self.dxy - self.dyx
+        self.one, self.zero = torch.ones_like(self.tr), torch.zeros_like(self.tr)
+
+    def rotate(self, zr: torch.Tensor, zi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v − p*)·z for the complex number z = zr + i·zi."""
+        return self.ex * zr - self.ey * zi, self.ex * zi + self.ey * zr
+
+
+def _similarity(m: _Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity: the displacement part is (v − p*)·c_u/μ; translation only where the sources coincide."""
+    safe = torch.where(m.translate, m.one, m.tr)
+    zr = torch.where(m.translate, m.zero, m.c_re / safe)
+    zi = torch.where(m.translate, m.zero, m.c_im / safe)
+    return m.rotate(zr, zi)
+
+
+def _rigid(m: _Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rigid: the rotation c/|c| of c = μ + c_u, minus the identity; none when c is round-off."""
+    cr = m.tr + m.c_re
+    cabs = torch.sqrt(cr * cr + m.c_im * m.c_im)
+    # round-off scale of c: mu, c_u and the raw terms D_u was computed from
+    mom, W = m.mom, m.W
+    raw = (mom[1, 1].abs() + mom[2, 2].abs() + mom[2, 1].abs() + mom[1, 2].abs()) / W
+    raw = raw + (m.mx.abs() + m.my.abs()) * (m.usx.abs() + m.usy.abs())
+    no_rot = m.translate | (cabs <= 64 * m.eps * (m.s2 + raw))
+    safe = torch.where(no_rot, m.one, cabs)
+    zr = torch.where(no_rot, m.zero, cr / safe - 1)
+    zi = torch.where(no_rot, m.zero, m.c_im / safe)
+    return m.rotate(zr, zi)
+
+
+def _affine(m: _Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine: (v − p*) C⁻¹ D_u; where C is singular (few or collinear points) the similarity answer."""
+    fx, fy = _similarity(m)
+    det = m.cxx * m.cyy - m.cxy * m.cxy
+    ok = (~m.translate) & (det > 256 * m.eps * m.s2 * m.tr)
+    sdet = torch.where(ok, det, m.one)
+    rx = (m.ex * m.cyy - m.ey * m.cxy) / sdet  # (v - p*) C^-1
+    ry = (m.ey * m.cxx - m.ex * m.cxy) / sdet
+    return torch.where(ok, rx * m.dxx + ry * m.dyx, fx), torch.where(ok, rx * m.dxy + ry * m.dyy, fy)
+
+
+#: one entry per MLS kind: moments → the displacement field's non-translation part (fx, fy) [n] each
+_DISPLACEMENT = {"affine": _affine, "similarity": _similarity, "rigid": _rigid}
+
+
 def _solve(out: torch.Tensor, v: torch.Tensor, mom: torch.Tensor, rel: torch.Tensor, c: _Setup) -> None:
     """Turn moments [3, 6, n] and ``rel`` [2, n] of points ``v`` [n, 2] into MLS values ``out`` [n, 2].
 
     Works on the displacement field u = q - p: ``f(v) = v + (v - p*) Z + u*`` with Z = C^-1 D_u
     (affine), the complex number c_u / mu (similarity) or c / |c| - 1, c = mu + c_u (rigid).
     """
-    eps = torch.finfo(mom.dtype).eps
-    W = mom[0, 0]
-    mx, my = mom[0, 1] / W, mom[0, 2] / W  # p* - p_nn
-    cxx = mom[0, 3] / W - mx * mx  # C = sum w p^ p^T / W
-    cxy = mom[0, 4] / W - mx * my
-    cyy = mom[0, 5] / W - my * my
-    usx, usy = mom[1, 0] / W, mom[2, 0] / W  # u* (centred)
-    dxx = mom[1, 1] / W - mx * usx  # D_u = sum w p^ u^T / W
-    dxy = mom[2, 1] / W - mx * usy
-    dyx = mom[1, 2] / W - my * usx
-    dyy = mom[2, 2] / W - my * usy
-    s2 = (mom[0, 3] + mom[0, 5]) / W  # spread about p_nn: the scale of round-off in C
-    tr = cxx + cyy  # mu
-    ex, ey = -(rel[0] + mx), -(rel[1] + my)  # v - p*
-    translate = tr <= 64 * eps * s2  # all weighted src at one spot (K = 1, duplicates)
-    c_re = dxx + dyy  # c_u = sum w conj(p^) u^ / W
-    c_im = dxy - dyx
-    one, zero = torch.ones_like(tr), torch.zeros_like(tr)
-    if c.kind == "rigid":
-        # rotation c / |c| of c = sum w conj(p^) q^ / W = mu + c_u; none when c is round-off
-        cr = tr + c_re
-        cabs = torch.sqrt(cr * cr + c_im * c_im)
-        # round-off scale of c: mu, c_u and the raw terms D_u was computed from
-        raw = (mom[1, 1].abs() + mom[2, 2].abs() + mom[2, 1].abs() + mom[1, 2].abs()) / W
-        raw = raw + (mx.abs() + my.abs()) * (usx.abs() + usy.abs())
-        no_rot = translate | (cabs <= 64 * eps * (s2 + raw))
-        safe = torch.where(no_rot, one, cabs)
-        zr = torch.where(no_rot, zero, cr / safe - 1)
-        zi = torch.where(no_rot, zero, c_im / safe)
-    else:
-        # translation fallback f(v) = v - p* + q*: zero for the displacement field
-        safe = torch.where(translate, one, tr)
-        zr = torch.where(translate, zero, c_re / safe)
-        zi = torch.where(translate, zero, c_im / safe)
-    fx = ex * zr - ey * zi
-    fy = ex * zi + ey * zr
-    if c.kind == "affine":
-        det = cxx * cyy - cxy * cxy
-        ok = (~translate) & (det > 256 * eps * s2 * tr)  # else: singular -> similarity (above)
-        sdet = torch.where(ok, det, one)
-        rx = (ex * cyy - ey * cxy) / sdet  # (v - p*) C^-1
-        ry = (ey * cxx - ex * cxy) / sdet
-        fx = torch.where(ok, rx * dxx + ry * dyx, fx)
-        fy = torch.where(ok, rx * dxy + ry * dyy, fy)
-    torch.add(fx, usx + c.u0[0], out=out[:, 0])
-    torch.add(fy, usy + c.u0[1], out=out[:, 1])
+    m = _Moments(mom, rel)
+    fx, fy = _DISPLACEMENT[c.kind](m)
+    torch.add(fx, m.usx + c.u0[0], out=out[:, 0])
+    torch.add(fy, m.usy + c.u0[1], out=out[:, 1])
     out += v
 
 
