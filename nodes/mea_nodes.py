@@ -17,36 +17,35 @@ from comfy_api.latest import io, ui
 
 from ..attention.flow_view import FLOW_MODES, render_flow_view
 from ..attention.policy import DEFAULT_LAYERS, FLOW_LAYER_CHOICES, GUIDANCE_MODES, LAYER_CHOICES
-from ..warping import masks as _masks
 from ..warping import mls as _mls
-from ..warping.images import center_crop_multiple, neutralise_background
-from .convert import NodeInputError, check_choice, check_same_size, image_to_bchw, mask_to_bhw
+from . import convert as cv
 from .features import check_unet
 from .mea_calls import attn1_slots, trace_consumers
+from .mea_inputs import positive_context, prepare_reference
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
+from .sockets import MATCHES, TRACE
 from .trace import MeaTrace, find_traced_run, mls_flow_from_matches, samples_key
 
-__all__ = ["MaskedExtendedAttentionNode", "FlowViewNode", "TRACE", "NODE_CLASSES"]
+__all__ = ["MaskedExtendedAttentionNode", "FlowViewNode", "NODE_CLASSES"]
 
 log = logging.getLogger(__name__)
 
-TRACE = io.Custom("MAX4ZERO_TRACE")
-MATCHES = io.Custom("MAX4ZERO_MATCHES")
-
-MEA_ID = "MaX4ZeroMaskedExtendedAttention"
+CATEGORY = "MaX4Zero"
 FLOW_ID = "MaX4ZeroFlowView"
-MEA_NAME = "MaX4Zero Masked Extended Attention"
-FLOW_NAME = "MaX4Zero Leffa Flow View"
 TRACE_OUTPUT_INDEX = 1
 
 
 class MaskedExtendedAttentionNode(io.ComfyNode):
+    """Masked Extended Attention as a MODEL patch (docs/method.md §3b)."""
+
+    NODE = "MaX4Zero Masked Extended Attention"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id=MEA_ID,
-            display_name=MEA_NAME,
-            category="MaX4Zero",
+            node_id="MaX4ZeroMaskedExtendedAttention",
+            display_name=cls.NODE,
+            category=CATEGORY,
             description=(
                 "Patches the MODEL so the try-on region of the target reads the garment from a reference image "
                 "(MaX4Zero's Masked Extended Attention, docs/method.md §3b): target self-attention in the chosen decoder "
@@ -116,55 +115,25 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
         layers, reference_seed, background,
     ) -> io.NodeOutput:
-        node = MEA_NAME
-        check_choice(node, "guidance", guidance, GUIDANCE_MODES)
-        check_choice(node, "layers", layers, list(LAYER_CHOICES))
-        check_choice(node, "background", background, BACKGROUND_CHOICES)
+        node = cls.NODE
+        cv.check_choice(node, "guidance", guidance, GUIDANCE_MODES)
+        cv.check_choice(node, "layers", layers, list(LAYER_CHOICES))
+        cv.check_choice(node, "background", background, BACKGROUND_CHOICES)
         if not (0.0 <= float(start) <= float(end) <= 1.0):
-            raise NodeInputError(node, f"start={start} is after end={end}",
+            raise cv.NodeInputError(node, f"start={start} is after end={end}",
                                  "set start <= end (fractions of the schedule, paper: 0.7 and 1.0)")
         dm = check_unet(model, node)
         selection = LAYER_CHOICES[layers]
         keys = attn1_slots(dm, selection.parts)
         if not keys:
-            raise NodeInputError(node, f"the UNet has no self-attention in the parts chosen by layers={layers!r}",
+            raise cv.NodeInputError(node, f"the UNet has no self-attention in the parts chosen by layers={layers!r}",
                                  "pick another 'layers' choice")
 
-        ref = image_to_bchw(reference, node, "reference")
-        if ref.shape[0] != 1:
-            raise NodeInputError(node, f"reference holds {ref.shape[0]} images", "give one reference image "
-                                 "(it is shared by every image of the batch); pick one with 'ImageFromBatch'")
-        gm = mask_to_bhw(garment_mask, node, "garment_mask")
-        if gm.shape[0] != 1:
-            raise NodeInputError(node, f"garment_mask holds {gm.shape[0]} masks", "give the one mask of the "
-                                 "reference image")
-        check_same_size(node, "reference", ref.shape[-2:], "garment_mask", gm.shape[-2:])
-        tm = mask_to_bhw(target_mask, node, "target_mask")
-        ctx = _positive_context(positive, node)
-
-        img = ref[:, :3].permute(0, 2, 3, 1)  # IMAGE [1, H, W, 3]
-        if background == "neutralised":
-            img = neutralise_background(img, gm)
-        ratio = vae.spacial_compression_encode()
-        ratio = int(ratio) if isinstance(ratio, int) else 8
-        H, W = int(img.shape[1]), int(img.shape[2])
-        if H < ratio or W < ratio:
-            raise NodeInputError(node, f"reference is {W}x{H}", f"give a reference of at least {ratio}x{ratio} px")
-        img_c = center_crop_multiple(img, ratio, (1, 2))
-        gm_c = center_crop_multiple(gm, ratio, (1, 2))
-        crop = ((H % ratio) // 2, (W % ratio) // 2, int(img_c.shape[1]), int(img_c.shape[2]))
-
-        latent = vae.encode(img_c.contiguous())
-        channels = int(model.model.latent_format.latent_channels)
-        if latent.dim() != 4 or latent.shape[1] != channels:
-            raise NodeInputError(node, f"the VAE gives {tuple(latent.shape)} latents but the model expects "
-                                 f"{channels} channels", "connect the VAE that belongs to this model")
-        lat = model.model.process_latent_in(latent.detach().float().cpu())
-        gen = torch.Generator().manual_seed(int(reference_seed))
-        noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32)
-        garment = _masks.erode(gm_c > 0.5, _masks.GARMENT_EROSION)
+        tm = cv.mask_to_bhw(target_mask, node, "target_mask")
+        ctx = positive_context(positive, node)
+        ref = prepare_reference(node, model, vae, reference, garment_mask, background, reference_seed)
         notify = _node_text(getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None)
-        for empty, what in ((not bool(garment.any()), "the garment mask is empty (after 1 px erosion)"),
+        for empty, what in ((not bool(ref.garment.any()), "the garment mask is empty (after 1 px erosion)"),
                             (not bool((tm > 0.5).any()), "the target mask is empty")):
             if empty:  # the contract: a zero mask = no effect (a batch may carry images without a garment)
                 text = f"{node}: {what}: sampling with this model is plain sampling, no try-on"
@@ -172,14 +141,14 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                 notify(text)
 
         trace = _make_trace(cls.hidden)
-        trace.reference_size = (H, W)
-        trace.reference_crop = crop
+        trace.reference_size = ref.size
+        trace.reference_crop = ref.crop
         trace.window = (float(start), float(end))
 
         patch = MeaPatch(
             mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
-            layers=selection, attn1_keys=keys, ref_latent=lat, ref_noise=noise, ref_context=ctx,
-            garment_mask=garment, target_mask=tm, trace=trace,
+            layers=selection, attn1_keys=keys, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx,
+            garment_mask=ref.garment, target_mask=tm, trace=trace,
         )
         patch.notify = notify
         patched = model.clone()
@@ -202,15 +171,6 @@ def _node_text(unique_id):
     return send
 
 
-def _positive_context(positive, node: str) -> torch.Tensor:
-    ok = isinstance(positive, (list, tuple)) and positive and isinstance(positive[0], (list, tuple))
-    ctx = positive[0][0] if ok else None
-    if not isinstance(ctx, torch.Tensor) or ctx.dim() != 3:
-        raise NodeInputError(node, "positive is not a CONDITIONING", "connect a CLIP Text Encode output to "
-                             "'positive'")
-    return ctx[:1].detach()
-
-
 def _make_trace(hidden) -> MeaTrace:
     """A recording trace when a node of the queued prompt consumes our trace output, else a disabled one."""
     prompt = getattr(hidden, "prompt", None) if hidden is not None else None
@@ -226,18 +186,23 @@ def _make_trace(hidden) -> MeaTrace:
                 taus.append(float(t))
     tau = taus[0] if taus else 1.0
     if len(set(taus)) > 1:
-        log.warning("%s: connected flow views ask for different tau %s; recording at tau=%s", MEA_NAME,
+        log.warning("%s: connected flow views ask for different tau %s; recording at tau=%s",
+                    MaskedExtendedAttentionNode.NODE,
                     sorted(set(taus)), tau)
     return MeaTrace(enabled=True, tau=tau)
 
 
 class FlowViewNode(io.ComfyNode):
+    """Leffa's attention flow of an MEA sampling run, as pictures (docs/method.md §4)."""
+
+    NODE = "MaX4Zero Leffa Flow View"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=FLOW_ID,
-            display_name=FLOW_NAME,
-            category="MaX4Zero",
+            display_name=cls.NODE,
+            category=CATEGORY,
             description=(
                 "Shows where each generated pixel read the garment from (Leffa attention flow, docs/method.md §4), from "
                 "the attention recorded by the Masked Extended Attention node during sampling: flow as a colour "
@@ -295,28 +260,28 @@ class FlowViewNode(io.ComfyNode):
         cls, trace, reference, samples, layers, step_start, step_end, tau, mode, matches=None, mls_warped=None,
         mls_kind="affine", mls_alpha=0.1, epe_scale_px=32.0,
     ) -> io.NodeOutput:
-        node = FLOW_NAME
-        check_choice(node, "layers", layers, list(FLOW_LAYER_CHOICES))
-        check_choice(node, "mode", mode, FLOW_MODES)
-        check_choice(node, "mls_kind", mls_kind, _mls.KINDS)
+        node = cls.NODE
+        cv.check_choice(node, "layers", layers, list(FLOW_LAYER_CHOICES))
+        cv.check_choice(node, "mode", mode, FLOW_MODES)
+        cv.check_choice(node, "mls_kind", mls_kind, _mls.KINDS)
         if not all(hasattr(trace, a) for a in ("enabled", "tau", "arm", "reference_crop")):
-            raise NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
+            raise cv.NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
                                  "MaX4Zero Masked Extended Attention")
         lat = samples.get("samples") if isinstance(samples, dict) else None
         if not isinstance(lat, torch.Tensor) or lat.dim() != 4:
-            raise NodeInputError(node, "samples is not an image LATENT", "connect the sampler's LATENT output")
+            raise cv.NodeInputError(node, "samples is not an image LATENT", "connect the sampler's LATENT output")
         run, problem, fix = find_traced_run(trace, samples_key(lat), float(tau))
         if run is None:
-            raise NodeInputError(node, problem, fix)
+            raise cv.NodeInputError(node, problem, fix)
         records = list(run.records)
         if not records:
             win = trace.window or (None, None)
-            raise NodeInputError(node, "nothing was recorded: no sampling step used MEA", f"check the MEA window "
+            raise cv.NodeInputError(node, "nothing was recorded: no sampling step used MEA", f"check the MEA window "
                                  f"(start={win[0]}, end={win[1]}) against the sampler's steps, and the masks")
         latent_hw = (int(lat.shape[-2]), int(lat.shape[-1]))
         out_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
 
-        ref = image_to_bchw(reference, node, "reference")[:1, :3].float()
+        ref = cv.image_to_bchw(reference, node, "reference")[:1, :3].float()
         if trace.reference_crop is not None and tuple(ref.shape[-2:]) == tuple(trace.reference_size or ()):
             top, left, h, w = trace.reference_crop
             ref = ref[:, :, top : top + h, left : left + w]
@@ -332,7 +297,7 @@ class FlowViewNode(io.ComfyNode):
         if view.epe is not None:
             disagreement = (view.epe / float(epe_scale_px)).clamp(0.0, 1.0)
         elif mls_warped is not None:
-            mw = image_to_bchw(mls_warped, node, "mls_warped")[:, :3].float()
+            mw = cv.image_to_bchw(mls_warped, node, "mls_warped")[:, :3].float()
             if tuple(mw.shape[-2:]) != out_hw:
                 mw = torch.nn.functional.interpolate(mw, size=out_hw, mode="bilinear", align_corners=False)
             mw = mw.permute(0, 2, 3, 1)

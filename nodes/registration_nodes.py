@@ -20,11 +20,9 @@ from . import geometry as geo
 from . import preview as pv
 from . import registration as reg
 from .matches import Matches
+from .sockets import CROP, MATCHES
 
 CATEGORY = "MaX4Zero"
-MatchesType = io.Custom("MAX4ZERO_MATCHES")
-CropType = io.Custom("MAX4ZERO_CROP")
-
 
 
 def _one(node: str, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +110,7 @@ class Correspondence(io.ComfyNode):
                              "13. 1 = off. Odd values only."),
             ],
             outputs=[
-                MatchesType.Output("matches", display_name="matches",
+                MATCHES.Output("matches", display_name="matches",
                                    tooltip="Control-point pairs (reference pixel -> target pixel) for MaX4Zero MLS Warp."),
                 io.Image.Output("preview", display_name="preview",
                                 tooltip="Reference and target side by side, one line per control point, red = "
@@ -187,7 +185,7 @@ class MLSWarp(io.ComfyNode):
                               "pixel (3x3) and warped along with the image."),
                 io.Image.Input("target_image", tooltip="The person photo: sets the output size (and is shown under "
                                "the preview)."),
-                MatchesType.Input("matches", optional=True,
+                MATCHES.Input("matches", optional=True,
                                   tooltip="Control points from MaX4Zero Correspondence. Optional when manual_points "
                                   "is filled in."),
                 io.String.Input("manual_points", optional=True, multiline=True, default="",
@@ -304,7 +302,7 @@ class DoubleMaskInpaint(io.ComfyNode):
                 io.Int.Input("fringe_dilation", default=19, min=1, max=255, step=2,
                              tooltip="Square dilation of the thin fringe F into D (kept inside the target mask). "
                              "Paper: 19. 1 = D equals F. Odd values only."),
-                MatchesType.Input("matches", optional=True,
+                MATCHES.Input("matches", optional=True,
                                   tooltip="Optional (recommended): the matches of MaX4Zero Correspondence. This node "
                                   "then checks that the target region it repaints is the one the correspondence "
                                   "matched in (same target_mask, protect_mask and target_dilation on both nodes)."),
@@ -414,7 +412,7 @@ class CropToMask(io.ComfyNode):
             outputs=[
                 io.Image.Output("cropped_image", display_name="image", tooltip="The square crop at size x size."),
                 io.Mask.Output("cropped_mask", display_name="mask", tooltip="The mask cropped the same way."),
-                CropType.Output("crop_info", display_name="crop_info",
+                CROP.Output("crop_info", display_name="crop_info",
                                 tooltip="Where the crop came from: connect to MaX4Zero Paste Back."),
             ],
         )
@@ -457,7 +455,7 @@ class PasteBack(io.ComfyNode):
             inputs=[
                 io.Image.Input("original_image", tooltip="The full photo that was cropped."),
                 io.Image.Input("generated_image", tooltip="The generated (decoded) crop."),
-                CropType.Input("crop_info", tooltip="crop_info from MaX4Zero Crop To Mask."),
+                CROP.Input("crop_info", tooltip="crop_info from MaX4Zero Crop To Mask."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where pasting is allowed, at the original size or at the crop size (e.g. "
                               "target_mask from MaX4Zero Double-Mask Inpaint). Not connected: the whole crop."),

@@ -450,3 +450,52 @@ def test_use_replace_reads_the_reference_row_of_the_same_batch():
     plain = plain_attention(q, k, v, heads)
     assert torch.allclose(out[1:2], mea) and torch.equal(out[0], plain[0]) and torch.equal(out[2], plain[2])
     assert torch.equal(store[("output", 9, 0)].k, k[2:3])  # kept for later calls at the same sigma
+
+
+# ---------------------------------------------------------------------------------------------
+# the MEA node's inputs (nodes/mea_inputs.py), with stand-ins for the VAE and the model
+
+
+class _Vae:
+    def spacial_compression_encode(self):
+        return 8
+
+    def encode(self, image):  # IMAGE [B, H, W, 3] -> [B, 4, H/8, W/8]: the mean colour of each 8x8 cell
+        x = image.permute(0, 3, 1, 2)
+        cells = torch.nn.functional.avg_pool2d(x, 8)
+        return torch.cat([cells, cells.mean(1, keepdim=True)], 1)
+
+
+class _Model:
+    class model:  # noqa: N801  (ComfyUI's ModelPatcher.model)
+        class latent_format:  # noqa: N801
+            latent_channels = 4
+
+        @staticmethod
+        def process_latent_in(x):
+            return x * 0.5
+
+
+def test_reference_is_cropped_to_the_vae_multiple_encoded_and_noised_with_its_seed():
+    from max4zero.nodes.mea_inputs import prepare_reference
+
+    img = torch.rand(1, 21, 35, 3)
+    gm = torch.zeros(1, 21, 35)
+    gm[:, 4:18, 6:30] = 1
+    a = prepare_reference("N", _Model, _Vae(), img, gm, "kept", 3)
+    assert a.size == (21, 35) and a.crop == (2, 1, 16, 32) and a.latent.shape == (1, 4, 2, 4)
+    assert a.garment.shape == (1, 16, 32) and a.garment.dtype == torch.bool
+    assert a.garment.sum() < (gm[:, 2:18, 1:33] > 0.5).sum()  # eroded by 1 px
+    b = prepare_reference("N", _Model, _Vae(), img, gm, "kept", 3)
+    assert torch.equal(a.noise, b.noise) and not torch.equal(a.noise, prepare_reference("N", _Model, _Vae(), img, gm,
+                                                                                       "kept", 4).noise)
+    # neutralised: the result no longer depends on the background
+    other = img.clone()
+    other[:, :4] = 0.0
+    n1 = prepare_reference("N", _Model, _Vae(), img, gm, "neutralised", 3)
+    n2 = prepare_reference("N", _Model, _Vae(), other, gm, "neutralised", 3)
+    assert torch.equal(n1.latent, n2.latent)
+    with pytest.raises(ValueError, match="at least 8x8"):
+        prepare_reference("N", _Model, _Vae(), torch.rand(1, 4, 40, 3), torch.ones(1, 4, 40), "kept", 0)
+    with pytest.raises(ValueError, match="one reference image"):
+        prepare_reference("N", _Model, _Vae(), torch.rand(2, 16, 16, 3), torch.ones(1, 16, 16), "kept", 0)

@@ -1,0 +1,14 @@
+"""The pack's own socket types, declared once (V3 ``io.Custom``). Their names are saved in workflows: final."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+__all__ = ["MATCHES", "CROP", "TRACE"]
+
+#: control-point pairs (``nodes/matches.py: Matches``): Correspondence → MLS Warp, Double-Mask Inpaint, Flow View
+MATCHES = io.Custom("MAX4ZERO_MATCHES")
+#: where a crop came from (``nodes/geometry.py``): Crop To Mask → Paste Back
+CROP = io.Custom("MAX4ZERO_CROP")
+#: the attention trace handle (``nodes/trace.py: MeaTrace``): Masked Extended Attention → Flow View
+TRACE = io.Custom("MAX4ZERO_TRACE")
