@@ -10,7 +10,7 @@ display name, says what is wrong and what to do.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -25,6 +25,13 @@ __all__ = [
     "check_same_size",
     "check_nonempty",
     "check_choice",
+    "check_mask_size",
+    "placeholder_mask_problem",
+    "check_odd",
+    "check_widgets",
+    "validation_result",
+    "window_problem",
+    "mask_latent_problem",
 ]
 
 
@@ -152,10 +159,42 @@ def check_same_size(node: str, image_name: str, image_hw: Sequence[int], mask_na
 
 
 def check_nonempty(node: str, name: str, mask: torch.Tensor, what: str = "the region") -> None:
-    """Raise if no pixel of ``mask`` (any batch item) is above 0.5."""
+    """Raise if no pixel of ``mask`` (any batch item) is above 0.5; a soft mask is told apart from an empty one."""
     if not bool((mask > 0.5).any()):
+        peak = float(mask.max()) if mask.numel() else 0.0
+        if peak > 0.05:
+            raise NodeInputError(node, f"{name} is soft: no pixel above 0.5 (its largest value is {peak:.2f}), and a "
+                                 "mask counts only where it is above 0.5",
+                                 f"connect a hard mask that covers {what} (white = inside), or threshold this one "
+                                 "first (ThresholdMask with a value below its level)")
+        hint = ""
+        if tuple(mask.shape[-2:]) == PLACEHOLDER_HW:
+            hint = " (a 64x64 empty mask is what Load Image gives for an image without alpha: load the mask itself)"
         raise NodeInputError(node, f"{name} is empty (no pixel above 0.5)",
-                             f"connect a mask that covers {what} (white = inside)")
+                             f"connect a mask that covers {what} (white = inside){hint}")
+
+
+#: Load Image's MASK output for an image without an alpha channel: ``torch.zeros(64, 64)``.
+PLACEHOLDER_HW = (64, 64)
+
+
+def placeholder_mask_problem(mask: torch.Tensor, image_hw: Sequence[int], name: str = "mask") -> Optional[str]:
+    """The sentence for Load Image's 64×64 all-zero placeholder mask given with an image of another size, or None."""
+    ih, iw = (int(s) for s in image_hw)
+    if tuple(mask.shape[-2:]) != PLACEHOLDER_HW or (ih, iw) == PLACEHOLDER_HW or bool((mask != 0).any()):
+        return None
+    return (f"{name} is the 64x64 empty placeholder that Load Image outputs for an image without an alpha channel, "
+            f"not a mask of this {iw}x{ih} image")
+
+
+def check_mask_size(node: str, image_name: str, image_hw: Sequence[int], mask_name: str, mask: torch.Tensor) -> None:
+    """:func:`check_same_size` for a mask tensor, which first recognises Load Image's placeholder mask."""
+    problem = placeholder_mask_problem(mask, image_hw, mask_name)
+    if problem:
+        raise NodeInputError(node, problem, "load the mask itself (LoadImageMask on a mask file, white = inside, "
+                             "or a segmentation node); Load Image's MASK output only holds something for PNGs with "
+                             "transparency")
+    check_same_size(node, image_name, image_hw, mask_name, mask.shape[-2:])
 
 
 def check_choice(node: str, name: str, value, options: Sequence) -> None:
@@ -163,3 +202,145 @@ def check_choice(node: str, name: str, value, options: Sequence) -> None:
     if value not in options:
         raise NodeInputError(node, f"{name}={value!r} is not one of {list(options)}",
                              f"pick one of {list(options)} (an old workflow may hold a value that was renamed)")
+
+
+# --------------------------------------------------------------------------------------------
+# Widget checks shared by a node's ``execute`` and its V3 ``validate_inputs`` (queue time)
+
+
+def check_odd(node: str, name: str, value, lo: int = 1, hi: int = 255) -> None:
+    """Raise unless ``value`` is an odd int in ``lo..hi`` (side of a square kernel)."""
+    try:
+        k = int(value)
+        ok = k == value and lo <= k <= hi and k % 2 == 1
+    except (TypeError, ValueError):
+        k, ok = None, False
+    if not ok:
+        if k is not None and k == value and k % 2 == 0 and lo < k < hi:
+            fix = f"use {k - 1} or {k + 1}"
+        else:
+            fix = f"use an odd whole number from {lo} to {hi}"
+        raise NodeInputError(node, f"{name}={value!r} must be an odd whole number from {lo} to {hi} (side of a "
+                             "square)", fix)
+
+
+def check_widgets(node: str, inputs: Iterable, values: dict) -> None:
+    """ComfyUI's own widget checks (combo options, min, max) for the ``values`` given, by the node's schema inputs.
+
+    ComfyUI skips these checks for every input that a V3 ``validate_inputs`` declares, and 0.3.64 never checks
+    V3 combo values: this restores them, with messages that name the node, the input and a fix. A value of
+    None (a widget converted to a link, unknown at queue time) is skipped.
+    """
+    for inp in inputs:
+        name = getattr(inp, "id", None)
+        if name not in values or values[name] is None:
+            continue
+        v = values[name]
+        options = getattr(inp, "options", None)
+        if options is not None:
+            check_choice(node, name, v, list(options))
+            continue
+        lo, hi = getattr(inp, "min", None), getattr(inp, "max", None)
+        if lo is None and hi is None:
+            continue
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise NodeInputError(node, f"{name}={v!r} is not a number", f"give a number from {lo} to {hi}") from None
+        if x != x or (lo is not None and x < lo) or (hi is not None and x > hi):
+            raise NodeInputError(node, f"{name}={v!r} is outside {lo}..{hi}", f"give a number from {lo} to {hi}")
+
+
+def validation_result(check: Callable[[], None]) -> "bool | str":
+    """What a V3 ``validate_inputs`` returns: True, or the message of the NodeInputError ``check`` raised."""
+    try:
+        check()
+    except NodeInputError as exc:
+        return str(exc)
+    return True
+
+
+def window_problem(start, end) -> Optional[str]:
+    """The sentence for an MEA window with start after end (fractions of the schedule), or None."""
+    try:
+        s, e = float(start), float(end)
+    except (TypeError, ValueError):
+        return f"start={start!r} and end={end!r} must be numbers from 0 to 1"
+    if not (0.0 <= s <= 1.0 and 0.0 <= e <= 1.0):
+        return f"start={start} and end={end} must lie from 0 to 1 (fractions of the schedule)"
+    if s > e:
+        return f"start={start} is after end={end}: the MEA window would hold no step; set start <= end (paper: 0.7 and 1.0)"
+    return None
+
+
+def mask_latent_problem(mask_shape: Sequence[int], latent_shape: Sequence[int], name: str = "target_mask",
+                        ratio: int = 8) -> Optional[str]:
+    """Whether a target mask fits the latent it is applied to (batch and aspect), as one sentence, or None.
+
+    Args:
+        mask_shape: ``[B, H, W]`` (or ``[H, W]``) of the mask.
+        latent_shape: ``[B, C, h, w]`` of the latent being sampled.
+        ratio: pixels per latent cell (8 for SD), only for the message.
+
+    The batch must be 1 or the latent's. The aspect must agree to within one latent cell (and 2 %): the mask is
+    resized to each token grid, so another aspect would be stretched. Crop To Mask's mask and Double-Mask Inpaint's
+    target_mask always fit the image they belong to.
+    """
+    ms = [int(s) for s in mask_shape]
+    mb, mh, mw = (ms if len(ms) == 3 else [1, *ms])[-3:]
+    lb, lh, lw = int(latent_shape[0]), int(latent_shape[-2]), int(latent_shape[-1])
+    if mb not in (1, lb):
+        return (f"{name} holds {mb} masks but the latent being sampled is a batch of {lb}: give one mask (shared by "
+                f"the batch) or one per latent, in the latent's order")
+    if mh < 1 or mw < 1 or lh < 1 or lw < 1:
+        return f"{name} is {mw}x{mh} and the latent {lw}x{lh} cells: neither may be empty"
+    off_h = abs(mh * lw / mw - lh)
+    off_w = abs(mw * lh / mh - lw)
+    if off_h > max(1.0, 0.02 * lh) or off_w > max(1.0, 0.02 * lw):
+        return (f"{name} is {mw}x{mh} (aspect {mw / mh:.2f}) but the latent is {lw}x{lh} cells ({lw * ratio}x"
+                f"{lh * ratio} px, aspect {lw / lh:.2f}): it would be stretched. Give the mask of the image being "
+                "generated, at its size (Crop To Mask's mask, or Double-Mask Inpaint's target_mask)")
+    return None
+
+
+def model_context_dim(model) -> Optional[int]:
+    """Width of the text conditioning the UNet's cross-attention takes (768 SD1.5, 1024 SD2, 2048 SDXL), or None.
+
+    Read from the model's ``unet_config`` (``context_dim``), else from the first cross-attention's key
+    projection. Duck-typed: no ComfyUI import.
+    """
+    base = getattr(model, "model", None)
+    cfg = getattr(getattr(base, "model_config", None), "unet_config", None)
+    cd = cfg.get("context_dim") if isinstance(cfg, dict) else None
+    if isinstance(cd, int) and not isinstance(cd, bool) and cd > 0:
+        return cd
+    dm = getattr(base, "diffusion_model", None)
+    if dm is None or not hasattr(dm, "modules"):
+        return None
+    for m in dm.modules():
+        k = getattr(getattr(m, "attn2", None), "to_k", None)
+        if k is not None and isinstance(getattr(k, "in_features", None), int):
+            return int(k.in_features)
+    return None
+
+
+def conditioning_problem(positive, model, name: str = "positive") -> Optional[str]:
+    """Whether a CONDITIONING fits the model's cross-attention (its width), as one sentence, or None.
+
+    Found before any sampling (the MEA node, Correspondence), instead of as a shape error inside the UNet: SD1.5
+    text (768) on an SDXL model (2048) is the usual case.
+    """
+    ok = isinstance(positive, (list, tuple)) and len(positive) > 0 and all(
+        isinstance(c, (list, tuple)) and len(c) >= 1 and isinstance(c[0], torch.Tensor) for c in positive)
+    if not ok:
+        return f"{name} is not a CONDITIONING; connect a CLIP Text Encode output to it"
+    want = model_context_dim(model)
+    if want is None:
+        return None
+    widths = sorted({int(c[0].shape[-1]) for c in positive})
+    bad = [w for w in widths if w != want]
+    if not bad:
+        return None
+    return (f"{name} is text conditioning {bad[0]} wide but this model's cross-attention takes {want} (SD1.5: 768, "
+            "SD2: 1024, SDXL: 2048), so the prompt was encoded by the CLIP of another model family. Encode it with "
+            "the CLIP of this checkpoint (the CLIP output of the loader that gives this MODEL)")

@@ -14,7 +14,7 @@ ComfyUI import.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,7 +22,13 @@ import torch.nn.functional as F
 
 from ..warping import masks as _masks
 
-__all__ = ["CropInfo", "square_box", "crop", "crop_mask", "uncrop_mask", "paste"]
+__all__ = ["CropInfo", "square_box", "crop", "crop_mask", "uncrop_mask", "paste", "fingerprint", "fingerprint_problem"]
+
+#: Side of the thumbnail that recognises the cropped photo (per batch item, RGB, area mean).
+FINGERPRINT_SIDE = 16
+#: Mean absolute difference (0..1) of two thumbnails above which they are different photos. An 8-bit round
+#: trip of the same photo differs by < 0.005; a different photo of the same size typically by > 0.1.
+FINGERPRINT_TOLERANCE = 0.03
 
 
 @dataclass(frozen=True)
@@ -34,11 +40,15 @@ class CropInfo:
         box: ``(x0, y0, x1, y1)``, a square in original pixels (half-open); it may reach outside the
             image (negative or beyond the size) when the image is smaller than the box.
         size: side of the crop in pixels (the working size, e.g. 512).
+        fingerprint: ``[B, 3, 16, 16]`` thumbnail of the cropped photo (:func:`fingerprint`), so that Paste Back
+            can tell the photo this crop came from from another photo of the same size. None = unknown
+            (not compared).
     """
 
     original_size: tuple[int, int]
     box: tuple[int, int, int, int]
     size: int
+    fingerprint: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     @property
     def side(self) -> int:
@@ -54,6 +64,41 @@ class CropInfo:
         H, W = self.original_size
         x0, y0, x1, y1 = self.box
         return max(0, x0), max(0, y0), min(W, x1), min(H, y1)
+
+
+def fingerprint(image: torch.Tensor) -> torch.Tensor:
+    """A cheap fingerprint of ``image`` ``[B, C, H, W]``: its RGB area-mean thumbnail, float32 ``[B, 3, 16, 16]`` on CPU.
+
+    Alpha (a 4th channel) plays no part, so an RGBA photo and its RGB copy have the same fingerprint; grey
+    is repeated to 3 channels.
+    """
+    x = image.float()
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+    return F.adaptive_avg_pool2d(x, FINGERPRINT_SIDE).detach().cpu()
+
+
+def fingerprint_problem(info: "CropInfo", image: torch.Tensor, name: str = "original_image") -> Optional[str]:
+    """Why ``image`` ``[B, C, H, W]`` is not the photo ``info`` was cropped from, or None (also None when unknown).
+
+    The size is compared first, then the fingerprint (mean absolute thumbnail difference per batch item;
+    a batch of 1 on either side is shared).
+    """
+    H, W = (int(s) for s in info.original_size)
+    if tuple(image.shape[-2:]) != (H, W):
+        return (f"{name} is {image.shape[-1]}x{image.shape[-2]} but crop_info was made from a {W}x{H} image")
+    ref = info.fingerprint
+    if ref is None:
+        return None
+    cur = fingerprint(image)
+    if ref.shape[0] != cur.shape[0] and 1 not in (ref.shape[0], cur.shape[0]):
+        return (f"{name} is a batch of {cur.shape[0]} but crop_info was made from a batch of {ref.shape[0]}, so it "
+                "belongs to another image")
+    diff = (cur - ref).abs().mean(dim=(1, 2, 3))
+    worst = float(diff.max())
+    if worst > FINGERPRINT_TOLERANCE:
+        return (f"crop_info was made from another {W}x{H} photo, not from {name} (their thumbnails differ by "
+                f"{worst:.2f} on average; the same photo differs by < {FINGERPRINT_TOLERANCE})")
+    return None
 
 
 def square_box(mask: torch.Tensor, padding: float = 0.1, min_side: int = 8) -> tuple[int, int, int, int]:
@@ -213,4 +258,6 @@ def paste(
     alpha = alpha.expand(B, 1, H, W)
     blended = original.float() * (1.0 - alpha) + gen_full * alpha
     out = torch.where(alpha > 0, blended, original.float().expand_as(blended))
+    if c < original.shape[1]:  # channels the crop lacks (alpha): the original's, bit for bit
+        out[:, c:] = original.float().expand(B, -1, -1, -1)[:, c:]
     return out.to(original.dtype)

@@ -20,6 +20,7 @@ from .preview import grid_lines
 __all__ = [
     "OUTLIER_FILTERS", "CONTROL_POINT_MODES", "MLS_KINDS", "SAMPLINGS", "FEATURE_STRIDE",
     "grid_mask", "matches_from_features", "warp_garment", "double_mask", "feature_noise",
+    "far_points_problem",
 ]
 
 OUTLIER_FILTERS = ("ransac", "none")
@@ -185,3 +186,26 @@ def double_mask(
     return t.expand(B, -1, -1).float(), thin.float(), dil.float()
 
 
+def far_points_problem(matches: Matches, margin: float = 1.0) -> Optional[str]:
+    """Why some control points lie far outside their images (a typo, e.g. 1e6), or None.
+
+    A point may lie outside its image (a garment cut by the photo's edge), but not by more than ``margin``
+    times the image's longer side: beyond that the MLS map reads nothing but black. Reference points are
+    checked against ``matches.reference_size``, target points against ``matches.target_size`` (the sizes
+    the points are given in).
+    """
+    for which, pts, (h, w) in (("reference", matches.reference_points, matches.reference_size),
+                               ("target", matches.target_points, matches.target_size)):
+        if pts.numel() == 0:
+            continue
+        reach = float(margin) * max(h, w)
+        p = pts.double()
+        bad = ~torch.isfinite(p).all(dim=1)
+        bad |= (p[:, 0] < -reach) | (p[:, 0] > w - 1 + reach) | (p[:, 1] < -reach) | (p[:, 1] > h - 1 + reach)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            x, y = (float(v) for v in pts[i].tolist())
+            return (f"control point #{i} has {which} point ({x:.6g}, {y:.6g}), far outside the {w}x{h} {which} image "
+                    f"({int(bad.sum())} of {len(matches)} points are). Points are pixel (x, y) of the images: x from 0 "
+                    f"to {w - 1}, y from 0 to {h - 1} (a little outside is fine)")
+    return None

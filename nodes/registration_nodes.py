@@ -14,12 +14,14 @@ from comfy_api.latest import io
 from ..warping import fringe as _fringe
 from ..warping import images as _images
 from ..warping import masks as _masks
+from ..warping import matching as _matching
 from ..warping import mls as _mls
 from . import convert as cv
 from . import geometry as geo
 from . import preview as pv
 from . import registration as reg
 from .matches import Matches
+from .notify import warn_on_node
 from .sockets import CROP, MATCHES
 
 CATEGORY = "MaX4Zero"
@@ -40,16 +42,51 @@ def _eroded_garment(node: str, gm: torch.Tensor) -> torch.Tensor:
     return er.float()
 
 
-def _check_odd(node: str, name: str, k) -> None:
-    if int(k) < 1 or int(k) % 2 == 0:
-        raise cv.NodeInputError(node, f"{name}={k} must be a positive odd number (side of the square)",
-                                f"use {max(1, int(k) - 1) | 1} or {max(1, int(k)) | 1}")
+def _warn_if_inverted(node: str, name: str, mask: torch.Tensor) -> None:
+    """Issue 13 item 6: a mask that looks inverted (background white) is legal but almost never meant: say so."""
+    problem = _masks.inverted_mask_problem(mask, name)
+    if problem:
+        warn_on_node(node, problem)
 
 
-class Correspondence(io.ComfyNode):
+class _WidgetChecks:
+    """Checks that need only widget values run at queue time (V3 ``validate_inputs``) and again in ``execute``.
+
+    ``WIDGETS`` names the inputs checked. ComfyUI skips its own min/max/combo checks for the inputs a
+    ``validate_inputs`` declares, so :func:`convert.check_widgets` redoes them from the schema; ``_rules`` adds
+    the node's own (odd kernels, multiples of 8, parsable points). A widget turned into a link arrives as None
+    at queue time and is checked when the node runs.
+    """
+
+    NODE = ""
+    WIDGETS: tuple = ()
+
+    @classmethod
+    def check_widget_values(cls, **values) -> None:
+        values = {k: v for k, v in values.items() if k in cls.WIDGETS and v is not None}
+        cv.check_widgets(cls.NODE, cls.define_schema().inputs, values)
+        cls._rules(values)
+
+    @classmethod
+    def _rules(cls, values: dict) -> None:
+        pass
+
+
+class Correspondence(_WidgetChecks, io.ComfyNode):
     """Deep-feature correspondence between the garment photo and the person (docs/method.md §2a-c)."""
 
     NODE = "MaX4Zero Correspondence"
+    WIDGETS = ("mode", "outlier_filter", "control_points", "target_dilation")
+
+    @classmethod
+    def _rules(cls, values: dict) -> None:
+        if "target_dilation" in values:
+            cv.check_odd(cls.NODE, "target_dilation", values["target_dilation"])
+
+    @classmethod
+    def validate_inputs(cls, mode=None, outlier_filter=None, control_points=None, target_dilation=None):
+        return cv.validation_result(lambda: cls.check_widget_values(
+            mode=mode, outlier_filter=outlier_filter, control_points=control_points, target_dilation=target_dilation))
 
     @classmethod
     def define_schema(cls):
@@ -125,25 +162,28 @@ class Correspondence(io.ComfyNode):
         from . import features as ft
 
         n = cls.NODE
-        cv.check_choice(n, "mode", mode, ("paper", "dift"))
-        cv.check_choice(n, "outlier_filter", outlier_filter, reg.OUTLIER_FILTERS)
-        cv.check_choice(n, "control_points", control_points, reg.CONTROL_POINT_MODES)
+        cls.check_widget_values(mode=mode, outlier_filter=outlier_filter, control_points=control_points,
+                                target_dilation=target_dilation)
         ft.check_unet(model, n)
+        problem = cv.conditioning_problem(positive, model, "positive")
+        if problem:
+            raise cv.NodeInputError(n, problem)
         ref = _one(n, "reference_image", cv.image_to_bchw(reference_image, n, "reference_image"))
         tgt = _one(n, "target_image", cv.image_to_bchw(target_image, n, "target_image"))
         gm = _one(n, "garment_mask", cv.mask_to_bhw(garment_mask, n, "garment_mask"))
         tm = _one(n, "target_mask", cv.mask_to_bhw(target_mask, n, "target_mask"))
-        cv.check_same_size(n, "reference_image", ref.shape[-2:], "garment_mask", gm.shape[-2:])
-        cv.check_same_size(n, "target_image", tgt.shape[-2:], "target_mask", tm.shape[-2:])
+        cv.check_mask_size(n, "reference_image", ref.shape[-2:], "garment_mask", gm)
+        cv.check_mask_size(n, "target_image", tgt.shape[-2:], "target_mask", tm)
         cv.check_nonempty(n, "garment_mask", gm, "the garment in the reference photo")
         cv.check_nonempty(n, "target_mask", tm, "the region to repaint on the person")
-        _check_odd(n, "target_dilation", target_dilation)
+        _warn_if_inverted(n, "garment_mask", gm)
+        _warn_if_inverted(n, "target_mask", tm)
         pm = None
         if protect_mask is not None:
             pm = _one(n, "protect_mask", cv.mask_to_bhw(protect_mask, n, "protect_mask"))
-            cv.check_same_size(n, "target_image", tgt.shape[-2:], "protect_mask", pm.shape[-2:])
+            cv.check_mask_size(n, "target_image", tgt.shape[-2:], "protect_mask", pm)
         tm = reg.prepare_target_mask(tm, pm, int(target_dilation)).float()
-        cv.check_nonempty(n, "target_mask", tm, "the region to repaint on the person, beyond protect_mask")
+        _check_region_left(n, tm)
         gm = _eroded_garment(n, gm)
 
         spec = ft.FeatureSpec(mode=mode, t=ft.PAPER_T if mode == "paper" else ft.DIFT_T,
@@ -154,6 +194,9 @@ class Correspondence(io.ComfyNode):
             matches = reg.matches_from_features(
                 feats[0], feats[1], grids[0], grids[1], works[0], works[1], tuple(ref.shape[-2:]),
                 tuple(tgt.shape[-2:]), outlier_filter, outlier_threshold, control_points, score_threshold, seed)
+        except _matching.NoMatchError as exc:
+            raise cv.NodeInputError(n, exc.detail or str(exc), _no_match_fix(exc, mode, outlier_filter,
+                                                                             control_points, score_threshold)) from exc
         except ValueError as exc:
             raise cv.NodeInputError(n, str(exc)) from exc
         matches = dataclasses.replace(matches, target_region=tm[0] > 0.5)
@@ -162,10 +205,61 @@ class Correspondence(io.ComfyNode):
         return io.NodeOutput(matches, cv.bchw_to_image(prev[None]))
 
 
-class MLSWarp(io.ComfyNode):
+def _check_region_left(node: str, processed: torch.Tensor) -> None:
+    """Issue 13 item 3: refuse, before any sampling, a protect_mask that removes the whole try-on region."""
+    if not bool((processed > 0.5).any()):
+        raise cv.NodeInputError(
+            node, "protect_mask covers the whole target_mask: nothing is left to repaint, so the result would be "
+            "the input photo unchanged", "protect_mask should cover only what must be kept inside the region (hands, "
+            "hair, objects), white = keep; check that it is not inverted, or disconnect it")
+
+
+def _no_match_fix(exc: "_matching.NoMatchError", mode: str, outlier_filter: str, control_points: str,
+                  score_threshold: float) -> str:
+    """What to change on MaX4Zero Correspondence when no control point is left (names its real inputs only)."""
+    tips = []
+    if exc.stage == "control_points" and control_points == "random":
+        tips.append("set control_points='all' (the random draw keeps a point with probability = its score, and "
+                    "every draw failed), or try another seed")
+    elif exc.stage == "control_points":
+        tips.append(f"lower score_threshold (now {score_threshold}) or set control_points='all'")
+    if exc.stage == "ransac" or outlier_filter == "ransac":
+        tips.append("set outlier_filter='none' or raise outlier_threshold")
+    if mode == "paper":
+        tips.append("try mode='dift' (better for textured garments; connect an empty prompt)")
+    tips.append("check that garment_mask covers the garment and target_mask the region to repaint, or type points "
+                "into MaX4Zero MLS Warp's manual_points")
+    return "; ".join(tips)
+
+
+class MLSWarp(_WidgetChecks, io.ComfyNode):
     """Moving Least Squares warp of the garment onto the target (docs/method.md §2d)."""
 
     NODE = "MaX4Zero MLS Warp"
+    WIDGETS = ("kind", "sampling", "manual_points")
+
+    @classmethod
+    def _rules(cls, values: dict) -> None:
+        text = (values.get("manual_points") or "").strip() if isinstance(values.get("manual_points"), str) else ""
+        if not text:
+            return
+        try:
+            m = Matches.from_json(text)  # sizes given in the JSON: the points can be checked now
+        except ValueError:
+            m = None
+        try:
+            if m is None:
+                Matches.from_json(text, (1, 1), (1, 1))  # syntax only; the image sizes are known when it runs
+        except ValueError as exc:
+            raise cv.NodeInputError(cls.NODE, f"manual_points: {exc}") from exc
+        problem = reg.far_points_problem(m) if m is not None else None
+        if problem:
+            raise cv.NodeInputError(cls.NODE, f"manual_points: {problem}")
+
+    @classmethod
+    def validate_inputs(cls, kind=None, sampling=None, manual_points=None):
+        return cv.validation_result(lambda: cls.check_widget_values(
+            kind=kind, sampling=sampling, manual_points=manual_points))
 
     @classmethod
     def define_schema(cls):
@@ -220,15 +314,15 @@ class MLSWarp(io.ComfyNode):
     def execute(cls, reference_image, garment_mask, target_image, kind, alpha, stride, sampling, matches=None,
                 manual_points="") -> io.NodeOutput:
         n = cls.NODE
-        cv.check_choice(n, "kind", kind, reg.MLS_KINDS)
-        cv.check_choice(n, "sampling", sampling, reg.SAMPLINGS)
-        ref = cv.image_to_bchw(reference_image, n, "reference_image")
+        cls.check_widget_values(kind=kind, sampling=sampling)
+        ref = cv.to_rgb(cv.image_to_bchw(reference_image, n, "reference_image"))  # RGB out: alpha is not warped
         gm = cv.mask_to_bhw(garment_mask, n, "garment_mask")
         tgt = cv.image_to_bchw(target_image, n, "target_image")
-        cv.check_same_size(n, "reference_image", ref.shape[-2:], "garment_mask", gm.shape[-2:])
+        cv.check_mask_size(n, "reference_image", ref.shape[-2:], "garment_mask", gm)
         b = cv.broadcast_batch(n, reference_image=ref, garment_mask=gm)
         ref, gm = b["reference_image"], b["garment_mask"]
         cv.check_nonempty(n, "garment_mask", gm, "the garment in the reference photo")
+        _warn_if_inverted(n, "garment_mask", gm)
         gm = _eroded_garment(n, gm)
         ref_hw, tgt_hw = tuple(ref.shape[-2:]), tuple(tgt.shape[-2:])
         text = (manual_points or "").strip()
@@ -249,6 +343,10 @@ class MLSWarp(io.ComfyNode):
         if len(m) == 0:
             raise cv.NodeInputError(n, "the matches hold no control points",
                                     "loosen the Correspondence settings (outlier_filter none, control_points all)")
+        far = reg.far_points_problem(m)
+        if far:
+            raise cv.NodeInputError(n, f"manual_points: {far}" if text else f"matches: {far}",
+                                    "" if text else "connect matches made for these images")
         warped, wmask, grid = reg.warp_garment(ref, gm, m, tgt_hw, kind, alpha, int(stride), sampling)
         prev = pv.warp_preview(tgt[0], warped[0], wmask[0], grid[0])
         return io.NodeOutput(cv.bchw_to_image(warped), wmask.contiguous(), cv.bchw_to_image(prev[None]))
@@ -266,10 +364,22 @@ def _check_same_region(node: str, matches, target: torch.Tensor) -> None:
             "pixels)", "give both nodes the same target_mask, protect_mask and target_dilation")
 
 
-class DoubleMaskInpaint(io.ComfyNode):
+class DoubleMaskInpaint(_WidgetChecks, io.ComfyNode):
     """Composite + double mask for the fringe phase (docs/method.md §2e, §3a)."""
 
     NODE = "MaX4Zero Double-Mask Inpaint"
+    WIDGETS = ("target_dilation", "fringe_dilation")
+
+    @classmethod
+    def _rules(cls, values: dict) -> None:
+        for name in cls.WIDGETS:
+            if name in values:
+                cv.check_odd(cls.NODE, name, values[name])
+
+    @classmethod
+    def validate_inputs(cls, target_dilation=None, fringe_dilation=None):
+        return cv.validation_result(lambda: cls.check_widget_values(
+            target_dilation=target_dilation, fringe_dilation=fringe_dilation))
 
     @classmethod
     def define_schema(cls):
@@ -337,26 +447,27 @@ class DoubleMaskInpaint(io.ComfyNode):
         import node_helpers
 
         n = cls.NODE
-        for name, k in (("target_dilation", target_dilation), ("fringe_dilation", fringe_dilation)):
-            _check_odd(n, name, k)
+        cls.check_widget_values(target_dilation=target_dilation, fringe_dilation=fringe_dilation)
         tgt = cv.image_to_bchw(target_image, n, "target_image")
         tm = cv.mask_to_bhw(target_mask, n, "target_mask")
         wimg = cv.image_to_bchw(warped_image, n, "warped_image")
         wm = cv.mask_to_bhw(warped_mask, n, "warped_mask")
         pm = cv.mask_to_bhw(protect_mask, n, "protect_mask") if protect_mask is not None else None
         hw = tgt.shape[-2:]
-        cv.check_same_size(n, "target_image", hw, "target_mask", tm.shape[-2:])
+        cv.check_mask_size(n, "target_image", hw, "target_mask", tm)
         cv.check_same_size(n, "target_image", hw, "warped_image", wimg.shape[-2:])
         cv.check_same_size(n, "target_image", hw, "warped_mask", wm.shape[-2:])
         if pm is not None:
-            cv.check_same_size(n, "target_image", hw, "protect_mask", pm.shape[-2:])
+            cv.check_mask_size(n, "target_image", hw, "protect_mask", pm)
         tgt, wimg = cv.to_rgb(tgt), cv.to_rgb(wimg)  # the VAE takes RGB; alpha plays no part here
         extra = {"protect_mask": pm} if pm is not None else {}
         b = cv.broadcast_batch(n, target_image=tgt, target_mask=tm, warped_image=wimg, warped_mask=wm, **extra)
         tgt, tm, wimg, wm = b["target_image"], b["target_mask"], b["warped_image"], b["warped_mask"]
         cv.check_nonempty(n, "target_mask", tm, "the region to repaint on the person")
 
+        _warn_if_inverted(n, "target_mask", tm)
         tmask, thin, dil = reg.double_mask(tm, wm, b.get("protect_mask"), int(target_dilation), int(fringe_dilation))
+        _check_region_left(n, tmask)
         _check_same_region(n, matches, tmask)
 
         comp = _fringe.composite(tgt.float(), wimg.float(), wm, tmask)
@@ -383,10 +494,22 @@ class DoubleMaskInpaint(io.ComfyNode):
         return io.NodeOutput(out[0], out[1], latent, comp_img, tmask, thin, dil, cv.bchw_to_image(prev))
 
 
-class CropToMask(io.ComfyNode):
+class CropToMask(_WidgetChecks, io.ComfyNode):
     """Padded square crop around a mask, resized to the model's working size (docs/method.md §1, in the wild)."""
 
     NODE = "MaX4Zero Crop To Mask"
+    WIDGETS = ("size", "padding")
+
+    @classmethod
+    def _rules(cls, values: dict) -> None:
+        size = values.get("size")
+        if size is not None and int(size) % 8:
+            raise cv.NodeInputError(cls.NODE, f"size={size} must be a multiple of 8 (latents are 1/8 of the image)",
+                                    f"use {max(64, int(size) // 8 * 8)} or {max(64, int(size) // 8 * 8 + 8)}")
+
+    @classmethod
+    def validate_inputs(cls, size=None, padding=None):
+        return cv.validation_result(lambda: cls.check_widget_values(size=size, padding=padding))
 
     @classmethod
     def define_schema(cls):
@@ -420,26 +543,37 @@ class CropToMask(io.ComfyNode):
     @classmethod
     def execute(cls, image, mask, size, padding) -> io.NodeOutput:
         n = cls.NODE
+        cls.check_widget_values(size=size, padding=padding)
         img = cv.image_to_bchw(image, n, "image")
         m = cv.mask_to_bhw(mask, n, "mask")
-        cv.check_same_size(n, "image", img.shape[-2:], "mask", m.shape[-2:])
+        cv.check_mask_size(n, "image", img.shape[-2:], "mask", m)
         cv.check_nonempty(n, "mask", m, "the person/garment to crop around")
-        if int(size) < 8 or int(size) % 8:
-            raise cv.NodeInputError(n, f"size={size} must be a multiple of 8 (latents are 1/8 of the image)",
-                                    f"use {max(8, int(size) // 8 * 8)}")
+        _warn_if_inverted(n, "mask", m)
         b = cv.broadcast_batch(n, image=img, mask=m)
         img, m = b["image"], b["mask"]
         box = geo.square_box(m[:, None], float(padding))
-        info = geo.CropInfo(tuple(img.shape[-2:]), box, int(size))
-        out = geo.crop(img, info)
+        info = geo.CropInfo(tuple(img.shape[-2:]), box, int(size), fingerprint=geo.fingerprint(img))
+        # Issue 13 item 7: the crop goes to the VAE / InpaintModelConditioning, which take RGB: an alpha channel
+        # is dropped here; Paste Back keeps the original's alpha.
+        out = geo.crop(cv.to_rgb(img), info)
         om = geo.crop_mask(m[:, None], info)[:, 0]
         return io.NodeOutput(cv.bchw_to_image(out), om.contiguous(), info)
 
 
-class PasteBack(io.ComfyNode):
+class PasteBack(_WidgetChecks, io.ComfyNode):
     """Paste a generated crop back into the full photo (docs/method.md §3 Finish)."""
 
     NODE = "MaX4Zero Paste Back"
+    WIDGETS = ("feather",)
+
+    @classmethod
+    def _rules(cls, values: dict) -> None:
+        if "feather" in values:
+            cv.check_odd(cls.NODE, "feather", values["feather"])
+
+    @classmethod
+    def validate_inputs(cls, feather=None):
+        return cv.validation_result(lambda: cls.check_widget_values(feather=feather))
 
     @classmethod
     def define_schema(cls):
@@ -473,28 +607,48 @@ class PasteBack(io.ComfyNode):
         if not isinstance(crop_info, geo.CropInfo):
             raise cv.NodeInputError(n, f"crop_info is a {type(crop_info).__name__}",
                                     "connect the crop_info output of MaX4Zero Crop To Mask")
-        if int(feather) < 1 or int(feather) % 2 == 0:
-            raise cv.NodeInputError(n, f"feather={feather} must be a positive odd number", "use 1, 3, 5, ...")
+        cls.check_widget_values(feather=feather)
         orig = cv.image_to_bchw(original_image, n, "original_image")
         gen = cv.image_to_bchw(generated_image, n, "generated_image")
-        if tuple(orig.shape[-2:]) != tuple(crop_info.original_size):
-            h, w = crop_info.original_size
-            raise cv.NodeInputError(n, f"original_image is {orig.shape[-1]}x{orig.shape[-2]} but the crop was made "
-                                    f"from a {w}x{h} image", "connect the same image that went into Crop To Mask")
+        problem = geo.fingerprint_problem(crop_info, orig, "original_image")
+        if problem:
+            raise cv.NodeInputError(n, problem, "connect the crop_info of the MaX4Zero Crop To Mask node whose image "
+                                    "is this original_image (the person's crop, not the garment's)")
+        S = int(crop_info.size)
         if gen.shape[-1] != gen.shape[-2]:
-            raise cv.NodeInputError(n, f"generated_image is {gen.shape[-1]}x{gen.shape[-2]}, not square",
-                                    "connect the decoded result of the cropped image (same size as the crop)")
+            raise cv.NodeInputError(n, f"generated_image is {gen.shape[-1]}x{gen.shape[-2]}, not square (the crop was "
+                                    f"{S}x{S})", "connect the decoded result of the cropped image")
         m = None
         if mask is not None:
             m = cv.mask_to_bhw(mask, n, "mask")
-            if tuple(m.shape[-2:]) not in (tuple(orig.shape[-2:]), tuple(gen.shape[-2:])):
-                raise cv.NodeInputError(n, f"mask is {m.shape[-1]}x{m.shape[-2]}: neither the original size nor the "
-                                        "crop size", "connect the target mask of the full photo or of the crop")
+            sizes: dict = {}
+            for hw, what in ((tuple(orig.shape[-2:]), "the original size"), ((S, S), "the crop size"),
+                             (tuple(gen.shape[-2:]), "generated_image's size")):
+                sizes.setdefault(hw, []).append(what)
+            if tuple(m.shape[-2:]) not in sizes:
+                listed = " or ".join(f"{w}x{h} ({', '.join(what)})" for (h, w), what in sizes.items())
+                raise cv.NodeInputError(n, f"mask is {m.shape[-1]}x{m.shape[-2]}; it must be one of {listed}",
+                                        "connect the target mask of the full photo or of the crop")
+            _check_paste_region(n, m, crop_info, tuple(orig.shape[-2:]))
             m = m[:, None]
         b = cv.broadcast_batch(n, original_image=orig, generated_image=gen,
                                **({"mask": m} if m is not None else {}))
         out = geo.paste(b["original_image"], b["generated_image"], crop_info, b.get("mask"), int(feather))
         return io.NodeOutput(cv.bchw_to_image(out))
+
+
+def _check_paste_region(node: str, mask: torch.Tensor, info: geo.CropInfo, original_hw: tuple) -> None:
+    """Refuse a paste that would change nothing: an empty mask, or (at the original size) none of it in the crop."""
+    if not bool((mask > 0.5).any()):
+        raise cv.NodeInputError(node, "mask is empty (no pixel above 0.5): nothing would be pasted and the photo "
+                                "would come back unchanged", "connect the processed target mask (Double-Mask "
+                                "Inpaint's target_mask), or leave mask unconnected to paste the whole crop")
+    if tuple(mask.shape[-2:]) == tuple(original_hw):
+        x0, y0, x1, y1 = info.inside()
+        if not bool((mask[..., y0:y1, x0:x1] > 0.5).any()):
+            raise cv.NodeInputError(node, f"mask has no pixel inside the crop box ({x0}, {y0})-({x1}, {y1}): nothing "
+                                    "would be pasted", "connect the crop_info and mask of the same photo (the "
+                                    "person's crop and its target mask)")
 
 
 NODES = [Correspondence, MLSWarp, DoubleMaskInpaint, CropToMask, PasteBack]

@@ -82,6 +82,8 @@ def test_broadcast_and_checks():
     with pytest.raises(ValueError, match=r"m is 4x5 but img is 5x4"):
         cv.check_same_size("N", "img", (4, 5), "m", (5, 4))
     with pytest.raises(ValueError, match="m is empty"):
+        cv.check_nonempty("N", "m", torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match=r"m is soft: no pixel above 0.5 \(its largest value is 0.40\).*ThresholdMask"):
         cv.check_nonempty("N", "m", torch.full((1, 3, 3), 0.4))
     with pytest.raises(ValueError, match=r"mode='x' is not one of \['a', 'b'\]"):
         cv.check_choice("N", "mode", "x", ("a", "b"))

@@ -190,3 +190,139 @@ def _grow(lo: int, hi: int, side: int, limit: int) -> tuple[int, int]:
     if hi > limit:
         lo, hi = lo - (hi - limit), limit
     return lo, hi
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile-input detectors (issue 13). Each returns a sentence saying what is wrong and what to do,
+# or None; the nodes put their own name in front and decide whether it is an error or a warning.
+
+#: A mask whose largest value is at most this counts as empty (noise from 8-bit files or resizing),
+#: so "zero mask = no effect" still holds for it; above it, a mask with nothing > 0.5 is "soft".
+EMPTY_BELOW = 0.05
+
+
+def token_grids(hw: Sequence[int], levels: Sequence[int], ratio: int = 8) -> list[tuple[int, int]]:
+    """The token grids ``(h, w)`` of an image of size ``hw`` at UNet grid ``levels`` (docs/method.md §3b).
+
+    Level 0 is the latent grid (``hw // ratio``, as a VAE crops to a multiple of ``ratio``); each level
+    halves it the way a stride-2 convolution with padding 1 does (n → ⌈n/2⌉).
+
+    >>> token_grids((512, 384), [0, 1, 2])
+    [(64, 48), (32, 24), (16, 12)]
+    """
+    h, w = max(1, int(hw[0]) // int(ratio)), max(1, int(hw[1]) // int(ratio))
+    out = []
+    for level in sorted({int(v) for v in levels}):
+        gh, gw = h, w
+        for _ in range(level):
+            gh, gw = -(-gh // 2), -(-gw // 2)
+        out.append((gh, gw))
+    return out
+
+
+def _items(mask: torch.Tensor) -> torch.Tensor:
+    """Any mask layout → float ``[B, H, W]`` (values kept)."""
+    if mask.ndim == 2:
+        m = mask[None]
+    elif mask.ndim == 4 and mask.shape[1] == 1:
+        m = mask[:, 0]
+    elif mask.ndim == 3:
+        m = mask
+    else:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [H, W], [B, H, W] or [B, 1, H, W]")
+    return m.float()
+
+
+def unusable_mask_problem(
+    mask: torch.Tensor,
+    grid_sizes: Sequence[Sequence[int]] = (),
+    name: str = "mask",
+    erode_kernel: int = 1,
+) -> "str | None":
+    """Why a NON-EMPTY mask selects nothing where it is used, or None (docs/method.md §3b).
+
+    An empty mask (largest value ≤ :data:`EMPTY_BELOW`) is not a problem here: zero mask = no effect is
+    the contract. A mask that is not empty but selects nothing makes the same silent no-op, so it is
+    reported, per batch item:
+
+    * soft: no value above 0.5 (a mask is on where > 0.5);
+    * thin: nothing left after a ``erode_kernel`` × ``erode_kernel`` erosion (the garment mask's 3×3);
+    * lost at the token grids: nearest sampling to every one of ``grid_sizes`` leaves no token (what the
+      attention masks use at each layer; a grid that keeps a token means the mask still acts there).
+
+    Args:
+        mask: ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``, any values.
+        grid_sizes: the token grids ``(h, w)`` where the mask is used (see :func:`token_grids`); empty = skip.
+        name: the input's name, used in the sentence.
+        erode_kernel: odd; 1 = no erosion.
+
+    Returns:
+        One sentence (problem, then what to do), or None.
+    """
+    m = _items(mask)
+    B = m.shape[0]
+    for b in range(B):
+        x = m[b]
+        peak = float(x.max()) if x.numel() else 0.0
+        if peak <= EMPTY_BELOW:
+            continue  # empty: the contract, not a problem
+        which = f"{name} (batch item {b})" if B > 1 else name
+        on = x > 0.5
+        if not bool(on.any()):
+            return (f"{which} is soft: its largest value is {peak:.2f} and a mask counts only where it is above 0.5, "
+                    "so it selects nothing. Connect a hard mask (white = inside), or threshold this one first "
+                    "(ThresholdMask with a value below its level, e.g. 0.25)")
+        if erode_kernel > 1:
+            on = erode(on, int(erode_kernel))
+            if not bool(on.any()):
+                px = int(erode_kernel) // 2
+                return (f"{which} vanishes after the {px}-pixel erosion (it is only a thin line), so it selects "
+                        "nothing. Connect a mask that covers the whole garment, or widen it (GrowMask)")
+        grids = [tuple(int(s) for s in g) for g in grid_sizes]
+        if grids and not any(bool(resize_to_grid(on, g).any()) for g in grids):
+            listed = ", ".join(f"{gw}x{gh}" for gh, gw in grids)
+            return (f"{which} vanishes at the attention token grids ({listed}): it is thinner than one token, so "
+                    "nearest sampling misses it and it selects nothing. Widen the mask (GrowMask), or crop to a "
+                    "larger size so that it spans several tokens")
+    return None
+
+
+def inverted_mask_problem(mask: torch.Tensor, name: str = "mask") -> "str | None":
+    """Why ``mask`` looks inverted (white = background), or None: a warning, never an error.
+
+    Looks at each batch item (on = > 0.5): it covers (almost) the whole image border but not the middle
+    third of the image, or at least 90 % of the image. A garment or try-on region is a shape inside
+    the photo; its inverse (the background) is what covers the border. The usual cause: LoadImage's
+    MASK output, and LoadImageMask's ``alpha`` channel, are 1 − alpha, white on the transparent background
+    of a cut-out PNG.
+
+    >>> m = torch.zeros(64, 64); m[16:48, 16:48] = 1
+    >>> inverted_mask_problem(m) is None, inverted_mask_problem(1 - m) is not None
+    (True, True)
+    """
+    m = _items(mask) > 0.5
+    B, H, W = m.shape
+    if H < 3 or W < 3:
+        return None
+    band = max(1, min(H, W) // 32)
+    border = torch.zeros(H, W, dtype=torch.bool, device=m.device)
+    border[:band], border[-band:], border[:, :band], border[:, -band:] = True, True, True, True
+    centre = torch.zeros_like(border)
+    centre[H // 3:H - H // 3, W // 3:W - W // 3] = True
+    fix = ("If white should be the garment / the region: LoadImage's MASK output (and LoadImageMask's alpha "
+           "channel) is 1 - alpha, white on the transparent background of a cut-out PNG; put an InvertMask after "
+           "it (or use a mask file with white = inside)")
+    for b in range(B):
+        x = m[b]
+        if not bool(x.any()):
+            continue
+        which = f"{name} (batch item {b})" if B > 1 else name
+        on_border = float(x[border].float().mean())
+        on_centre = float(x[centre].float().mean())
+        cover = float(x.float().mean())
+        if on_border >= 0.9 and on_centre <= 0.5:
+            return (f"{which} looks inverted: it covers {on_border:.0%} of the image border but only "
+                    f"{on_centre:.0%} of the centre. {fix}")
+        if cover >= 0.9:
+            return f"{which} looks inverted: it covers {cover:.0%} of the image. {fix}"
+    return None

@@ -19,6 +19,7 @@ import torch
 from .shapes import as_hw
 
 __all__ = [
+    "NoMatchError",
     "mutual_nearest_neighbors",
     "filter_matches",
     "control_points",
@@ -30,6 +31,20 @@ __all__ = [
 # large enough that the matmul runs at full BLAS speed, small enough for the ≤100 MB goal at
 # 4096×4096 tokens.
 _BLOCK_ELEMS = 1 << 22
+
+class NoMatchError(ValueError):
+    """No usable match is left. ``stage`` says where it was lost, so a caller can word its own advice:
+
+    * ``"mutual"``: no mutual nearest neighbour inside the masks;
+    * ``"ransac"``: the outlier filter kept none;
+    * ``"control_points"``: matches exist but none gave a control point (``detail`` says why).
+    """
+
+    def __init__(self, message: str, stage: str, detail: str = ""):
+        super().__init__(message)
+        self.stage = stage
+        self.detail = detail
+
 
 _NO_MATCH_HINT = (
     "try DIFT features (better for textured garments), a looser outlier filter or none "
@@ -179,7 +194,8 @@ def mutual_nearest_neighbors(
     lb = row_best[mutual]
     score = row_val[mutual]
     if la.numel() == 0:
-        raise ValueError(f"no mutual nearest neighbours were found between the masked features: {_NO_MATCH_HINT}")
+        raise NoMatchError(f"no mutual nearest neighbours were found between the masked features: {_NO_MATCH_HINT}",
+                           "mutual", "no mutual nearest neighbours were found between the masked features")
     index_a = idx_a[la] if idx_a is not None else la
     index_b = idx_b[lb] if idx_b is not None else lb
     return index_a, index_b.to(device), score
@@ -274,13 +290,13 @@ def filter_matches(
         torch.manual_seed(int(seed))
         model, _ = RANSAC(**kwargs)(xa, xb)
     if not bool(torch.isfinite(model).all()) or float(model.abs().sum()) == 0.0:
-        raise ValueError(
-            f"no matches survive the outlier filter: RANSAC found no homography supported by more than "
-            f"4 of the {M} matches within {threshold} cells; {_NO_MATCH_HINT}"
-        )
+        detail = (f"no matches survive the outlier filter: RANSAC found no homography supported by more than 4 of "
+                  f"the {M} matches within {threshold} cells")
+        raise NoMatchError(f"{detail}; {_NO_MATCH_HINT}", "ransac", detail)
     inliers = _transfer_error(model, xa, xb) <= float(threshold)
     if not bool(inliers.any()):
-        raise ValueError(f"no matches survive the outlier filter ({M} in, 0 out): {_NO_MATCH_HINT}")
+        detail = f"no matches survive the outlier filter ({M} in, 0 out)"
+        raise NoMatchError(f"{detail}: {_NO_MATCH_HINT}", "ransac", detail)
     inliers = inliers.to(index_a.device)
     out = (index_a[inliers], index_b[inliers], score[inliers])
     return (*out, inliers) if return_inliers else out
@@ -357,7 +373,8 @@ def control_points(
         detail = "every random draw rejected its point (scores are low)" if mode == "random" else (
             f"no match has score ≥ {threshold}" if mode == "deterministic" else "there are no matches"
         )
-        raise ValueError(f"no control points: {detail}; lower the threshold or use mode='all', or {_NO_MATCH_HINT}")
+        raise NoMatchError(f"no control points: {detail}; lower the threshold or use mode='all', or {_NO_MATCH_HINT}",
+                           "control_points", f"no control points: {detail}")
     return points_a.contiguous(), points_b.contiguous(), weights.contiguous()
 
 

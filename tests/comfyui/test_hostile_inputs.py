@@ -1,0 +1,533 @@
+"""Issue 13: hostile inputs to the registration nodes, through ComfyUI's own validation and execution.
+
+No silent wrong result (a crop_info of another photo, a protect mask that removes the whole region, absurd
+control points, an inverted mask, an RGBA photo), every check that needs only widget values at queue time
+(V3 ``validate_inputs``), and messages that name the node, a real input and a fix. Each test here fails on
+the code before issue 13 (see the docstrings) and passes on both supported ComfyUI versions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+
+import pytest
+import torch
+
+import comfy_models as cm
+from comfy_models import Graph, PromptFailed, run_prompt
+
+SIZE = 64
+
+NAMES = {
+    "MaX4ZeroCorrespondence": "MaX4Zero Correspondence",
+    "MaX4ZeroMLSWarp": "MaX4Zero MLS Warp",
+    "MaX4ZeroDoubleMaskInpaint": "MaX4Zero Double-Mask Inpaint",
+    "MaX4ZeroCropToMask": "MaX4Zero Crop To Mask",
+    "MaX4ZeroPasteBack": "MaX4Zero Paste Back",
+}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return cm.synthetic_pair(SIZE)
+
+
+# ------------------------------------------------------------------------------------------------
+# "every input name quoted in an error message is a real input of that node"
+# ------------------------------------------------------------------------------------------------
+
+
+def _schema(node_id: str):
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[node_id].define_schema()
+
+
+def quoted_name_problems(message: str, inputs: dict[str, list | None]) -> list[str]:
+    """What in ``message`` quotes a name that is not an input of the node (``inputs``: name → combo options).
+
+    Two ways a message refers to one of the node's own inputs:
+
+    * ``name=value`` (``mode='all'``, ``threshold=None``): ``name`` must be an input, and a quoted value of a
+      combo input must be one of its options, unless the message reports the value it received
+      (``mode='magic' is not one of ...``);
+    * ``'name'`` (a snake_case word in single quotes, e.g. ``'manual_points'``): an input or one of the node's
+      combo values, unless an output is meant (``the 'matches' output of ...``).
+
+    Another node's inputs are written without quotes (``MaX4Zero MLS Warp's manual_points``), and a JSON example
+    in double quotes is not a reference.
+    """
+    problems = []
+    options = {v for opts in inputs.values() if opts for v in opts}
+    for m in re.finditer(r"(?<![\w\"'.])([a-z][a-z0-9_]*)=('([^']*)'|[^\s,;)]+)(\s+(?:is|must)\b)?", message):
+        name, quoted, reported = m.group(1), m.group(3), m.group(4)
+        if name not in inputs:
+            problems.append(f"{m.group(0)!r}: {name!r} is not an input")
+        elif quoted is not None and not reported and inputs[name] is not None and quoted not in inputs[name]:
+            problems.append(f"{m.group(0)!r}: {quoted!r} is not an option of {name!r}")
+    for m in re.finditer(r"(?<![=\w])'([a-z][a-z0-9_]*)'(?! output)", message):
+        word = m.group(1)
+        if word not in inputs and word not in options:
+            problems.append(f"{m.group(0)!r} is neither an input nor an option of this node")
+    return problems
+
+
+def _inputs_of(node_id: str) -> dict[str, list | None]:
+    return {i.id: (list(i.options) if getattr(i, "options", None) is not None else None)
+            for i in _schema(node_id).inputs}
+
+
+def assert_names_real(node_id: str, message: str) -> None:
+    assert message.startswith(NAMES[node_id] + ":") or f"{NAMES[node_id]}:" in message, message
+    problems = quoted_name_problems(message, _inputs_of(node_id))
+    assert not problems, f"{message}\n" + "\n".join(problems)
+
+
+def test_the_name_check_catches_the_old_correspondence_message(comfy_env):
+    """The message Correspondence gave before issue 13 when no control point was left: it names inputs that do
+    not exist (threshold) and an option that does not exist (mode='all'). The check must flag both."""
+    old = ("MaX4Zero Correspondence: no control points: no match has score ≥ 0.5; lower the threshold or use "
+           "mode='all', or try DIFT features (better for textured garments), a looser outlier filter or none "
+           "(threshold=None), and check that both masks cover the garment.")
+    problems = quoted_name_problems(old, _inputs_of("MaX4ZeroCorrespondence"))
+    assert any("'all' is not an option of 'mode'" in p for p in problems), problems
+    assert any("'threshold' is not an input" in p for p in problems), problems
+    assert quoted_name_problems("MaX4Zero MLS Warp: connect the 'matches' output of MaX4Zero Correspondence, or "
+                                "fill 'manual_points'", _inputs_of("MaX4ZeroMLSWarp")) == []
+    assert quoted_name_problems("X: use 'strength'", _inputs_of("MaX4ZeroMLSWarp"))
+    assert quoted_name_problems("X: set control_points='all'", _inputs_of("MaX4ZeroCorrespondence")) == []
+
+
+def _fails(g: Graph, validate: bool = True) -> PromptFailed:
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(g, validate=validate)
+    return e.value
+
+
+# ------------------------------------------------------------------------------------------------
+# graph builders
+# ------------------------------------------------------------------------------------------------
+
+
+def _correspondence(g, pair, model=None, **over):
+    inputs = dict(
+        model=g.obj(model or cm.small_sd15_model(inpaint=True), "MODEL"), vae=g.obj(cm.small_vae(), "VAE"),
+        positive=g.obj(cm.conditioning(1), "CONDITIONING"), reference_image=g.obj(pair["reference"], "IMAGE"),
+        garment_mask=g.obj(pair["garment_mask"], "MASK"), target_image=g.obj(pair["target"], "IMAGE"),
+        target_mask=g.obj(pair["target_mask"], "MASK"), mode="paper", ensemble=1, outlier_filter="none",
+        outlier_threshold=5.0, control_points="all", score_threshold=0.5, seed=0)
+    inputs.update(over)
+    return g.node("MaX4ZeroCorrespondence", **inputs)
+
+
+def _warp(g, pair, manual="[[[20, 20], [22, 21]], [[40, 20], [42, 21]], [[20, 40], [22, 41]]]", **over):
+    inputs = dict(reference_image=g.obj(pair["reference"], "IMAGE"), garment_mask=g.obj(pair["garment_mask"], "MASK"),
+                  target_image=g.obj(pair["target"], "IMAGE"), manual_points=manual, kind="affine", alpha=0.1,
+                  stride=8, sampling="bilinear")
+    inputs.update(over)
+    return g.node("MaX4ZeroMLSWarp", **inputs)
+
+
+def _double(g, pair, **over):
+    wm = torch.zeros_like(pair["target_mask"])
+    wm[:, 28:56, 20:52] = 1.0
+    inputs = dict(positive=g.obj(cm.conditioning(1), "CONDITIONING"), negative=g.obj(cm.conditioning(2), "CONDITIONING"),
+                  vae=g.obj(cm.small_vae(), "VAE"), target_image=g.obj(pair["target"], "IMAGE"),
+                  target_mask=g.obj(pair["target_mask"], "MASK"), warped_image=g.obj(pair["reference"], "IMAGE"),
+                  warped_mask=g.obj(wm, "MASK"), target_dilation=13, fringe_dilation=19)
+    inputs.update(over)
+    return g.node("MaX4ZeroDoubleMaskInpaint", **inputs)
+
+
+def _crop(g, image, mask, **over):
+    inputs = dict(image=g.obj(image, "IMAGE") if isinstance(image, torch.Tensor) else image,
+                  mask=g.obj(mask, "MASK") if isinstance(mask, torch.Tensor) else mask, size=64, padding=0.1)
+    inputs.update(over)
+    return g.node("MaX4ZeroCropToMask", **inputs)
+
+
+def _photos(h=96, w=128):
+    """A person photo and a garment photo of the SAME size, each with its mask (a different region)."""
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    person = torch.stack([0.3 + 0.4 * xx / w, 0.5 + 0.2 * yy / h, 0.4 + 0 * xx], -1)[None].float()
+    person_mask = ((yy > 50) & (yy < 90) & (xx > 70) & (xx < 120)).float()[None]   # lower right (torso)
+    garment = torch.stack([0.9 - 0.5 * (yy // 8 % 2), 0.2 + 0 * xx, 0.2 + 0.6 * yy / h], -1)[None].float()
+    garment_mask = ((yy > 5) & (yy < 45) & (xx > 5) & (xx < 55)).float()[None]     # upper left ("the face")
+    return person, person_mask, garment, garment_mask
+
+
+# ------------------------------------------------------------------------------------------------
+# item 1: Paste Back recognises the photo its crop_info came from
+# ------------------------------------------------------------------------------------------------
+
+
+def test_paste_back_refuses_the_crop_info_of_another_photo_of_the_same_size(comfy_env):
+    """Before: the garment crop's crop_info, same original size, was accepted and the crop landed elsewhere."""
+    person, person_mask, garment, garment_mask = _photos()
+    g = Graph()
+    pc = _crop(g, person, person_mask)
+    gc = _crop(g, garment, garment_mask)
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(person, "IMAGE"), generated_image=pc[0],
+                   crop_info=gc[2], mask=pc[1], feather=3)
+    g.capture(paste[0], "out")
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroPasteBack"
+    msg = err.message
+    assert "crop_info was made from another 128x96 photo, not from original_image" in msg
+    assert "connect the crop_info of the MaX4Zero Crop To Mask node whose image is this original_image" in msg
+    assert_names_real("MaX4ZeroPasteBack", msg)
+    # the right crop_info still pastes; an RGB copy of an RGBA photo is the same photo
+    g = Graph()
+    pc = _crop(g, torch.cat([person, torch.ones_like(person[..., :1])], -1), person_mask)
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(person, "IMAGE"), generated_image=pc[0],
+                   crop_info=pc[2], mask=pc[1], feather=3)
+    g.capture(paste[0], "out")
+    out = run_prompt(g)["out"]
+    assert out.shape == person.shape and torch.equal(out[0][person_mask[0] < 0.5], person[0][person_mask[0] < 0.5])
+
+
+# ------------------------------------------------------------------------------------------------
+# item 3: a protect mask that removes the whole try-on region is refused before any sampling
+# ------------------------------------------------------------------------------------------------
+
+
+def test_protect_mask_covering_the_region_is_refused_before_sampling(comfy_env, pair):
+    """Before: Double-Mask Inpaint passed an empty region on; the sampler ran and the photo came back unchanged."""
+    g = Graph()
+    d = _double(g, pair, protect_mask=g.obj(torch.ones(1, SIZE, SIZE), "MASK"))
+    s = g.node("KSamplerAdvanced", model=g.obj(cm.small_sd15_model(inpaint=True), "MODEL"), add_noise="enable",
+               noise_seed=1, steps=1, cfg=3.0, sampler_name="euler", scheduler="normal", positive=d[0], negative=d[1],
+               latent_image=d[2], start_at_step=0, end_at_step=1, return_with_leftover_noise="disable")
+    g.capture(s[0], "x")
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroDoubleMaskInpaint"  # not the sampler: nothing was sampled
+    assert "protect_mask covers the whole target_mask" in err.message and "unchanged" in err.message
+    assert_names_real("MaX4ZeroDoubleMaskInpaint", err.message)
+    # Correspondence, given the same masks, says the same (it runs first in the full try-on)
+    g = Graph()
+    c = _correspondence(g, pair, protect_mask=g.obj(torch.ones(1, SIZE, SIZE), "MASK"))
+    g.capture(c[0], "m")
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroCorrespondence" and "protect_mask covers the whole target_mask" in err.message
+    assert_names_real("MaX4ZeroCorrespondence", err.message)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 5: absurd control points
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coord", [1e6, 1e30, -5e4])
+def test_mls_warp_refuses_points_far_outside_the_images(comfy_env, pair, coord):
+    """Before: coordinates of 1e6 or 1e30 gave an all-black warp with no message."""
+    pts = [[[20, 20], [22, 21]], [[coord, 20], [42, 21]], [[20, 40], [22, 41]]]
+    g = Graph()
+    w = _warp(g, pair, manual=json.dumps(pts))
+    g.capture(w[0], "x")
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroMLSWarp"
+    assert "control point #1 has reference point" in err.message and "far outside the 64x64 reference image" in err.message
+    assert_names_real("MaX4ZeroMLSWarp", err.message)
+
+
+def test_mls_warp_points_with_sizes_are_checked_at_queue_time(comfy_env, pair):
+    doc = {"reference_size": [64, 64], "target_size": [64, 64],
+           "points": [{"reference": [10, 10], "target": [1e6, 10]}]}
+    g = Graph()
+    w = _warp(g, pair, manual=json.dumps(doc))
+    g.capture(w[0], "x")
+    err = _fails(g)
+    assert err.exception_type == "validation", err
+    assert "MaX4Zero MLS Warp: manual_points: control point #0 has target point" in err.message
+
+
+def test_points_slightly_outside_are_fine(comfy_env, pair):
+    g = Graph()
+    w = _warp(g, pair, manual=json.dumps([[[-10, 5], [-6, 7]], [[70, 60], [66, 62]], [[30, 70], [32, 66]]]))
+    g.capture(w[0], "x")
+    assert run_prompt(g)["x"].shape == (1, SIZE, SIZE, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6: a garment mask that looks inverted is pointed out on the node
+# ------------------------------------------------------------------------------------------------
+
+
+class _UiText:
+    """Stands in for ``server.PromptServer.instance``: records the progress texts sent to nodes."""
+
+    def __init__(self):
+        self.texts: list[tuple[str, str]] = []
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.texts.append((str(node_id), text.decode() if isinstance(text, bytes) else text))
+
+
+@pytest.fixture
+def ui_text(monkeypatch):
+    """The running server as the pack sees it (``sys.modules["server"].PromptServer.instance``), recording texts."""
+    import types
+
+    rec = _UiText()
+    fake = types.ModuleType("server")
+    fake.PromptServer = type("PromptServer", (), {"instance": rec})
+    monkeypatch.setitem(sys.modules, "server", fake)
+    return rec
+
+
+def _inverted_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "looks inverted" in r.getMessage()]
+
+
+@pytest.mark.parametrize("node", ["MaX4ZeroMLSWarp", "MaX4ZeroCropToMask", "MaX4ZeroCorrespondence"])
+def test_inverted_garment_mask_is_pointed_out_on_the_node(comfy_env, pair, caplog, ui_text, node):
+    """LoadImage's MASK output of a cut-out garment PNG is 1 - alpha: the background. Before: no word."""
+    inverted = 1.0 - pair["garment_mask"]
+    g = Graph()
+    if node == "MaX4ZeroMLSWarp":
+        n = _warp(g, pair, garment_mask=g.obj(inverted, "MASK"))
+    elif node == "MaX4ZeroCropToMask":
+        n = _crop(g, pair["reference"], inverted)
+    else:
+        n = _correspondence(g, pair, garment_mask=g.obj(inverted, "MASK"))
+    g.capture(n[0], "x")
+    with caplog.at_level(logging.WARNING):
+        run_prompt(g)
+    logged = _inverted_warnings(caplog)
+    name = "mask" if node == "MaX4ZeroCropToMask" else "garment_mask"
+    assert len(logged) == 1 and logged[0].startswith(f"{NAMES[node]}: {name} looks inverted"), logged
+    assert "covers 100% of the image border" in logged[0] and "InvertMask" in logged[0]
+    assert (n.id, logged[0]) in ui_text.texts  # shown on the node itself, not only in the console
+
+
+def test_a_normal_mask_gives_no_inverted_warning(comfy_env, pair, caplog, ui_text):
+    g = Graph()
+    g.capture(_warp(g, pair)[0], "x")
+    g.capture(_crop(g, pair["reference"], pair["garment_mask"])[0], "y")
+    with caplog.at_level(logging.WARNING):
+        run_prompt(g)
+    assert _inverted_warnings(caplog) == [] and ui_text.texts == []
+
+
+# ------------------------------------------------------------------------------------------------
+# item 7: no core node gets a 4-channel image from us; the alpha survives the final paste
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rgba_photo_through_crop_inpaint_conditioning_and_paste(comfy_env, small_vae):
+    """Before: Crop To Mask passed 4 channels on and the stock InpaintModelConditioning failed in the VAE."""
+    person, person_mask, _, _ = _photos()
+    alpha = torch.linspace(0.2, 1.0, person.shape[2]).expand(person.shape[1], -1)[None, ..., None]
+    rgba = torch.cat([person, alpha], -1)
+    g = Graph()
+    c = _crop(g, rgba, person_mask)
+    cond = g.node("InpaintModelConditioning", positive=g.obj(cm.conditioning(1), "CONDITIONING"),
+                  negative=g.obj(cm.conditioning(2), "CONDITIONING"), vae=g.obj(small_vae, "VAE"), pixels=c[0],
+                  mask=c[1], noise_mask=True)
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(rgba, "IMAGE"), generated_image=c[0], crop_info=c[2],
+                   mask=c[1], feather=3)
+    g.capture(c[0], "crop")
+    g.capture(cond[2], "latent")
+    g.capture(paste[0], "out")
+    res = run_prompt(g)
+    assert res["crop"].shape == (1, 64, 64, 3)
+    assert res["latent"]["samples"].shape == (1, 4, 8, 8)
+    out = res["out"]
+    assert out.shape == rgba.shape and torch.equal(out[..., 3], rgba[..., 3])  # alpha kept for the final image
+
+
+def test_mls_warp_of_an_rgba_garment_is_rgb(comfy_env, pair):
+    rgba = torch.cat([pair["reference"], pair["garment_mask"][..., None]], -1)
+    g = Graph()
+    w = _warp(g, pair, reference_image=g.obj(rgba, "IMAGE"))
+    g.capture(w[0], "x")
+    assert run_prompt(g)["x"].shape == (1, SIZE, SIZE, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 8: what needs only widget values is refused at queue time, naming node, input and fix
+# ------------------------------------------------------------------------------------------------
+
+WIDGET_CASES = [
+    ("MaX4ZeroCorrespondence", {"target_dilation": 12}, "target_dilation=12 must be an odd whole number", "use 11 or 13"),
+    ("MaX4ZeroCorrespondence", {"mode": "magic"}, "mode='magic' is not one of ['paper', 'dift']", "pick one of"),
+    ("MaX4ZeroCorrespondence", {"control_points": "some"}, "control_points='some' is not one of", "pick one of"),
+    ("MaX4ZeroCorrespondence", {"outlier_filter": "lmeds"}, "outlier_filter='lmeds' is not one of", "pick one of"),
+    ("MaX4ZeroMLSWarp", {"kind": "bent"}, "kind='bent' is not one of", "pick one of"),
+    ("MaX4ZeroMLSWarp", {"sampling": "bicubic"}, "sampling='bicubic' is not one of", "pick one of"),
+    ("MaX4ZeroMLSWarp", {"manual_points": "{not json"}, "manual_points: the control-point JSON does not parse",
+     "write e.g."),
+    ("MaX4ZeroDoubleMaskInpaint", {"fringe_dilation": 18}, "fringe_dilation=18 must be an odd", "use 17 or 19"),
+    ("MaX4ZeroDoubleMaskInpaint", {"target_dilation": 0}, "target_dilation=0 is outside 1..255", "give a number"),
+    ("MaX4ZeroCropToMask", {"size": 100}, "size=100 must be a multiple of 8", "use 96 or 104"),
+    ("MaX4ZeroCropToMask", {"size": 8}, "size=8 is outside 64..4096", "give a number from 64 to 4096"),
+    ("MaX4ZeroPasteBack", {"feather": 4}, "feather=4 must be an odd whole number", "use 3 or 5"),
+]
+
+
+def _node_with(g: Graph, pair, node_id: str, over: dict):
+    if node_id == "MaX4ZeroCorrespondence":
+        return _correspondence(g, pair, **over)
+    if node_id == "MaX4ZeroMLSWarp":
+        return _warp(g, pair, **over)
+    if node_id == "MaX4ZeroDoubleMaskInpaint":
+        return _double(g, pair, **over)
+    if node_id == "MaX4ZeroCropToMask":
+        return _crop(g, pair["target"], pair["target_mask"], **over)
+    c = _crop(g, pair["target"], pair["target_mask"])
+    return g.node("MaX4ZeroPasteBack", original_image=g.obj(pair["target"], "IMAGE"), generated_image=c[0],
+                  crop_info=c[2], **{"feather": 3, **over})
+
+
+@pytest.mark.parametrize("node_id, over, problem, fix", WIDGET_CASES,
+                         ids=[f"{c[0][8:]}-{next(iter(c[1]))}" for c in WIDGET_CASES])
+def test_widget_errors_are_found_at_queue_time(comfy_env, pair, node_id, over, problem, fix):
+    """Before: accepted by /prompt (0.3.64 does not check V3 combos; nothing checks odd/multiple-of-8), and found
+    only when the node ran, after everything upstream (in the full try-on: both samplers and the decode)."""
+    g = Graph()
+    g.capture(_node_with(g, pair, node_id, over)[0], "x")
+    err = _fails(g)
+    assert err.exception_type == "validation", f"{err.exception_type}: {err.message}"
+    assert f"{NAMES[node_id]}: {problem}" in err.message and fix in err.message, err.message
+    # the node's own check says the same when validation is bypassed (a widget value that reached it anyway)
+    g2 = Graph()
+    g2.capture(_node_with(g2, pair, node_id, over)[0], "x")
+    err2 = _fails(g2, validate=False)
+    assert err2.node_type == node_id and err2.message.startswith(f"{NAMES[node_id]}: {problem}"), err2.message
+    assert_names_real(node_id, err2.message)
+
+
+def test_valid_widgets_pass_validation_and_a_linked_widget_is_checked_when_the_node_runs(comfy_env, pair):
+    g = Graph()
+    d = _double(g, pair, fringe_dilation=g.obj(18, "INT"))  # unknown at queue time
+    g.capture(d[0], "x")
+    err = _fails(g)
+    assert err.exception_type != "validation" and err.node_type == "MaX4ZeroDoubleMaskInpaint"
+    assert "fringe_dilation=18 must be an odd whole number" in err.message
+
+
+def test_conditioning_of_another_model_family_is_refused_before_the_feature_pass(comfy_env, pair):
+    """Before: the SDXL-width text reached the UNet and failed there with a matrix-shape error."""
+    g = Graph()
+    c = _correspondence(g, pair, positive=g.obj([[torch.randn(1, 77, 2048), {}]], "CONDITIONING"))
+    g.capture(c[0], "m")
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroCorrespondence"
+    assert "positive is text conditioning 2048 wide but this model's cross-attention takes 768" in err.message
+    assert_names_real("MaX4ZeroCorrespondence", err.message)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 9: messages point at the right thing
+# ------------------------------------------------------------------------------------------------
+
+
+def test_no_control_points_names_real_inputs(comfy_env, pair):
+    """Before: "lower the threshold or use mode='all' ... (threshold=None)": inputs Correspondence does not have."""
+    g = Graph()
+    c = _correspondence(g, pair, control_points="deterministic", score_threshold=1.0)
+    g.capture(c[0], "m")
+    err = _fails(g)
+    msg = err.message
+    assert "no control points: no match has score ≥ 1.0" in msg
+    assert "lower score_threshold (now 1.0) or set control_points='all'" in msg
+    assert "threshold=None" not in msg and "mode='all'" not in msg
+    assert_names_real("MaX4ZeroCorrespondence", msg)
+
+
+def test_paste_back_takes_a_mask_at_the_crop_size_whatever_the_generated_size(comfy_env, pair):
+    """Before: a generated image of another square size made Paste Back blame the (correct) crop-size mask."""
+    g = Graph()
+    c = _crop(g, pair["target"], pair["target_mask"])  # 64x64 crop
+    small = g.node("ImageScale", image=c[0], upscale_method="bilinear", width=32, height=32, crop="disabled")
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(pair["target"], "IMAGE"), generated_image=small[0],
+                   crop_info=c[2], mask=c[1], feather=3)
+    g.capture(paste[0], "out")
+    assert run_prompt(g)["out"].shape == pair["target"].shape
+    # a mask of no known size names all three sizes
+    g = Graph()
+    c = _crop(g, pair["target"], pair["target_mask"])
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(pair["target"], "IMAGE"), generated_image=c[0],
+                   crop_info=c[2], mask=g.obj(torch.ones(1, 48, 48), "MASK"), feather=3)
+    g.capture(paste[0], "out")
+    err = _fails(g)
+    assert "mask is 48x48; it must be one of 64x64 (the original size, the crop size, generated_image's size)" in err.message
+    assert_names_real("MaX4ZeroPasteBack", err.message)
+
+
+def test_crop_to_mask_recognises_load_image_placeholder_mask(comfy_env):
+    """Before: "mask is 64x64 but image is 128x96 ... crop both with 'MaX4Zero Crop To Mask'" (itself)."""
+    person, _, _, _ = _photos()
+    g = Graph()
+    c = _crop(g, person, torch.zeros(1, 64, 64))
+    g.capture(c[0], "x")
+    err = _fails(g)
+    assert "mask is the 64x64 empty placeholder that Load Image outputs for an image without an alpha channel" \
+        in err.message
+    assert "Crop To Mask'" not in err.message and "LoadImageMask" in err.message
+    assert_names_real("MaX4ZeroCropToMask", err.message)
+
+
+def test_paste_back_refuses_an_empty_mask(comfy_env, pair):
+    g = Graph()
+    c = _crop(g, pair["target"], pair["target_mask"])
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(pair["target"], "IMAGE"), generated_image=c[0],
+                   crop_info=c[2], mask=g.obj(torch.zeros(1, SIZE, SIZE), "MASK"), feather=3)
+    g.capture(paste[0], "out")
+    err = _fails(g)
+    assert "mask is empty (no pixel above 0.5): nothing would be pasted" in err.message
+
+
+def test_a_soft_mask_is_called_soft_not_empty(comfy_env, pair):
+    """Issue 13 item 2 (the registration nodes' side): 0.45 everywhere is not an empty mask. Before: "is empty"."""
+    g = Graph()
+    c = _crop(g, pair["target"], torch.full((1, SIZE, SIZE), 0.45))
+    g.capture(c[0], "x")
+    err = _fails(g)
+    assert "mask is soft: no pixel above 0.5 (its largest value is 0.45)" in err.message
+    assert "ThresholdMask" in err.message
+
+
+# Every error path below is triggered through ComfyUI; each message must name its node and only real inputs.
+MESSAGE_CASES = {
+    "corr-soft-garment": ("MaX4ZeroCorrespondence", lambda g, p: _correspondence(
+        g, p, garment_mask=g.obj(p["garment_mask"] * 0.45, "MASK"))),
+    "corr-batch": ("MaX4ZeroCorrespondence", lambda g, p: _correspondence(
+        g, p, reference_image=g.obj(p["reference"].expand(2, -1, -1, -1), "IMAGE"))),
+    "corr-size": ("MaX4ZeroCorrespondence", lambda g, p: _correspondence(
+        g, p, target_mask=g.obj(torch.ones(1, 32, 32), "MASK"))),
+    "corr-line": ("MaX4ZeroCorrespondence", lambda g, p: _correspondence(
+        g, p, garment_mask=g.obj(torch.nn.functional.pad(torch.ones(1, 1, 30), (10, 24, 20, 43)), "MASK"))),
+    "corr-plain-model": ("MaX4ZeroCorrespondence", lambda g, p: _correspondence(
+        g, p, model=cm.small_sd15_model(inpaint=False))),
+    "warp-no-points": ("MaX4ZeroMLSWarp", lambda g, p: _warp(g, p, manual="")),
+    "warp-matches-type": ("MaX4ZeroMLSWarp", lambda g, p: _warp(g, p, manual="", matches=g.obj(3, "MAX4ZERO_MATCHES"))),
+    "warp-image-mask": ("MaX4ZeroMLSWarp", lambda g, p: _warp(g, p, garment_mask=g.obj(p["reference"], "MASK"))),
+    "double-empty": ("MaX4ZeroDoubleMaskInpaint", lambda g, p: _double(
+        g, p, target_mask=g.obj(torch.zeros(1, SIZE, SIZE), "MASK"))),
+    "double-size": ("MaX4ZeroDoubleMaskInpaint", lambda g, p: _double(
+        g, p, warped_mask=g.obj(torch.zeros(1, 32, 32), "MASK"))),
+    "crop-empty": ("MaX4ZeroCropToMask", lambda g, p: _crop(g, p["target"], torch.zeros(1, SIZE, SIZE))),
+    "crop-nan": ("MaX4ZeroCropToMask", lambda g, p: _crop(g, p["target"] * float("nan"), p["target_mask"])),
+    "paste-type": ("MaX4ZeroPasteBack", lambda g, p: g.node(
+        "MaX4ZeroPasteBack", original_image=g.obj(p["target"], "IMAGE"), generated_image=g.obj(p["target"], "IMAGE"),
+        crop_info=g.obj("box", "MAX4ZERO_CROP"), feather=3)),
+    "paste-not-square": ("MaX4ZeroPasteBack", lambda g, p: g.node(
+        "MaX4ZeroPasteBack", original_image=g.obj(p["target"], "IMAGE"),
+        generated_image=g.obj(torch.rand(1, 64, 48, 3), "IMAGE"),
+        crop_info=_crop(g, p["target"], p["target_mask"])[2], feather=3)),
+}
+
+
+@pytest.mark.parametrize("case", list(MESSAGE_CASES))
+def test_error_messages_name_the_node_and_only_real_inputs(comfy_env, pair, case):
+    node_id, build = MESSAGE_CASES[case]
+    g = Graph()
+    g.capture(build(g, pair)[0], "x")
+    err = _fails(g, validate=False)
+    assert err.node_type == node_id, (err.node_type, err.message)
+    assert err.exception_type == "MaX4Zero.NodeInputError", err.exception_type
+    assert_names_real(node_id, err.message)
