@@ -16,8 +16,9 @@ import torch
 from ..warping import masks as _masks
 from ..warping.images import center_crop_multiple, neutralise_background
 from . import convert as cv
+from .notify import warn_on_node
 
-__all__ = ["ReferenceInputs", "prepare_reference", "positive_context"]
+__all__ = ["ReferenceInputs", "prepare_reference", "positive_context", "check_mea_masks"]
 
 
 @dataclass
@@ -45,7 +46,7 @@ def prepare_reference(node: str, model: Any, vae: Any, reference: torch.Tensor, 
         raise cv.NodeInputError(node, f"garment_mask holds {gm.shape[0]} masks", "give the one mask of the "
                                 "reference image")
     cv.check_same_size(node, "reference", ref.shape[-2:], "garment_mask", gm.shape[-2:])
-    img = ref[:, :3].permute(0, 2, 3, 1)  # IMAGE [1, H, W, 3]
+    img = cv.to_rgb(ref).permute(0, 2, 3, 1)  # IMAGE [1, H, W, 3]: grey repeated, alpha dropped
     if background == "neutralised":
         img = neutralise_background(img, gm)
     ratio = vae.spacial_compression_encode()
@@ -77,3 +78,30 @@ def positive_context(positive: Any, node: str) -> torch.Tensor:
         raise cv.NodeInputError(node, "positive is not a CONDITIONING", "connect a CLIP Text Encode output to "
                                 "'positive'")
     return ctx[:1].detach()
+
+
+def check_mea_masks(node: str, garment_mask: torch.Tensor, ref: ReferenceInputs, target_mask: torch.Tensor,
+                    layers: Any, node_id: Any = None) -> None:
+    """The masks as MEA will use them (docs/method.md §3b), before any sampling.
+
+    * empty (nothing above 0.05): the contract, zero mask = no effect, so a batch can carry images without a
+      garment; said on the node, not refused;
+    * not empty but unusable (soft, thinner than the erosion, or lost at every token grid the chosen layers
+      use): the same silent no-op by accident, so refused with what to do;
+    * looks inverted: a warning on the node.
+    """
+    nid = None if node_id is None else str(node_id)
+    levels = sorted(layers.levels)
+    gm = ref.garment.float()
+    grids = _masks.token_grids(tuple(gm.shape[-2:]), levels, ratio=8)
+    checks = (("garment_mask", cv.mask_to_bhw(garment_mask, node, "garment_mask"), grids, _masks.GARMENT_EROSION),
+              ("target_mask", target_mask, _masks.token_grids(tuple(target_mask.shape[-2:]), levels, ratio=8), 1))
+    for name, mask, mask_grids, erosion in checks:
+        if problem := _masks.unusable_mask_problem(mask, mask_grids, name, erode_kernel=erosion):
+            raise cv.NodeInputError(node, problem)
+        if warning := _masks.inverted_mask_problem(mask, name):
+            warn_on_node(node, warning, node_id=nid)
+    for empty, what in ((not bool(ref.garment.any()), "the garment mask is empty (after 1 px erosion)"),
+                        (not bool((target_mask > 0.5).any()), "the target mask is empty")):
+        if empty:
+            warn_on_node(node, f"{what}: sampling with this model is plain sampling, no try-on", node_id=nid)

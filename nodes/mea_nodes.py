@@ -10,6 +10,7 @@ Unconnected, the trace is disabled and MEA runs its fast path: recording costs n
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -21,7 +22,8 @@ from ..warping import mls as _mls
 from . import convert as cv
 from .features import check_unet
 from .mea_calls import attn1_slots, trace_consumers
-from .mea_inputs import positive_context, prepare_reference
+from .mea_inputs import check_mea_masks, positive_context, prepare_reference
+from .notify import warn_on_node
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
 from .sockets import MATCHES, TRACE
 from .trace import MeaTrace, find_traced_run, mls_flow_from_matches, samples_key
@@ -111,18 +113,29 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, guidance=None, layers=None, background=None, start=None, end=None):
+        """Queue time: widget values (a widget turned into a link arrives as None and is checked in execute)."""
+        values = dict(guidance=guidance, layers=layers, background=background, start=start, end=end)
+        return cv.validation_result(lambda: cls._check_widgets(values))
+
+    @classmethod
+    def _check_widgets(cls, values: dict) -> None:
+        # ComfyUI skips its own combo/min/max checks for inputs validate_inputs declares: check them here.
+        cv.check_widgets(cls.NODE, cls.define_schema().inputs, values)
+        start, end = values.get("start"), values.get("end")
+        if start is not None and end is not None and (problem := cv.window_problem(start, end)):
+            raise cv.NodeInputError(cls.NODE, problem)
+
+    @classmethod
     def execute(
         cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
         layers, reference_seed, background,
     ) -> io.NodeOutput:
         node = cls.NODE
-        cv.check_choice(node, "guidance", guidance, GUIDANCE_MODES)
-        cv.check_choice(node, "layers", layers, list(LAYER_CHOICES))
-        cv.check_choice(node, "background", background, BACKGROUND_CHOICES)
-        if not (0.0 <= float(start) <= float(end) <= 1.0):
-            raise cv.NodeInputError(node, f"start={start} is after end={end}",
-                                 "set start <= end (fractions of the schedule, paper: 0.7 and 1.0)")
+        cls._check_widgets(dict(guidance=guidance, layers=layers, background=background, start=start, end=end))
         dm = check_unet(model, node)
+        if problem := cv.conditioning_problem(positive, model, "positive"):
+            raise cv.NodeInputError(node, problem)
         selection = LAYER_CHOICES[layers]
         keys = attn1_slots(dm, selection.parts)
         if not keys:
@@ -132,13 +145,8 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         tm = cv.mask_to_bhw(target_mask, node, "target_mask")
         ctx = positive_context(positive, node)
         ref = prepare_reference(node, model, vae, reference, garment_mask, background, reference_seed)
-        notify = _node_text(getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None)
-        for empty, what in ((not bool(ref.garment.any()), "the garment mask is empty (after 1 px erosion)"),
-                            (not bool((tm > 0.5).any()), "the target mask is empty")):
-            if empty:  # the contract: a zero mask = no effect (a batch may carry images without a garment)
-                text = f"{node}: {what}: sampling with this model is plain sampling, no try-on"
-                log.warning(text)
-                notify(text)
+        uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+        check_mea_masks(node, garment_mask, ref, tm, selection, uid)
 
         trace = _make_trace(cls.hidden)
         trace.reference_size = ref.size
@@ -150,25 +158,10 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             layers=selection, attn1_keys=keys, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx,
             garment_mask=ref.garment, target_mask=tm, trace=trace,
         )
-        patch.notify = notify
+        patch.warn = functools.partial(warn_on_node, node, node_id=None if uid is None else str(uid))
         patched = model.clone()
         patch.install(patched)
         return io.NodeOutput(patched, trace)
-
-
-def _node_text(unique_id):
-    """``fn(text)`` that shows ``text`` on the node in the UI (ComfyUI's progress text); a no-op without a server."""
-
-    def send(text: str) -> None:
-        try:
-            from server import PromptServer
-        except ImportError:
-            return
-        instance = getattr(PromptServer, "instance", None)
-        if unique_id is not None and hasattr(instance, "send_progress_text"):
-            instance.send_progress_text(text, str(unique_id))
-
-    return send
 
 
 def _make_trace(hidden) -> MeaTrace:

@@ -79,6 +79,8 @@ from ..attention.policy import (
     rows_with_mea,
     token_mask,
 )
+from ..warping.masks import token_grids, unusable_mask_problem
+from .convert import NodeInputError, mask_latent_problem
 from .mea_calls import (
     append_row,
     bind_apply_model_args,
@@ -216,8 +218,8 @@ class MeaPatch:
         self.inline_reference = True
         self.reference_passes = 0  # counters for tests and the benchmark
         self.mea_calls = 0
-        #: where no-op reports go besides the log: ``fn(text)`` (the node's UI text), or None
-        self.notify: Optional[Callable[[str], None]] = None
+        #: where the no-op report goes: ``fn(text)``; the node shows it on itself too (``nodes/notify.py``)
+        self.warn: Callable[[str], None] = lambda text: log.warning("MaX4Zero Masked Extended Attention: %s", text)
         self._loose: Optional[MeaRun] = None  # state of model calls made outside a sampling run
 
     def __deepcopy__(self, memo: dict) -> "MeaPatch":
@@ -257,6 +259,9 @@ class MeaPatch:
     def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         """Per sampling run: a fresh :class:`MeaRun` in the run's options, the trace started and the run
         filed under its result, the no-op report; the run's state goes when the run ends."""
+        noise = args[0] if args else kwargs.get("noise")
+        if self.active and isinstance(noise, torch.Tensor) and noise.dim() == 4:
+            self.check_latent(tuple(noise.shape))
         guider = executor.class_obj
         run = MeaRun(self)
         options = getattr(guider, "model_options", None)
@@ -276,15 +281,21 @@ class MeaPatch:
             if to is not None:
                 to.pop(self.run_key, None)
 
+    def check_latent(self, latent_shape: tuple) -> None:
+        """Before the first step: the target mask must fit the latent being sampled (batch, aspect) and keep a
+        token at the grids the chosen layers use. The sampler reports it; the message names this node."""
+        problem = mask_latent_problem(tuple(self.target_mask.shape), latent_shape, "target_mask")
+        problem = problem or unusable_mask_problem(
+            self.target_mask, token_grids(latent_shape[-2:], sorted(self.layers.levels), ratio=1), "target_mask")
+        if problem:
+            raise NodeInputError("MaX4Zero Masked Extended Attention", problem)
+
     def _report_no_op(self, run: MeaRun, sigmas: Any) -> None:
         """A run that applied MEA nowhere although the masks are not empty: say why, once, and the fix."""
         if not self.active or run.stats["effective"]:
             return
         reason = no_op_reason(run.stats, self.start, self.end, sigmas)
-        text = f"MaX4Zero Masked Extended Attention did nothing in this sampling run: {reason[0]}. {reason[1]}"
-        log.warning(text)
-        if self.notify is not None:
-            self.notify(text)
+        self.warn(f"did nothing in this sampling run: {reason[0]}. {reason[1]}")
 
     def post_cfg_function(self, args: dict) -> torch.Tensor:
         """Paper mode: one extra positive pass with MEA; add s_mea·M⊙(x̂0_MEA − x̂0_u)."""

@@ -27,6 +27,8 @@ NAMES = {
     "MaX4ZeroDoubleMaskInpaint": "MaX4Zero Double-Mask Inpaint",
     "MaX4ZeroCropToMask": "MaX4Zero Crop To Mask",
     "MaX4ZeroPasteBack": "MaX4Zero Paste Back",
+    "MaX4ZeroMaskedExtendedAttention": "MaX4Zero Masked Extended Attention",
+    "MaX4ZeroFlowView": "MaX4Zero Leffa Flow View",
 }
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import comfy_models as cm
-from comfy_models import Graph, run_prompt
-from test_mea_nodes import SIZE, _mea, _sampler
+from comfy_models import Graph, PromptFailed, run_prompt
+from test_mea_nodes import MEA, SIZE, _mea, _sampler
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +34,14 @@ def test_window_that_no_step_reaches_is_reported(comfy_env, small_sd15_model, sm
     assert len(msgs) == 1 and "MEA window (start=0.8, end=1.0)" in msgs[0] and "Set start/end" in msgs[0]
 
 
-def test_target_mask_that_vanishes_at_the_token_grid_is_reported(comfy_env, small_sd15_model, small_vae, pair,
-                                                                 caplog):
+def test_target_mask_that_vanishes_at_the_token_grid_is_refused_before_sampling(comfy_env, small_sd15_model,
+                                                                                small_vae, pair, caplog):
     line = torch.zeros(1, SIZE, SIZE)
     line[:, 33, 10:50] = 1.0  # a one-pixel line: nearest sampling at 1/8 and 1/16 misses it
-    msgs = _run(small_sd15_model, small_vae, pair, caplog, target_mask=line)
-    assert len(msgs) == 1 and "no pixel left at the token grids" in msgs[0]
+    with pytest.raises(PromptFailed) as e:
+        _run(small_sd15_model, small_vae, pair, caplog, target_mask=line)
+    assert e.value.message.startswith("MaX4Zero Masked Extended Attention:")
+    assert "vanishes at the attention token grids" in e.value.message and e.value.node_type == MEA
 
 
 def test_a_run_that_used_mea_reports_nothing(comfy_env, small_sd15_model, small_vae, pair, caplog):

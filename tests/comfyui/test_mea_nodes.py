@@ -450,11 +450,11 @@ def test_bad_inputs_name_the_problem(comfy_env, small_sd15_model, small_vae, pai
         with pytest.raises(PromptFailed) as exc:
             run_prompt(g, validate=False)
         assert needle in exc.value.message, (over, exc.value.message)
-    # a target mask batch that fits no latent batch fails during sampling with the fix in the message
+    # a target mask batch that fits no latent batch is refused before the first step, naming the MEA node
     g = Graph()
     node = _mea(g, g.obj(model, "MODEL"), small_vae, pair, target_mask=torch.cat([pair["target_mask"]] * 3))
     g.capture(_sampler(g, node[0], batch=2)[0], "x")
-    with pytest.raises(PromptFailed, match="one mask per latent"):
+    with pytest.raises(PromptFailed, match="one per latent"):
         run_prompt(g)
     copy.deepcopy(model.model_options)  # still a plain, copyable options dict
 
