@@ -71,7 +71,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..warping.masks import to_bool
 from ..attention.masked_extended import masked_extended_attention
-from ..attention.policy import check_contrast, token_grid, token_mask
+from ..attention.policy import DEFAULT_LAYERS, LAYER_CHOICES, check_contrast, token_grid, token_mask
 from ..warping.shapes import as_hw
 
 __all__ = [
@@ -81,6 +81,8 @@ __all__ = [
     "token_grid",
 ]
 
+#: The node's default layer choice as this adapter's grid factors (2**level): (1, 2) = latent/1 and latent/2.
+DEFAULT_SCALES = tuple(sorted(2 ** level for level in LAYER_CHOICES[DEFAULT_LAYERS].levels))
 _MODES = ("batch", "recorded")
 _LAYOUTS = ("halves", "interleaved")
 
@@ -151,7 +153,7 @@ class MaskedExtendedAttentionHandle:
         ref_key_mask: torch.Tensor | None,
         query_mask: torch.Tensor | None,
         contrast: float = 1.0,
-        scales: Sequence[int] | None = (1, 2),
+        scales: Sequence[int] | None = DEFAULT_SCALES,
         mode: str = "batch",
         layout: str = "halves",
         capture: Any = None,
@@ -516,7 +518,7 @@ def install_masked_extended_attention(
     query_mask: torch.Tensor | None,
     contrast: float = 1.25,
     layers: str | Sequence[str] = "decoder",
-    scales: Sequence[int] | None = (1, 2),
+    scales: Sequence[int] | None = DEFAULT_SCALES,
     mode: str = "batch",
     layout: str = "halves",
     capture: Any = None,

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..warping.masks import resize_to_grid
+from ..warping.shapes import halved
 
 __all__ = [
     "GUIDANCE_MODES",
@@ -107,7 +108,7 @@ def grid_level(latent_hw: Sequence[int], layer_hw: Sequence[int]) -> int:
             return level
         if h == 1 and w == 1:
             break
-        h, w = -(-h // 2), -(-w // 2)
+        h, w = halved((h, w))
     return max(0, int(round(0.5 * math.log2((lh * lw) / (gh * gw)))))
 
 
@@ -133,7 +134,7 @@ def token_grid(tokens: int, latent_hw: Sequence[int], max_levels: int = 8) -> tu
             return h, w, factor
         if h == 1 and w == 1:
             break
-        h, w, factor = -(-h // 2), -(-w // 2), factor * 2
+        (h, w), factor = halved((h, w)), factor * 2
     raise ValueError(
         f"a self-attention layer has {tokens} tokens, which is no downsampled grid of the latent size "
         f"{(H, W)}: pass the latent (H, W) the UNet actually runs on as latent_hw, or leave latent_hw=None "

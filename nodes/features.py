@@ -35,7 +35,6 @@ attached to the ``MODEL`` (e.g. Masked Extended Attention) are deliberately left
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -47,6 +46,7 @@ import comfy.utils
 
 from ..warping import masks as _masks
 from ..warping.images import grey_out
+from ..warping.shapes import halved
 from .convert import NodeInputError
 from .registration import feature_noise
 
@@ -209,7 +209,7 @@ def extract_features(
     draws = feature_draws(spec)
     shape = latent_shape(model, (H, W))
     lh, lw = shape[1], shape[2]
-    grid = (math.ceil(lh / 2), math.ceil(lw / 2))
+    grid = halved((lh, lw))  # decoder block 1 (up_ft_index 1): 1/16 of the image
     if noise is None:
         noise = feature_noise([shape], draws, spec.seed)[0]
     elif tuple(noise.shape) != (draws, *shape):

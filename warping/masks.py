@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .shapes import as_hw
+from .shapes import as_hw, halved
 
 #: docs/method.md §1: the garment mask is eroded by 1 px, a 3×3 square, everywhere it is used.
 GARMENT_EROSION = 3
@@ -211,13 +211,7 @@ def token_grids(hw: Sequence[int], levels: Sequence[int], ratio: int = 8) -> lis
     [(64, 48), (32, 24), (16, 12)]
     """
     h, w = max(1, int(hw[0]) // int(ratio)), max(1, int(hw[1]) // int(ratio))
-    out = []
-    for level in sorted({int(v) for v in levels}):
-        gh, gw = h, w
-        for _ in range(level):
-            gh, gw = -(-gh // 2), -(-gw // 2)
-        out.append((gh, gw))
-    return out
+    return [halved((h, w), level) for level in sorted({int(v) for v in levels})]
 
 
 def _items(mask: torch.Tensor) -> torch.Tensor:

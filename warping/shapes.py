@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["as_hw"]
+__all__ = ["as_hw", "halved"]
 
 
 def as_hw(value: Any, name: str = "size", square_ok: bool = True) -> tuple[int, int]:
@@ -36,4 +36,19 @@ def as_hw(value: Any, name: str = "size", square_ok: bool = True) -> tuple[int, 
             raise ValueError(f"{name} must be {form}, got {value!r}") from None
     if h < 1 or w < 1:
         raise ValueError(f"{name} must be positive, got {(h, w)}")
+    return h, w
+
+
+def halved(hw: Any, times: int = 1) -> tuple[int, int]:
+    """A UNet token grid ``times`` levels below ``hw``: each stride-2 convolution (padding 1) maps n → ⌈n/2⌉.
+
+    The one place the pack computes a downsampled grid (layer choice by grid level, feature grids, mask
+    checks at token grids).
+
+    >>> halved((64, 48)), halved((13, 20), 1), halved((64, 64), 0)
+    ((32, 24), (7, 10), (64, 64))
+    """
+    h, w = as_hw(hw, "hw")
+    for _ in range(int(times)):
+        h, w = -(-h // 2), -(-w // 2)
     return h, w
