@@ -154,10 +154,10 @@ def _check_inputs(
         if t.shape[-1] % heads:
             raise ValueError(f"{name} width {t.shape[-1]} is not divisible by heads={heads}; check the head count")
     b, t = q.shape[0], q.shape[1]
-    if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or k.shape[-1] != q.shape[-1]:
+    if k.shape[0] != b or v.shape[:2] != k.shape[:2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree; self-attention needs the same B, T "
-            "and the same q/k width"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree; attention needs the same B, k and v "
+            "with the same T, and the same q/k width"
         )
     t_ref = k_ref.shape[1]
     if k_ref.shape[-1] != q.shape[-1] or v_ref.shape[-1] != v.shape[-1] or v_ref.shape[1] != t_ref:
@@ -271,6 +271,7 @@ def masked_extended_attention(
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     force_explicit: bool = False,
+    ref_count: Optional[int] = None,
 ) -> torch.Tensor:
     """Masked Extended Attention for target queries; plain self-attention elsewhere.
 
@@ -295,10 +296,21 @@ def masked_extended_attention(
         chunk_bytes: extra-memory budget of the explicit path (query chunks plus float32 copies of
             the gathered garment keys/values); at least one query row is processed per chunk.
         force_explicit: use the explicit path even when the fast path applies (tests, benchmarks).
+        ref_count: the number of reference tokens T_ref the contrast mean runs over, when ``k_ref``/``v_ref``
+            hold only a subset of them (a host that keeps only the garment tokens' K/V, e.g. the Flux
+            adapter); default ``k_ref.shape[1]``. Must be ≥ that.
+
+    The target keys may outnumber the queries (``k``/``v`` [B, T_k, ·] with T_k ≠ T): a host that attends a
+    subset of the queries over all keys (the Flux adapter's image queries over text + image tokens), or
+    whose keys carry cached extra tokens. "Plain attention" is then attention over those T_k keys.
     """
     ref_key_mask, query_mask = _check_inputs(q, k, v, k_ref, v_ref, ref_key_mask, query_mask, heads, contrast)
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be a positive int (bytes), got {chunk_bytes!r}; the default is {DEFAULT_CHUNK_BYTES}")
+    if ref_count is None:
+        ref_count = k_ref.shape[1]
+    if isinstance(ref_count, bool) or not isinstance(ref_count, int) or ref_count < k_ref.shape[1]:
+        raise ValueError(f"ref_count must be an int ≥ the {k_ref.shape[1]} reference keys given, got {ref_count!r}")
     b, t, _ = q.shape
     qh, kh, vh = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
     qm = query_mask.expand(b, -1)
@@ -319,7 +331,8 @@ def masked_extended_attention(
     if not explicit and lse is None:
         _fast_concat(q, k, v, k_ref, v_ref, rm, qm, active, heads, out)
     else:
-        _region_path(q, k, k_ref, v_ref, rm, qm, active, heads, out, lse, float(contrast), capture, chunk_bytes, explicit)
+        _region_path(q, k, k_ref, v_ref, rm, qm, active, heads, out, lse, float(contrast), capture, chunk_bytes, explicit,
+                     ref_count)
     return out.view(b, t, -1)
 
 
@@ -463,6 +476,7 @@ def _region_path(
     capture: Optional[CaptureProtocol],
     chunk_bytes: int,
     explicit: bool,
+    ref_count: Optional[int] = None,
 ) -> None:
     """Redo the region queries of ``out`` [B, T, H, dv] (holding the plain result) in place.
 
@@ -480,7 +494,8 @@ def _region_path(
     h = heads
     d = c_in // h
     dv = out.shape[-1]
-    t_ref = k_ref.shape[1]
+    t_ref = k_ref.shape[1] if ref_count is None else int(ref_count)  # the contrast mean's denominator
+    t_k = k.shape[1]
     dev = q.device
     scale = 1.0 / math.sqrt(d)
     f32 = torch.float32
@@ -491,7 +506,7 @@ def _region_path(
     before = bool(getattr(capture, "before_contrast", False)) if want_cap else False
     if want_cap:
         check_tau(tau, "capture.tau")
-        grid = reference_grid(_resolve_ref_hw(capture, t_ref), dev)
+        grid = reference_grid(_resolve_ref_hw(capture, k_ref.shape[1]), dev)
         cap_flow = torch.zeros(b, t, 2, device=dev, dtype=f32)
         cap_mass = torch.zeros(b, t, device=dev, dtype=f32)
         cap_ent = torch.zeros(b, t, device=dev, dtype=f32) if want_ent else None
@@ -524,7 +539,7 @@ def _region_path(
         k_r32 = _rows(k_ref[rb], ki, h).to(f32)
         v_r32 = _rows(v_ref[rb], ki, h).to(f32)
         g_r = grid.index_select(0, ki) if want_cap else None
-        k_t32 = k[bi].reshape(t, h, d).transpose(0, 1).to(f32) if lse is None else None
+        k_t32 = k[bi].reshape(t_k, h, d).transpose(0, 1).to(f32) if lse is None else None
         fixed = (k_r32.numel() + v_r32.numel()) * 4
         if k_t32 is not None and k.dtype != f32:
             fixed += k_t32.numel() * 4
@@ -534,7 +549,7 @@ def _region_path(
         n_ref_buf = 1.0 + (1 if tau != 1.0 else 0) + (1 if (before and contrast != 1.0) else 0) + (0.5 if want_cap else 0)
         per_row = int(h * n_k * 4 * n_ref_buf) + h * (d + 3 * dv) * 4
         if lse is None:
-            per_row += h * t * 4
+            per_row += h * t_k * 4
         budget = max(chunk_bytes - fixed, chunk_bytes // 4)
         c = max(1, min(qi.numel(), budget // per_row))
         for s in range(0, qi.numel(), c):

@@ -16,6 +16,7 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
+from ..attention.dit import DEFAULT_FLUX_BLOCKS, parse_flux_blocks
 from ..attention.flow_view import FLOW_MODES, render_flow_view
 from ..attention.policy import DEFAULT_LAYERS, FLOW_LAYER_CHOICES, GUIDANCE_MODES, LAYER_CHOICES
 from ..warping import mls as _mls
@@ -24,6 +25,7 @@ from .features import check_unet
 from .mea_calls import attn1_slots, trace_consumers
 from .mea_inputs import check_mea_masks, positive_context, prepare_reference
 from .notify import warn_on_node
+from .mea_flux import FLUX_SELECTION, FluxMeaPatch, flux_hook_problem, is_flux
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
 from .sockets import MATCHES, TRACE
 from .trace import MeaTrace, find_traced_run, mls_flow_from_matches, samples_key
@@ -58,7 +60,8 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5/SD2/SDXL UNet to patch (an inpainting model for try-on; "
-                               "LoRAs and ControlNets applied to it keep working)."),
+                               "LoRAs and ControlNets applied to it keep working), or a Flux-family model (FLUX.1 "
+                               "Fill or dev; ComfyUI 0.33.0 or newer; see 'flux_blocks')."),
                 io.Vae.Input("vae", tooltip="The VAE of that model; it encodes the reference image."),
                 io.Image.Input("reference", tooltip="The garment photo (one image; any size, cropped to a multiple "
                                "of 8 like VAE Encode does)."),
@@ -102,6 +105,12 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                "the garment mask first, so what this node adds cannot depend on the reference "
                                "background. This node only: MaX4Zero Correspondence still reads the garment photo's "
                                "surroundings for its features."),
+                io.String.Input("flux_blocks", default=DEFAULT_FLUX_BLOCKS, optional=True,
+                                tooltip="Flux-family models only (the 'layers' input is for UNets): the blocks that "
+                                "get MEA. 'vital' (default): Stable Flow's vital layers of FLUX.1 (double 0, 1, 17, "
+                                "18; single 6, 9, 34, 35, 37), where that method injects a reference's attention; "
+                                "untuned for try-on on real weights. 'double', 'single', 'all', or a list such as "
+                                "'d0-18, s6, s9' (0-based). Needs ComfyUI 0.33.0 or newer."),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model (a clone) for KSampler / "
@@ -129,10 +138,14 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
-        layers, reference_seed, background,
+        layers, reference_seed, background, flux_blocks=DEFAULT_FLUX_BLOCKS,
     ) -> io.NodeOutput:
         node = cls.NODE
         cls._check_widgets(dict(guidance=guidance, layers=layers, background=background, start=start, end=end))
+        if is_flux(getattr(getattr(model, "model", None), "diffusion_model", None)):
+            return cls._execute_flux(
+                model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
+                reference_seed, background, flux_blocks)
         dm = check_unet(model, node)
         if problem := cv.conditioning_problem(positive, model, "positive"):
             raise cv.NodeInputError(node, problem)
@@ -157,6 +170,44 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
             layers=selection, attn1_keys=keys, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx,
             garment_mask=ref.garment, target_mask=tm, trace=trace,
+        )
+        patch.warn = functools.partial(warn_on_node, node, node_id=None if uid is None else str(uid))
+        patched = model.clone()
+        patch.install(patched)
+        return io.NodeOutput(patched, trace)
+
+
+    @classmethod
+    def _execute_flux(
+        cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
+        reference_seed, background, flux_blocks,
+    ) -> io.NodeOutput:
+        """The Flux adapter (``nodes/mea_flux.py``, docs/method.md §3c): same inputs, same checks."""
+        node = cls.NODE
+        if problem := flux_hook_problem():
+            raise cv.NodeInputError(node, problem, "update ComfyUI to 0.33.0 or newer (its Flux blocks call "
+                                    "attention patches), or use an SD1.5/SD2/SDXL checkpoint")
+        dm = model.model.diffusion_model
+        try:
+            blocks = parse_flux_blocks(flux_blocks if flux_blocks is not None else DEFAULT_FLUX_BLOCKS,
+                                       len(dm.double_blocks), len(dm.single_blocks))
+        except ValueError as e:
+            raise cv.NodeInputError(node, str(e), "set 'flux_blocks' to vital, double, single, all or a list like "
+                                    "'d0-18, s6'") from None
+        tm = cv.mask_to_bhw(target_mask, node, "target_mask")
+        ctx = positive_context(positive, node)
+        ref = prepare_reference(node, model, vae, reference, garment_mask, background, reference_seed)
+        uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+        check_mea_masks(node, garment_mask, ref, tm, FLUX_SELECTION, uid)
+        trace = _make_trace(cls.hidden)
+        if trace.enabled:
+            warn_on_node(node, "the attention trace (Leffa Flow View) is not recorded on Flux models yet",
+                         node_id=None if uid is None else str(uid))
+        trace = MeaTrace(enabled=False)
+        patch = FluxMeaPatch(
+            mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
+            blocks=blocks, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx, garment_mask=ref.garment,
+            target_mask=tm, trace=None,
         )
         patch.warn = functools.partial(warn_on_node, node, node_id=None if uid is None else str(uid))
         patched = model.clone()

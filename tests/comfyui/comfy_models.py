@@ -638,3 +638,90 @@ def run_prompt(prompt: dict | Graph, validate: bool = True, executor: Any = None
         captured=dict(_CAPTURED), ui=executor.history_result.get("outputs", {}), executor=executor, server=server,
         progress=PROGRESS[start:],
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny Flux (FLUX.1 Fill layout) from ComfyUI's own classes
+# ---------------------------------------------------------------------------------------------
+
+#: FluxParams of the tiny test Flux: hidden 128, 2 heads of 64 (axes 16 + 24 + 24), 2 double + 2 single
+#: blocks, Fill layout (in_channels 96 = 16 noisy latent + 16 masked image + 64 packed 8×8 pixel mask).
+TINY_FLUX_PARAMS = {
+    "image_model": "flux", "in_channels": 96, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 64,
+    "hidden_size": 128, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [16, 24, 24], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "txt_ids_dims": [],
+}
+
+
+def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bool = False):
+    """A ``ModelPatcher`` around a random-weight Flux built from ComfyUI's classes (float32, CPU).
+
+    The state dict of a ``comfy.ldm.flux.model.Flux`` with :data:`TINY_FLUX_PARAMS` goes through
+    ``model_detection.model_config_from_unet`` (prefix ``model.diffusion_model.``): with 96 input channels
+    ComfyUI detects ``FluxInpaint`` (FLUX.1 Fill). Detection assumes FLUX.1's head width (128) and axes,
+    so the detected config gets the tiny model's params before the model is built and loaded.
+
+    ``global_modulation=True`` (shared modulation, as FLUX.2 has; what core ``FluxKVCache``'s
+    ``index_timestep_zero`` needs) keeps the FLUX.1 token layout; detection would call that state dict FLUX.2,
+    so the ``Flux`` config is used directly.
+    """
+    key = ("flux", int(seed), int(in_channels), bool(global_modulation))
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import dataclasses
+
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    known = {f.name for f in dataclasses.fields(FluxParams)}  # 0.3.64 has no txt_ids_dims
+    params = {k: v for k, v in dict(TINY_FLUX_PARAMS, in_channels=in_channels).items() if k in known}
+    if global_modulation:
+        params["global_modulation"] = True
+    dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **params)
+    init_random(dm, seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in dm.state_dict().items()}
+    if global_modulation:
+        import comfy.supported_models
+
+        cfg = comfy.supported_models.Flux(dict(params, image_model="flux"))
+    else:
+        cfg = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    if cfg is None:
+        raise RuntimeError("ComfyUI did not detect the tiny Flux state dict")
+    cfg.unet_config.update(params)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model(sd, "model.diffusion_model.", device=mm.unet_offload_device())
+    model.diffusion_model.load_state_dict(dm.state_dict(), strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+    patcher.detected_config = type(cfg).__name__
+    _MODEL_CACHE[key] = patcher
+    return patcher
+
+
+def flux_conditioning(seed: int = 0, tokens: int = 8, guidance: float = 3.5) -> list:
+    """CLIP/T5-free Flux CONDITIONING for the tiny Flux: text [1, tokens, 64], pooled [1, 32], guidance."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, 64, generator=g),
+             {"pooled_output": torch.randn(1, 32, generator=g), "guidance": guidance}]]
+
+
+class StubFluxVAE:
+    """A deterministic stand-in VAE with Flux's 16 latent channels and 8× downscale (area mean + fixed mix)."""
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.mix = torch.randn(16, 3, generator=g)
+
+    def spacial_compression_encode(self) -> int:
+        return 8
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        x = image[..., :3].movedim(-1, 1).float()
+        x = torch.nn.functional.avg_pool2d(x, 8)
+        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)

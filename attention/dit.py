@@ -1,0 +1,213 @@
+"""Masked Extended Attention on Flux-family DiTs (docs/method.md §3c): the host-independent part.
+
+A Flux transformer attends jointly over ``[text tokens ; image tokens]`` in every double and single
+block. MEA there means (same method as the UNet, ``attention/masked_extended.py`` does the maths):
+
+* image queries inside the try-on region attend over every key the block attends over (text + image,
+  and whatever else a host appended, e.g. cached reference-latent tokens) **plus** the garment tokens
+  of the reference (K/V recorded in a reference pass at the same step), with the contrast step on the
+  reference half;
+* text queries and image queries outside the region never see a reference key: their output is the
+  block's own attention, bit for bit.
+
+What is policy and lives here (plain PyTorch, no host import):
+
+* the token grid of a packed Flux latent (2×2 latent patch per token = 16×16 px with an 8× VAE):
+  :func:`flux_token_grid`; masks at that grid are :func:`~.policy.token_mask` at it;
+* which blocks carry MEA: :data:`FLUX_BLOCK_CHOICES`, :func:`parse_flux_blocks` (default
+  :data:`DEFAULT_FLUX_BLOCKS`, the "vital layers" of Stable Flow — untuned for try-on on real weights);
+* where the reference tokens sit for RoPE: :data:`REFERENCE_ROPE_INDEX`, :func:`reference_token_ids`
+  (Kontext's layout for a reference latent: its own grid, shifted to index 1 on the first axis);
+* :func:`joint_extended_attention`: the region's image queries redone over [all keys ; garment keys],
+  written into the block's own attention output.
+
+Layouts (ComfyUI's Flux attention): ``q, k, v`` [B, heads, L, d] with RoPE applied, L = text + image
+tokens (+ extra keys for k, v); the block's attention output ``base`` [B, L_q, heads·d].
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import torch
+
+from .masked_extended import masked_extended_attention
+
+__all__ = [
+    "FLUX_PATCH",
+    "FLUX_LEVEL",
+    "REFERENCE_ROPE_INDEX",
+    "FLUX_VITAL_DOUBLE",
+    "FLUX_VITAL_SINGLE",
+    "FLUX_BLOCK_CHOICES",
+    "DEFAULT_FLUX_BLOCKS",
+    "flux_token_grid",
+    "parse_flux_blocks",
+    "reference_token_ids",
+    "joint_extended_attention",
+]
+
+#: A Flux image token packs a 2×2 patch of latent cells (16×16 px with the 8× VAE).
+FLUX_PATCH = 2
+#: The Flux token grid is the latent grid halved once (⌈n/2⌉), i.e. grid level 1 of ``policy.grid_level``:
+#: the mask checks shared with the UNet adapter use this level.
+FLUX_LEVEL = 1
+#: First RoPE axis of the reference tokens. Flux Kontext places a reference latent at index 1 on its own
+#: grid (``Flux._forward``, ``ref_latents_method = "offset"``); MEA's reference tokens sit there too.
+REFERENCE_ROPE_INDEX = 1
+
+#: Stable Flow (Avrahami et al., CVPR 2025) "vital layers" of FLUX.1-dev: the blocks whose removal changes
+#: the image most, where it injects the reference's attention features. Global numbering 0, 1, 17, 18
+#: (double blocks) and 25, 28, 53, 54, 56 (single blocks 6, 9, 34, 35, 37).
+FLUX_VITAL_DOUBLE = (0, 1, 17, 18)
+FLUX_VITAL_SINGLE = (6, 9, 34, 35, 37)
+
+#: Named choices of the MEA node's ``flux_blocks`` input (a custom list is also accepted, see
+#: :func:`parse_flux_blocks`).
+FLUX_BLOCK_CHOICES = ("vital", "double", "single", "all")
+DEFAULT_FLUX_BLOCKS = "vital"
+
+_TOKEN = re.compile(r"^([ds])(\d+)(?:-(?:[ds])?(\d+))?$")
+
+
+def flux_token_grid(latent_hw: Sequence[int], patch: int = FLUX_PATCH) -> tuple[int, int]:
+    """Token grid ``(h, w)`` of a Flux latent ``(H, W)``: ComfyUI pads to the patch size, so ⌈H/2⌉ × ⌈W/2⌉.
+
+    >>> flux_token_grid((128, 128)), flux_token_grid((13, 20))
+    ((64, 64), (7, 10))
+    """
+    h, w = (int(s) for s in latent_hw[-2:])
+    if h < 1 or w < 1:
+        raise ValueError(f"latent size must be positive, got {h}x{w}")
+    return -(-h // patch), -(-w // patch)
+
+
+def parse_flux_blocks(spec: str, n_double: int, n_single: int) -> frozenset:
+    """The blocks a ``flux_blocks`` text selects, as ``{("double", i), ("single", j), …}``.
+
+    Comma-separated items, each one of: ``vital`` (Stable Flow's vital layers that exist in this model),
+    ``double`` (every double block), ``single`` (every single block), ``all``, ``d<i>`` / ``s<j>`` (one
+    double / single block, 0-based) or a range ``d<i>-<k>`` / ``s<i>-<k>`` (inclusive).
+
+    Raises:
+        ValueError: an item that is none of these, a block this model does not have, or nothing selected.
+
+    >>> sorted(parse_flux_blocks("d0, s1-2", 2, 3))
+    [('double', 0), ('single', 1), ('single', 2)]
+    >>> sorted(parse_flux_blocks("vital", 2, 2))
+    [('double', 0), ('double', 1)]
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("flux_blocks is empty: give 'vital', 'double', 'single', 'all' or a list like 'd0-18, s6'")
+    out: set = set()
+    for raw in spec.split(","):
+        item = raw.strip().lower()
+        if not item:
+            continue
+        if item == "vital":
+            out |= {("double", i) for i in FLUX_VITAL_DOUBLE if i < n_double}
+            out |= {("single", i) for i in FLUX_VITAL_SINGLE if i < n_single}
+            continue
+        if item in ("double", "all"):
+            out |= {("double", i) for i in range(n_double)}
+        if item in ("single", "all"):
+            out |= {("single", i) for i in range(n_single)}
+        if item in ("double", "single", "all"):
+            continue
+        m = _TOKEN.match(item.replace(" ", ""))
+        if m is None:
+            raise ValueError(f"flux_blocks item {raw.strip()!r} is not 'vital', 'double', 'single', 'all', "
+                             "'d<i>', 's<i>' or a range like 'd0-18'")
+        kind = "double" if m.group(1) == "d" else "single"
+        n = n_double if kind == "double" else n_single
+        lo = int(m.group(2))
+        hi = int(m.group(3)) if m.group(3) is not None else lo
+        if hi < lo or hi >= n:
+            raise ValueError(f"flux_blocks item {raw.strip()!r}: this model has {n} {kind} blocks (0 to {n - 1})")
+        out |= {(kind, i) for i in range(lo, hi + 1)}
+    if not out:
+        raise ValueError(f"flux_blocks {spec!r} selects no block of this model ({n_double} double, {n_single} single "
+                         "blocks); 'vital' needs the FLUX.1 depth (19 + 38): pick 'double', 'single', 'all' or a list")
+    return frozenset(out)
+
+
+def reference_token_ids(hw: Sequence[int], n_axes: int = 3, index: float = REFERENCE_ROPE_INDEX) -> torch.Tensor:
+    """RoPE position ids ``[1, h·w, n_axes]`` of the reference's tokens (row-major).
+
+    Axis 0 = ``index``, axis 1 = row, axis 2 = column on the reference's own token grid (further axes 0):
+    what ``Flux.process_img(ref, index=1)`` gives a Kontext reference latent. Relative to a target token
+    (index 0, its row, its column) a reference key is one step away on the first axis and at its own
+    2-D offset, so the reference reads as "another image", not as the target's own tokens at the same
+    place.
+
+    >>> reference_token_ids((2, 2))[0].tolist()
+    [[1.0, 0.0, 0.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    """
+    h, w = int(hw[0]), int(hw[1])
+    if n_axes < 3:
+        raise ValueError(f"Flux position ids have at least 3 axes, got {n_axes}")
+    ids = torch.zeros(h, w, n_axes, dtype=torch.float32)
+    ids[..., 0] = float(index)
+    ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None]
+    ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :]
+    return ids.reshape(1, h * w, n_axes)
+
+
+def joint_extended_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_ref: torch.Tensor,
+    v_ref: torch.Tensor,
+    region: torch.Tensor,
+    img_start: int,
+    base: torch.Tensor,
+    contrast: float = 1.0,
+    ref_count: Optional[int] = None,
+) -> torch.Tensor:
+    """The block's attention output with the region's image queries redone as Masked Extended Attention.
+
+    Args:
+        q: [B, H, L_q, d] queries (RoPE applied), text first, the image from ``img_start``.
+        k, v: [B, H, L_k, d] / [B, H, L_k, dv] every key/value the block attends over (L_k ≥ L_q allowed).
+        k_ref, v_ref: [1 or B, H, G, d] / [.., dv] the reference's garment tokens only (RoPE applied at the
+            reference positions).
+        region: bool [1 or B, N] the try-on region over the target's N image tokens (row-major grid).
+        img_start: index of the first target image token in the query sequence.
+        base: [B, L_q, H·dv] the block's own attention output (kept bit for bit outside the region).
+        contrast: the contrast on the reference half (1.25 paper, 1 = off).
+        ref_count: all reference tokens (garment or not), the contrast mean's denominator; default G.
+
+    Returns:
+        A new [B, L_q, H·dv] tensor: ``base`` with the region rows replaced. ``base`` itself is untouched.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k_ref.dim() != 4 or v_ref.dim() != 4:
+        raise ValueError("q, k, v, k_ref, v_ref must be [B, heads, L, d] tensors (ComfyUI's Flux attention layout)")
+    b, heads, lq, d = q.shape
+    if base.shape[:2] != (b, lq):
+        raise ValueError(f"base {tuple(base.shape)} is not the [B, L_q, heads*dv] output of q {tuple(q.shape)}")
+    n_img = region.shape[-1]
+    if img_start < 0 or img_start + n_img > lq:
+        raise ValueError(f"{n_img} image tokens from {img_start} do not fit the {lq} queries")
+    out = base.clone()
+    g = k_ref.shape[2]
+    if g == 0:
+        return out
+    reg = region.expand(b, -1) if region.shape[0] == 1 else region
+    to_flat = lambda x: x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)  # noqa: E731  [B,H,L,d] → [B,L,H·d]
+    for bi in range(b):
+        idx = reg[bi].nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        qi = idx.to(q.device) + int(img_start)
+        rb = 0 if k_ref.shape[0] == 1 else bi
+        q_b = to_flat(q[bi : bi + 1].index_select(2, qi))
+        k_b, v_b = to_flat(k[bi : bi + 1]), to_flat(v[bi : bi + 1])
+        kr, vr = to_flat(k_ref[rb : rb + 1]), to_flat(v_ref[rb : rb + 1])
+        ones_q = torch.ones(1, qi.numel(), dtype=torch.bool, device=q.device)
+        ones_k = torch.ones(1, g, dtype=torch.bool, device=q.device)
+        mea = masked_extended_attention(q_b, k_b, v_b, kr, vr, ones_k, ones_q, heads, contrast,
+                                        ref_count=ref_count)
+        out[bi].index_copy_(0, qi, mea[0].to(out.dtype))
+    return out

@@ -1,0 +1,95 @@
+"""The Flux adapter's host-independent part (attention/dit.py) against a naive float64 formula (docs/method.md §3c)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from max4zero.attention import dit
+from max4zero.attention import masked_extended as mea
+
+
+@pytest.fixture(autouse=True, params=["kernel-lse", "portable"])
+def implementation(request, monkeypatch):
+    monkeypatch.setattr(mea, "USE_KERNEL_LSE", request.param == "kernel-lse")
+    return request.param
+
+
+def naive(q, k, v, k_ref, v_ref, region, img_start, contrast, ref_count):
+    """float64, per head: softmax over [all keys ; garment keys], contrast on the reference half."""
+    q, k, v, k_ref, v_ref = (x.double() for x in (q, k, v, k_ref, v_ref))
+    b, h, lq, d = q.shape
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Lq, dv]
+    s = 1.0 / math.sqrt(d)
+    for bi in range(b):
+        kr, vr = k_ref[0 if k_ref.shape[0] == 1 else bi], v_ref[0 if v_ref.shape[0] == 1 else bi]
+        for n in region[0 if region.shape[0] == 1 else bi].nonzero().flatten().tolist():
+            i = img_start + n
+            lt = torch.einsum("hd,hkd->hk", q[bi, :, i], k[bi]) * s  # [H, Lk]
+            lr = torch.einsum("hd,hgd->hg", q[bi, :, i], kr) * s
+            p = torch.softmax(torch.cat([lt, lr], -1), -1)
+            pt, pr = p[:, : lt.shape[-1]], p[:, lt.shape[-1]:]
+            m = pr.sum(-1, keepdim=True) / ref_count
+            pr = ((pr - m) * contrast + m).clamp(0, 1)
+            out[bi, :, i] = torch.einsum("hk,hkd->hd", pt, v[bi]) + torch.einsum("hg,hgd->hd", pr, vr)
+    return out.transpose(1, 2).reshape(b, lq, -1)
+
+
+def make(b=2, h=2, txt=5, n_img=12, extra=3, g=7, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lq = txt + n_img
+    q = torch.randn(b, h, lq, d, generator=gen)
+    k, v = (torch.randn(b, h, lq + extra, d, generator=gen) for _ in range(2))
+    k_ref, v_ref = (torch.randn(1, h, g, d, generator=gen) for _ in range(2))
+    region = torch.zeros(b, n_img, dtype=torch.bool)
+    region[0, 2:7] = True
+    region[1, 5:11] = True
+    return q, k, v, k_ref, v_ref, region, txt
+
+
+@pytest.mark.parametrize("contrast", [1.0, 1.25])
+def test_joint_extended_attention_matches_the_formula_and_keeps_everything_else(contrast):
+    q, k, v, k_ref, v_ref, region, txt = make()
+    base = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+    out = dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, contrast, ref_count=20)
+    want = naive(q, k, v, k_ref, v_ref, region, txt, contrast, 20)
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    keep = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool)
+    keep[:, txt:] = ~region
+    assert torch.equal(out[keep], base[keep])  # text and outside-region image queries: bit for bit
+    assert not torch.equal(out[~keep], base[~keep])
+
+
+def test_empty_region_returns_the_base_unchanged():
+    q, k, v, k_ref, v_ref, region, txt = make()
+    base = torch.randn(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+    out = dit.joint_extended_attention(q, k, v, k_ref, v_ref, torch.zeros_like(region), txt, base, 1.25)
+    assert torch.equal(out, base)
+
+
+def test_ref_count_must_cover_the_given_keys():
+    q, k, v, k_ref, v_ref, region, txt = make()
+    base = torch.zeros(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+    with pytest.raises(ValueError, match="ref_count"):
+        dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, 1.25, ref_count=3)
+
+
+def test_token_grid_blocks_and_reference_ids():
+    assert dit.flux_token_grid((64, 48)) == (32, 24)
+    assert dit.flux_token_grid((9, 9)) == (5, 5)
+    full = dit.parse_flux_blocks("vital", 19, 38)
+    assert full == frozenset({("double", i) for i in (0, 1, 17, 18)} | {("single", i) for i in (6, 9, 34, 35, 37)})
+    assert dit.parse_flux_blocks("all", 2, 2) == dit.parse_flux_blocks("double, single", 2, 2)
+    assert dit.parse_flux_blocks("d1, s0-1", 2, 2) == frozenset({("double", 1), ("single", 0), ("single", 1)})
+    for bad in ("d2", "x1", "", "s1-0"):
+        with pytest.raises(ValueError, match="flux_blocks"):
+            dit.parse_flux_blocks(bad, 2, 2)
+    with pytest.raises(ValueError, match="selects no block"):
+        dit.parse_flux_blocks("vital", 0, 3)
+    ids = dit.reference_token_ids((3, 4))
+    assert ids.shape == (1, 12, 3)
+    assert torch.all(ids[0, :, 0] == dit.REFERENCE_ROPE_INDEX)
+    assert ids[0, 7, 1:].tolist() == [1.0, 3.0]
