@@ -30,13 +30,14 @@ from max4zero.attention import flow as fl  # noqa: E402
 from max4zero.warping import masks, mls  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
+INPUTS = Path(__file__).resolve().parents[1] / "example_inputs"
 SIZE = 256  # image side; tokens are 1/8 of it, like SD's 1/8 grid
 TOK = SIZE // 8
 TILE = 256
 
 
 def _image(name: str, mask: bool = False) -> torch.Tensor:
-    im = Image.open(SAMPLES / name).convert("L" if mask else "RGB").resize((SIZE, SIZE), Image.BILINEAR)
+    im = Image.open(INPUTS / f"max4zero_{name}").convert("L" if mask else "RGB").resize((SIZE, SIZE), Image.BILINEAR)
     a = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
     return (a > 0.5).float() if mask else a.permute(2, 0, 1)
 
@@ -49,11 +50,13 @@ def _fourier(xy: torch.Tensor, n_freq: int = 16) -> torch.Tensor:
 
 
 def main(out: str) -> None:
-    pts = json.loads((SAMPLES / "points.json").read_text())
-    ref_w, ref_h = pts.get("reference_size", [SIZE, SIZE])
-    tgt_w, tgt_h = pts.get("target_size", [SIZE, SIZE])
-    ref_pts = torch.tensor(pts["reference"], dtype=torch.float64) * torch.tensor([SIZE / ref_w, SIZE / ref_h])
-    tgt_pts = torch.tensor(pts["target"], dtype=torch.float64) * torch.tensor([SIZE / tgt_w, SIZE / tgt_h])
+    pts = json.loads((SAMPLES / "points.json").read_text())  # the one control-point format, sizes [h, w]
+    ref_h, ref_w = pts.get("reference_size", [SIZE, SIZE])
+    tgt_h, tgt_w = pts.get("target_size", [SIZE, SIZE])
+    ref_pts = torch.tensor([p["reference"] for p in pts["points"]], dtype=torch.float64) * torch.tensor(
+        [SIZE / ref_w, SIZE / ref_h])
+    tgt_pts = torch.tensor([p["target"] for p in pts["points"]], dtype=torch.float64) * torch.tensor(
+        [SIZE / tgt_w, SIZE / tgt_h])
     person, garment = _image("person.png"), _image("garment.png")
     pmask, gmask = _image("person_mask.png", True), _image("garment_mask.png", True)
 

@@ -49,7 +49,7 @@ from typing import Any, Optional
 from comfy_models import state_dict_for_saving  # imports nothing from ComfyUI at module level
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = PACK_ROOT / "tools" / "samples"
+EXAMPLE_INPUTS = PACK_ROOT / "example_inputs"
 WORKFLOWS_DIR = PACK_ROOT / "workflows"
 # The README shows these; MAX4ZERO_SCREENSHOT_DIR sends them elsewhere (e.g. to keep the work tree clean).
 SCREENSHOT_DIR = Path(os.environ.get("MAX4ZERO_SCREENSHOT_DIR", "") or PACK_ROOT / "docs" / "screenshots")
@@ -75,12 +75,8 @@ MODEL_FILES = {
 # Placeholders: present so the combo lists contain them, never loaded.
 PLACEHOLDER_MODELS = {"sdxl_inpainting.safetensors"}
 
-INPUT_IMAGES = {
-    "max4zero_person.png": "person.png",
-    "max4zero_person_mask.png": "person_mask.png",
-    "max4zero_garment.png": "garment.png",
-    "max4zero_garment_mask.png": "garment_mask.png",
-}
+# The shipped sample inputs (example_inputs/, the names the workflows load), copied into input/ as a user would.
+INPUT_IMAGES = sorted(p.name for p in EXAMPLE_INPUTS.glob("max4zero_*.png"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,29 +334,6 @@ def _build(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_pose_image(path: Path, size: int = 512) -> None:
-    """A stick figure on black, in the colours of an OpenPose skeleton (any image would do)."""
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (size, size), (0, 0, 0))
-    d = ImageDraw.Draw(im)
-    s = size / 512
-    pts = {"head": (256, 90), "neck": (256, 150), "lsh": (196, 160), "rsh": (316, 160), "lel": (170, 250),
-           "rel": (342, 250), "lwr": (160, 330), "rwr": (352, 330), "hip": (256, 320), "lkn": (220, 420),
-           "rkn": (292, 420)}
-    bones = [("head", "neck", (255, 0, 0)), ("neck", "lsh", (255, 85, 0)), ("neck", "rsh", (255, 170, 0)),
-             ("lsh", "lel", (170, 255, 0)), ("rsh", "rel", (85, 255, 0)), ("lel", "lwr", (0, 255, 0)),
-             ("rel", "rwr", (0, 255, 85)), ("neck", "hip", (0, 255, 170)), ("hip", "lkn", (0, 170, 255)),
-             ("hip", "rkn", (0, 85, 255))]
-    for a, b, c in bones:
-        (x0, y0), (x1, y1) = pts[a], pts[b]
-        d.line([(x0 * s, y0 * s), (x1 * s, y1 * s)], fill=c, width=max(2, int(8 * s)))
-    for x, y in pts.values():
-        r = 6 * s
-        d.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], fill=(255, 255, 255))
-    im.save(path)
-
-
 def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Optional[Path] = None) -> Path:
     """A fresh ``--base-directory``: models (symlinks into the cache), inputs, this pack in custom_nodes.
 
@@ -373,9 +346,8 @@ def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Option
     for name, folder in MODEL_FILES.items():
         src = Path(sdxl) if (sdxl is not None and name == "sdxl_inpainting.safetensors") else Path(model_cache) / name
         (base / "models" / folder / name).symlink_to(src)
-    for dst, src in INPUT_IMAGES.items():
-        shutil.copyfile(SAMPLES / src, base / "input" / dst)
-    make_pose_image(base / "input" / "max4zero_pose.png")
+    for name in INPUT_IMAGES:
+        shutil.copyfile(EXAMPLE_INPUTS / name, base / "input" / name)
     (base / "custom_nodes" / "comfyui-max4zero").symlink_to(PACK_ROOT, target_is_directory=True)
     return base
 

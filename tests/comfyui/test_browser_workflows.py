@@ -29,7 +29,7 @@ frontend produced, never to the workflow files:
 * ``MaX4ZeroCropToMask.size`` → 128 (working size; the workflows use 512, SDXL 1024);
 * ``MaX4ZeroCorrespondence.ensemble`` → 1 (feature-extraction passes per image).
 
-The sample photos (``tools/samples``, 512×512) are used as they are.
+The sample inputs (``example_inputs/``, 512×512, the pose image included) are used as they are.
 
 The models are random-weight files built by ``browser_support`` (a reduced-depth SD1.5 inpainting
 UNet that ComfyUI still detects as SD15; see there). By default the SDXL workflow is loaded,
