@@ -348,7 +348,7 @@ def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Option
         (base / "models" / folder / name).symlink_to(src)
     for name in INPUT_IMAGES:
         shutil.copyfile(EXAMPLE_INPUTS / name, base / "input" / name)
-    (base / "custom_nodes" / "comfyui-max4zero").symlink_to(PACK_ROOT, target_is_directory=True)
+    (base / "custom_nodes" / "max4zero-tryon").symlink_to(PACK_ROOT, target_is_directory=True)
     return base
 
 

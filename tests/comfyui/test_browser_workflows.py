@@ -100,7 +100,7 @@ def server():
     srv = bs.ComfyServer(root, base).start()
     yield srv
     srv.stop()
-    if "IMPORT FAILED" in srv.log_text() and "comfyui-max4zero" in srv.log_text().split("IMPORT FAILED")[-1]:
+    if "IMPORT FAILED" in srv.log_text() and "max4zero-tryon" in srv.log_text().split("IMPORT FAILED")[-1]:
         print(srv.log_tail())
     shutil.rmtree(base, ignore_errors=True)
 
@@ -300,7 +300,7 @@ def load_and_convert(page, server, object_info, name: str) -> dict:
     if name in _CONVERTED:
         return _CONVERTED[name]
     # Opened the way Browse Templates opens it: fetched from the server's template route, not from disk.
-    wf = server.get_json(f"/api/workflow_templates/comfyui-max4zero/{name}.json")
+    wf = server.get_json(f"/api/workflow_templates/max4zero-tryon/{name}.json")
     assert wf == json.loads(_workflow_path(name).read_text()), f"{name}: the server serves another file"
     res = inspect_load(page, wf, f"{name}.json")
     json_types = {n["type"] for n in wf["nodes"]}
@@ -341,12 +341,12 @@ def load_and_convert(page, server, object_info, name: str) -> dict:
 def test_pack_loaded_and_templates_listed(server, object_info):
     """The pack imported cleanly and ComfyUI lists its workflows under Browse Templates."""
     log = server.log_text()
-    assert "comfyui-max4zero" in log, "the pack does not appear in the server's import list"
+    assert "max4zero-tryon" in log, "the pack does not appear in the server's import list"
     for line in log.splitlines():
         assert not ("IMPORT FAILED" in line and "max4zero" in line), line
     assert "MaX4ZeroCropToMask" in object_info
     templates = server.get_json("/workflow_templates")
-    listed = set(templates.get("comfyui-max4zero", []))
+    listed = set(templates.get("max4zero-tryon", []))
     assert set(WORKFLOWS) <= listed, f"/workflow_templates lists {sorted(listed)}, expected {WORKFLOWS}"
 
 
