@@ -627,3 +627,26 @@ def test_overlap_is_caught():
     wf = copy.deepcopy(_load(WORKFLOW_DIR / "maxzero_reference_only.json"))
     wf["nodes"][1]["pos"] = list(wf["nodes"][0]["pos"])
     assert overlaps(wf)
+
+
+# --- the README's pictures -----------------------------------------------------------------------------------
+
+
+def test_readme_shows_one_screenshot_per_row_with_the_group_titles():
+    """One picture per workflow, each on its own line (not in a table), followed by its groups in words, since
+    node text shrinks at README width; the pictures exist and are cropped to the graph (not the whole window)."""
+    import re
+    import struct
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in WORKFLOWS:
+        pic = f"docs/screenshots/{path.stem}.png"
+        lines = [ln for ln in readme.splitlines() if pic in ln]
+        assert len(lines) == 1 and re.fullmatch(r"!\[[^\]]*\]\(" + re.escape(pic) + r"\)", lines[0].strip()), lines
+        titles = " → ".join(g["title"] for g in _load(path)["groups"])
+        assert f"*Groups, left to right:* {titles}" in readme, path.stem
+        head = (ROOT / pic).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n", pic
+        w, h = struct.unpack(">II", head[16:24])
+        assert (w, h) != (2560, 1440) and w > h, (pic, w, h)  # cropped to the graph, which is wider than tall
+    assert "| Full try-on ![" not in readme  # the old two-column table

@@ -67,8 +67,8 @@ GROUP_GAP = 80  # horizontal space between groups
 ROW_GAP = 40    # vertical space between nodes (the title bar, 30 px, sits above pos)
 TITLE_H = 30
 GROUP_PAD = 24      # inside a group, around its nodes
-GROUP_TITLE_H = 110  # the group's title bar (font GROUP_FONT)
-GROUP_FONT = 72  # large: the stages stay legible in a screenshot shrunk to README width
+GROUP_TITLE_H = 50  # the group's title bar (font GROUP_FONT)
+GROUP_FONT = 24  # LiteGraph's default (the frontend draws every group title at its own default size)
 NOTE_GAP = 80       # between the Note and the first group
 # LiteGraph's group colours (the frontend's colour menu), one per kind of stage.
 GROUP_COLOURS = {"inputs": "#3f789e", "registration": "#8AA", "stage1": "#b58b2a", "stage2": "#a1309b",
