@@ -109,3 +109,25 @@ def test_help_needs_no_torch_and_installs_nothing(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "max4zero-matches/1" in out.stdout
     assert not (tmp_path / "cache").exists()
+
+
+def test_ci_and_demo_say_which_torch_build_pip_picks():
+    """.ci/run no longer calls PyPI's default torch "the CPU build"; both scripts name PyTorch's CPU index."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "The CPU build of torch;" not in ci and "CUDA build" in ci
+    assert "MAX4ZERO_TORCH_INDEX=https://download.pytorch.org/whl/cpu" in ci
+    assert 'pip install -q "torch==2.13.0"' in ci  # CI itself still installs torch from its usual sources
+    demo = DEMO_SH.read_text()
+    assert 'cpu_index="https://download.pytorch.org/whl/cpu"' in demo
+
+
+def test_the_readme_install_section_has_real_commands():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = readme[readme.index("## Install"):readme.index("## How it works")]
+    for needle in ("comfy node install max4zero-tryon", "Custom Nodes Manager", "MaX4Zero Try-On",
+                   "git clone https://github.com/max4zero/max4zero-tryon", "sudo apt install python3-venv",
+                   "~/.cache/max4zero-tryon/demo-venv", "MAX4ZERO_TORCH_INDEX=https://download.pytorch.org/whl/cpu",
+                   "cp custom_nodes/max4zero-tryon/example_inputs/max4zero_*.png input/"):
+        assert needle in install, needle
+    # The venv the README names is the one demo.sh makes.
+    assert "${XDG_CACHE_HOME:-$HOME/.cache}/max4zero-tryon/demo-venv" in DEMO_SH.read_text()

@@ -650,3 +650,13 @@ def test_readme_shows_one_screenshot_per_row_with_the_group_titles():
         w, h = struct.unpack(">II", head[16:24])
         assert (w, h) != (2560, 1440) and w > h, (pic, w, h)  # cropped to the graph, which is wider than tall
     assert "| Full try-on ![" not in readme  # the old two-column table
+
+
+def test_readme_names_every_model_file_the_workflows_load_with_its_folder_and_address():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## First workflow run"):readme.index("## How it works")]
+    for path in WORKFLOWS:
+        for node, name in _model_files(_load(path)):
+            assert f"`{name}`" in table, name
+            for m in node["properties"].get("models", []):
+                assert m["url"] in table and f"`models/{m['directory']}/`" in table, m

@@ -261,6 +261,12 @@ def screenshot(page, name: str, wait_for_images: list[str] | None = None) -> Pat
     ``wait_for_images``: node ids whose images must be shown first (the frontend loads a node's images when it
     draws the node, so the whole graph is brought into view before waiting).
     """
+    # The settings that keep overlays out of the picture took effect (the frontend's own setting store).
+    applied = page.evaluate("""(ids) => { const app = window.app;
+        const get = id => app.extensionManager?.setting?.get?.(id) ?? app.ui?.settings?.getSettingValue?.(id);
+        return Object.fromEntries(ids.map(id => [id, get(id)])); }""",
+                            ["Comfy.Graph.CanvasInfo", "Comfy.Graph.CanvasMenu", "Comfy.Minimap.Visible"])
+    assert all(v is False for v in applied.values()), f"overlay settings not applied: {applied}"
     x0, y0, x1, y1 = page.evaluate(_BOUNDS_JS)
     width = int(min(SHOT_MAX[0], max(VIEWPORT["width"], (x1 - x0) * SHOT_SCALE + 120)))
     height = int(min(SHOT_MAX[1], max(VIEWPORT["height"], (y1 - y0) * SHOT_SCALE + 120)))
