@@ -65,7 +65,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "max4zero.adapters.diffusers_processor needs diffusers: install the optional extra "
-        "(pip install 'comfyui-max4zero[diffusers]' or pip install 'diffusers>=0.27'). "
+        "(pip install 'max4zero-tryon[diffusers]' or pip install 'diffusers>=0.27'). "
         "ComfyUI users do not need this module."
     ) from exc
 

@@ -16,6 +16,7 @@ from ..warping import images as _images
 from ..warping import masks as _masks
 from ..warping import matching as _matching
 from ..warping import mls as _mls
+from ..warping import point_checks as _point_checks
 from . import convert as cv
 from . import geometry as geo
 from . import preview as pv
@@ -347,6 +348,9 @@ class MLSWarp(_WidgetChecks, io.ComfyNode):
         if far:
             raise cv.NodeInputError(n, f"manual_points: {far}" if text else f"matches: {far}",
                                     "" if text else "connect matches made for these images")
+        if text:  # hand-typed points: degenerate sets fold or collapse the warp without a word otherwise
+            for warning in _point_checks.control_point_warnings(m.reference_points, m.target_points):
+                warn_on_node(n, f"manual_points: {warning}")
         warped, wmask, grid = reg.warp_garment(ref, gm, m, tgt_hw, kind, alpha, int(stride), sampling)
         prev = pv.warp_preview(tgt[0], warped[0], wmask[0], grid[0])
         return io.NodeOutput(cv.bchw_to_image(warped), wmask.contiguous(), cv.bchw_to_image(prev[None]))

@@ -88,6 +88,57 @@ def test_erode_hand_cases():
     assert torch.equal(erode(r, 3), ~dilate(~r, 3))  # border pixels are off in r, so no border effect
 
 
+def _maxpool_dilate(on: torch.Tensor, k: int) -> torch.Tensor:
+    """The former implementation (square max-pool), kept as the reference the fast one must equal bit for bit."""
+    import torch.nn.functional as F
+
+    return F.max_pool2d(on.float(), kernel_size=k, stride=1, padding=k // 2) > 0.5
+
+
+def _maxpool_erode(on: torch.Tensor, k: int) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return ~(F.max_pool2d((~on).float(), kernel_size=k, stride=1, padding=k // 2) > 0.5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 37, 53), (3, 1, 64, 29), (2, 1, 1, 17), (1, 1, 9, 1), (4, 1, 5, 5)])
+@pytest.mark.parametrize("density", [0.02, 0.3, 0.9])
+def test_dilate_and_erode_equal_the_max_pool_formulation(shape, density):
+    """Separable running counts give exactly what the square max-pool gave, borders included, for every kernel
+    from 1 to larger than the image (odd sizes, batches, sparse and dense masks)."""
+    g = torch.Generator().manual_seed(hash((shape, density)) % 2**31)
+    on = torch.rand(shape, generator=g) < density
+    for k in (1, 3, 5, 7, 13, 19, 31, 75, 2 * max(shape[-2:]) + 1):
+        if k == 1:
+            want_d, want_e = on, on
+        else:
+            want_d, want_e = _maxpool_dilate(on, k), _maxpool_erode(on, k)
+        assert torch.equal(dilate(on, k), want_d), (shape, density, k)
+        assert torch.equal(erode(on, k), want_e), (shape, density, k)
+    # Every layout and dtype gives the same pixels.
+    float_mask = on.float()[:, 0]
+    assert torch.equal(dilate(float_mask, 13), _maxpool_dilate(on, 13)[:, 0].float())
+    assert torch.equal(erode(on[0, 0], 13), _maxpool_erode(on, 13)[0, 0])
+
+
+def test_dilation_cost_does_not_grow_with_the_kernel():
+    """A 101x101 dilation costs about what a 3x3 one does (max_pool2d: ~1000x more work)."""
+    import time
+
+    on = torch.rand(1, 1, 600, 600, generator=torch.Generator().manual_seed(3)) > 0.999
+
+    def best(k: int) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            dilate(on, k)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    best(3)  # warm-up
+    assert best(101) < 4 * best(3) + 0.01
+
+
 def test_kernel_validation():
     m = torch.ones(4, 4)
     for k in (0, 2, 4, -3, 2.0, True):

@@ -54,3 +54,22 @@ def test_importing_the_pack_does_not_import_diffusers():
         "assert 'diffusers' not in sys.modules, 'diffusers was imported'\n"
     ) % str(ROOT / "tools")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pack_id_follows_the_registry_rules_and_the_urls_agree():
+    """The pack id is permanent once published: max4zero-tryon, no "comfyui" in it (the registry asks), and the
+    repository and icon URLs name the same repository (CHANGELOG.md, "Pack id")."""
+    import re
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    name = data["project"]["name"]
+    assert name == "max4zero-tryon"
+    assert "comfyui" not in name.lower()
+    # docs.comfy.org/registry/specifications: < 100 chars, alphanumerics, - _ ., no consecutive specials,
+    # starts with a letter.
+    assert len(name) < 100 and re.fullmatch(r"[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*", name)
+    repo = data["project"]["urls"]["Repository"]
+    assert repo == f"https://github.com/max4zero/{name}"
+    assert data["tool"]["comfy"]["Icon"] == f"https://raw.githubusercontent.com/max4zero/{name}/main/docs/icon.png"
+    assert "Pack id: `max4zero-tryon`" in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")

@@ -28,18 +28,29 @@ DATA = ROOT / "tests" / "data"
 SUPPORTED_COMFYUI = ("0.3.64", "0.33.0")
 
 EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
-            "maxzero_sdxl"}
+            "maxzero_sdxl", "maxzero_masks_core"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # The file names the workflows load; the browser check creates random-weight files / images with them.
+# The model files are the real public ones (README "Models"); the images ship in example_inputs/.
 FILE_NAMES = {
-    "ckpt_name": {"sd15_inpainting.safetensors", "sdxl_inpainting.safetensors"},
+    "ckpt_name": {"sd-v1-5-inpainting.ckpt", "sd_xl_base_1.0_inpainting_0.1.safetensors",
+                  "sam3.1_multiplex_fp16.safetensors"},
     "lora_name": {"garment_detail_lora.safetensors"},
-    "control_net_name": {"control_v11p_sd15_openpose.safetensors"},
+    "control_net_name": {"control_v11p_sd15_openpose_fp16.safetensors"},
+    "bg_removal_name": {"birefnet.safetensors"},
     "image": {"max4zero_person.png", "max4zero_person_mask.png", "max4zero_garment.png",
               "max4zero_garment_mask.png", "max4zero_pose.png"},
 }
+EXAMPLE_INPUTS = ROOT / "example_inputs"
+#: Workflows that need node types only newer ComfyUI versions have (tools/make_workflows.py MIN_COMFYUI).
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0"}
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
 
 
 def _load(path: Path) -> dict:
@@ -260,7 +271,7 @@ def _source(wf: dict, node: dict, input_name: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_the_five_workflows_are_shipped():
+def test_the_six_workflows_are_shipped():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
 
 
@@ -296,31 +307,195 @@ def test_workflow_is_valid(path, version):
     wf = _load(path)
     assert wf["version"] == 0.4
     problems = workflow_problems(wf, version)
+    if _version(version) < _version(MIN_COMFYUI.get(path.stem, OLDEST)):
+        # Checked from its minimum version on; before it, it must really need the newer nodes.
+        assert problems and all("unknown node type" in p for p in problems), problems
+        pytest.skip(f"{path.stem} needs ComfyUI {MIN_COMFYUI[path.stem]}+ (its core segmentation nodes)")
     assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
 
 
+def test_minimum_versions_agree_with_the_generator():
+    import make_workflows  # tools/ is on sys.path (tests/conftest.py)
+
+    assert make_workflows.MIN_COMFYUI == MIN_COMFYUI
+    assert set(MIN_COMFYUI) <= EXPECTED and all(v in SUPPORTED_COMFYUI for v in MIN_COMFYUI.values())
+
+
+def test_the_sample_inputs_ship_under_the_names_the_workflows_load():
+    """example_inputs/ holds exactly the images the workflows load, so one copy command makes them all run."""
+    shipped = {p.name for p in EXAMPLE_INPUTS.glob("*.png")}
+    assert shipped == FILE_NAMES["image"]
+    loaded = {n["widgets_values"][0] for path in WORKFLOWS for n in _load(path)["nodes"]
+              if n["type"] in ("LoadImage", "LoadImageMask")}
+    assert loaded == shipped
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "cp custom_nodes/max4zero-tryon/example_inputs/max4zero_*.png input/" in readme
+    for path in WORKFLOWS:
+        notes = "\n".join(n["widgets_values"][0] for n in _load(path)["nodes"] if n["type"] == "Note")
+        assert "example_inputs/" in notes, path.stem
+
+
+
+MODEL_WIDGETS = {"ckpt_name", "lora_name", "control_net_name", "bg_removal_name"}
+
+
+def _newest_with(node_type: str) -> str:
+    return next(v for v in reversed(SNAPSHOT_VERSIONS) if node_type in INFOS[v])
+
+
+def _model_files(wf: dict) -> list[tuple[dict, str]]:
+    """(node, file name) for every model loader widget."""
+    out = []
+    for n in wf["nodes"]:
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        names = [nm for nm, spec, _ in frontend_inputs(n["type"], _newest_with(n["type"])) if _is_widget(spec)]
+        for name, value in zip(names, n.get("widgets_values", [])):
+            if name in MODEL_WIDGETS:
+                out.append((n, value))
+    return out
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_has_a_note_naming_checkpoint_and_inputs(path):
+def test_workflow_has_a_note_naming_models_and_inputs(path):
+    """The Note names every model file with where it goes and where to get it, and every image loaded."""
     wf = _load(path)
     notes = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     assert notes, f"{path.name} has no Note"
     text = "\n".join(notes)
-    ckpts = {v for n in _by_type(wf, "CheckpointLoaderSimple") for v in n["widgets_values"]}
-    assert "models/checkpoints" in text and "INPAINTING" in text.upper()
-    for name in ckpts:
-        assert name in text, f"the Note of {path.name} does not name the checkpoint {name}"
+    files = _model_files(wf)
+    assert files
+    for node, name in files:
+        assert name in text, f"the Note of {path.name} does not name the model file {name}"
+        models = node["properties"].get("models", [])
+        if name == "garment_detail_lora.safetensors":  # a stand-in: any SD1.5 LoRA (the Note says so)
+            assert "stand-in" in text and "bypass" in text and not models
+            continue
+        # The frontend offers the download of a missing file from properties.models.
+        assert [m["name"] for m in models] == [name], (path.stem, name)
+        url, folder = models[0]["url"], models[0]["directory"]
+        assert url.startswith("https://huggingface.co/") and url.endswith("/" + name)
+        assert url in text and f"models/{folder}/" in text, (path.stem, name)
+    if any(n["type"] in ("MaX4ZeroCorrespondence", "MaX4ZeroMaskedExtendedAttention") for n in wf["nodes"]):
+        assert "INPAINTING" in text.upper()
     for n in _by_type(wf, "LoadImage") + _by_type(wf, "LoadImageMask"):
         assert n["widgets_values"][0] in text, f"the Note of {path.name} does not mention {n['widgets_values'][0]}"
 
 
+def test_the_masks_workflow_uses_core_nodes_only_and_says_what_it_needs():
+    wf = _load(WORKFLOW_DIR / "maxzero_masks_core.json")
+    types = {n["type"] for n in wf["nodes"]} - FRONTEND_ONLY
+    assert not types & set(SCHEMAS), "the masks workflow must not need this pack's nodes"
+    assert types <= CORE_TYPES["0.33.0"] and {"SAM3_Detect", "RemoveBackground"} <= types
+    saved = sorted(_widget(wf, n, "filename_prefix", "0.33.0") for n in _by_type(wf, "SaveImage"))
+    assert saved == ["max4zero_garment_mask", "max4zero_person_mask", "max4zero_protect_mask"]
+    note = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "Note")
+    assert "cannot run without" in note and "0.33" in note
+
+
+# --- layout: as an artist reads it --------------------------------------------------------------------------
+
+TITLE_H = 30
+
+
+def _box(n: dict) -> tuple[float, float, float, float]:
+    """A node's box, its title bar included: (x0, y0, x1, y1)."""
+    return n["pos"][0], n["pos"][1] - TITLE_H, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]
+
+
+def _inside(box, bounding) -> bool:
+    x, y, w, h = bounding
+    return x <= box[0] and y <= box[1] and box[2] <= x + w and box[3] <= y + h
+
+
+def layout_problems(wf: dict) -> list[str]:
+    """What keeps a workflow from reading left to right in labelled groups, Note first."""
+    problems = []
+    nodes, groups = wf["nodes"], wf.get("groups", [])
+    note = nodes[0] if nodes else None
+    if not note or note["type"] not in ("Note", "MarkdownNote"):
+        problems.append("the first node is not the Note")
+    elif note["pos"][0] > min(n["pos"][0] for n in nodes) or note["id"] != min(n["id"] for n in nodes):
+        problems.append("the Note is not the leftmost node with the lowest id")
+    if len(groups) < 2:
+        problems.append(f"{len(groups)} group(s): the stages must be labelled groups")
+    for g in groups:
+        if not str(g.get("title", "")).strip() or len(g.get("bounding", [])) != 4:
+            problems.append(f"group {g.get('id')}: no title or no bounding box")
+    if problems:
+        return problems
+    if [g["bounding"][0] for g in groups] != sorted(g["bounding"][0] for g in groups):
+        problems.append("the groups are not listed left to right")
+    for a, b in zip(groups, groups[1:]):
+        if a["bounding"][0] + a["bounding"][2] > b["bounding"][0] or b["bounding"][0] + b["bounding"][2] < a["bounding"][0]:
+            problems.append(f"groups {a['title']!r} and {b['title']!r} overlap")
+    group_of = {}
+    for n in nodes[1:]:
+        inside = [g["title"] for g in groups if _inside(_box(n), g["bounding"])]
+        if len(inside) != 1:
+            problems.append(f"node {n['id']} ({n['type']}) is inside {len(inside)} groups")
+        else:
+            group_of[n["id"]] = inside[0]
+    if any(_inside(_box(note), g["bounding"]) for g in groups):
+        problems.append("the Note sits inside a group")
+    by_id = {n["id"]: n for n in nodes}
+    order = [g["title"] for g in groups]
+    for lid, a, _, b, _, _ in wf["links"]:
+        src, dst = by_id[a], by_id[b]
+        if src["pos"][0] + src["size"][0] > dst["pos"][0]:
+            problems.append(f"link {lid} runs right to left ({src['type']} -> {dst['type']})")
+        if a in group_of and b in group_of and order.index(group_of[a]) > order.index(group_of[b]):
+            problems.append(f"link {lid} goes back to an earlier group ({src['type']} -> {dst['type']})")
+    return problems
+
+
+def link_crossings(wf: dict) -> int:
+    import make_workflows  # tools/ is on sys.path (tests/conftest.py)
+
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    segs = []
+    for _, a, a_slot, b, b_slot, _ in wf["links"]:
+        pa, pb = by_id[a], by_id[b]
+        segs.append(((a, a_slot), b, (pa["pos"][0] + pa["size"][0], pa["pos"][1] + 20.0 * (a_slot + 0.5)),
+                     (pb["pos"][0], pb["pos"][1] + 20.0 * (b_slot + 0.5))))
+    return make_workflows.count_crossings(segs)
+
+
+#: Group titles, left to right, of the workflows that run the method's two stages.
+TWO_STAGE_TITLES = ["1 · Inputs", "2 · Registration", "3 · Stage 1", "4 · Stage 2", "5 · Output"]
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_layout_has_no_overlaps(path):
+def test_workflow_reads_left_to_right_in_labelled_groups(path):
     wf = _load(path)
     assert overlaps(wf) == []
-    xs = [n["pos"][0] for n in wf["nodes"]]
-    loaders = [n["pos"][0] for n in wf["nodes"] if n["type"] in ("CheckpointLoaderSimple", "LoadImage")]
-    saves = [n["pos"][0] for n in wf["nodes"] if n["type"] == "SaveImage"]
-    assert min(loaders) == min(xs) and max(saves) > max(loaders)  # left -> right
+    assert layout_problems(wf) == []
+    titles = [g["title"] for g in wf["groups"]]
+    assert titles[0].startswith("1 · Inputs")
+    if path.stem in TWO_STAGE:
+        assert [t.split(":")[0] for t in titles] == TWO_STAGE_TITLES
+    first = wf["groups"][0]["bounding"]
+    for n in wf["nodes"]:
+        if n["type"] in ("CheckpointLoaderSimple", "LoadImage", "LoadImageMask"):
+            assert _inside(_box(n), first), f"{n['type']} is not in the inputs group"
+    saves = [n for n in wf["nodes"] if n["type"] == "SaveImage"]
+    assert saves and all(not _inside(_box(s), first) for s in saves)
+    # Few crossing links (straight lines from slot to slot; the former layout had about 3 per link).
+    assert link_crossings(wf) <= 1.4 * len(wf["links"]), link_crossings(wf)
+
+
+@pytest.mark.parametrize("mutate, expect", [
+    (lambda wf: wf["nodes"].append(wf["nodes"].pop(0)), "first node is not the Note"),
+    (lambda wf: wf.__setitem__("groups", []), "group(s)"),
+    (lambda wf: wf["groups"].reverse(), "not listed left to right"),
+    (lambda wf: wf["nodes"][3]["pos"].__setitem__(1, 50000), "inside 0 groups"),
+    (lambda wf: wf["groups"][0]["bounding"].__setitem__(2, 99999), "overlap"),
+    (lambda wf: _by_type(wf, "SaveImage")[0]["pos"].__setitem__(0, 700.0), "right to left"),
+])
+def test_layout_checks_catch_a_bad_layout(mutate, expect):
+    wf = copy.deepcopy(_load(WORKFLOW_DIR / "maxzero_full_tryon.json"))
+    mutate(wf)
+    assert any(expect in p for p in layout_problems(wf)), layout_problems(wf)
 
 
 def test_full_tryon_is_wired_as_the_paper_pipeline():
@@ -400,7 +575,7 @@ def test_matching_and_repainting_use_one_target_region_and_the_methods_prompts(n
 def test_sdxl_workflow_uses_1024_crops_and_grid_layers():
     wf = _load(WORKFLOW_DIR / "maxzero_sdxl.json")
     assert {n["widgets_values"][0] for n in _by_type(wf, "MaX4ZeroCropToMask")} == {1024}
-    assert _by_type(wf, "CheckpointLoaderSimple")[0]["widgets_values"] == ["sdxl_inpainting.safetensors"]
+    assert _by_type(wf, "CheckpointLoaderSimple")[0]["widgets_values"] == ["sd_xl_base_1.0_inpainting_0.1.safetensors"]
     assert "1/32" in _by_type(wf, "MaX4ZeroMaskedExtendedAttention")[0]["widgets_values"][5]
 
 
@@ -452,3 +627,36 @@ def test_overlap_is_caught():
     wf = copy.deepcopy(_load(WORKFLOW_DIR / "maxzero_reference_only.json"))
     wf["nodes"][1]["pos"] = list(wf["nodes"][0]["pos"])
     assert overlaps(wf)
+
+
+# --- the README's pictures -----------------------------------------------------------------------------------
+
+
+def test_readme_shows_one_screenshot_per_row_with_the_group_titles():
+    """One picture per workflow, each on its own line (not in a table), followed by its groups in words, since
+    node text shrinks at README width; the pictures exist and are cropped to the graph (not the whole window)."""
+    import re
+    import struct
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in WORKFLOWS:
+        pic = f"docs/screenshots/{path.stem}.png"
+        lines = [ln for ln in readme.splitlines() if pic in ln]
+        assert len(lines) == 1 and re.fullmatch(r"!\[[^\]]*\]\(" + re.escape(pic) + r"\)", lines[0].strip()), lines
+        titles = " → ".join(g["title"] for g in _load(path)["groups"])
+        assert f"*Groups, left to right:* {titles}" in readme, path.stem
+        head = (ROOT / pic).read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n", pic
+        w, h = struct.unpack(">II", head[16:24])
+        assert (w, h) != (2560, 1440) and w > h, (pic, w, h)  # cropped to the graph, which is wider than tall
+    assert "| Full try-on ![" not in readme  # the old two-column table
+
+
+def test_readme_names_every_model_file_the_workflows_load_with_its_folder_and_address():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## First workflow run"):readme.index("## How it works")]
+    for path in WORKFLOWS:
+        for node, name in _model_files(_load(path)):
+            assert f"`{name}`" in table, name
+            for m in node["properties"].get("models", []):
+                assert m["url"] in table and f"`models/{m['directory']}/`" in table, m

@@ -1,26 +1,125 @@
 #!/usr/bin/env bash
 # The README's first command: MaX4Zero's registration stage (MLS warp, composite, fringes) on the shipped
-# samples, with no model weights and no downloads beyond the pack's own dependencies. Needs only Python 3.10+.
+# samples, with no model weights. Needs Python 3.10+; reuses a Python that already has PyTorch.
 #
-#   bash tools/demo.sh                 # samples in tools/samples/ -> demo_out/
+#   bash tools/demo.sh                 # samples in example_inputs/ -> demo_out/
 #   bash tools/demo.sh --help          # your own pictures: --person ... --points ... --out DIR
 #
 # Arguments go to tools/registration_demo.py unchanged; relative paths are relative to where you run it.
-# Uses the same virtual environment as .ci/run (.venv in the repository, or $MAX4ZERO_VENV) and installs
-# into it only when the pack's runtime dependencies are missing there.
+#
+# Which Python runs it (the first that imports torch, numpy and PIL):
+#   1. $PYTHON, if set (used as it is: it must have them);
+#   2. ComfyUI's own Python, when this pack sits in ComfyUI/custom_nodes/ (ComfyUI/venv or ComfyUI/.venv);
+#   3. the virtual environment .ci/run made ($MAX4ZERO_VENV, default .venv in the repository), if it exists;
+#   4. python3, then python, on the PATH.
+# Only when none has torch does it create a virtual environment, OUTSIDE the repository (so that nothing
+# large lands in ComfyUI/custom_nodes/): $MAX4ZERO_DEMO_VENV, default ~/.cache/max4zero-tryon/demo-venv.
+# It says once, before installing, how large the install is and how to get PyTorch's CPU wheels instead:
+#   MAX4ZERO_TORCH_INDEX=https://download.pytorch.org/whl/cpu bash tools/demo.sh
+# MAX4ZERO_DEMO_DRY_RUN=1 prints the choice (or the install it would do) and stops.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${MAX4ZERO_VENV:-$root/.venv}"
-if [ ! -x "$venv/bin/python" ]; then
-    echo "Creating the virtual environment $venv ..." >&2
-    python3 -m venv "$venv"
+demo="$root/tools/registration_demo.py"
+check="import torch, numpy, PIL"
+torch_pin="torch==2.13.0"
+cpu_index="https://download.pytorch.org/whl/cpu"
+dry="${MAX4ZERO_DEMO_DRY_RUN:-}"
+
+has_deps() { "$1" -c "$check" >/dev/null 2>&1; }
+
+run_with() {
+    if [ -n "$dry" ]; then
+        echo "would run: $*"
+        exit 0
+    fi
+    exec "$@"
+}
+
+# 1. An explicit choice is used as it is.
+if [ -n "${PYTHON:-}" ]; then
+    if ! has_deps "$PYTHON"; then
+        echo "PYTHON=$PYTHON cannot import torch, numpy and PIL: install them there" \
+             "(pip install torch numpy pillow) or unset PYTHON." >&2
+        exit 1
+    fi
+    echo "Using PYTHON=$PYTHON" >&2
+    run_with "$PYTHON" "$demo" "$@"
 fi
+
+candidates=()
+# 2. ComfyUI's own Python, when the pack is one of its custom nodes.
+parent="$(dirname "$root")"
+if [ "$(basename "$parent")" = "custom_nodes" ]; then
+    comfy="$(dirname "$parent")"
+    candidates+=("$comfy/venv/bin/python" "$comfy/.venv/bin/python")
+fi
+# 3. The environment .ci/run made.
+candidates+=("${MAX4ZERO_VENV:-$root/.venv}/bin/python")
+# 4. The PATH.
+for name in python3 python; do
+    if command -v "$name" >/dev/null 2>&1; then
+        candidates+=("$(command -v "$name")")
+    fi
+done
+for py in "${candidates[@]}"; do
+    if [ -x "$py" ] && has_deps "$py"; then
+        echo "Using $py (it has PyTorch)" >&2
+        run_with "$py" "$demo" "$@"
+    fi
+done
+
+# --help needs no torch: answer it with any Python rather than installing anything.
+for arg in "$@"; do
+    if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
+        run_with python3 "$demo" "$@"
+    fi
+done
+
+# 5. No Python here has torch: the demo's own environment, outside the repository.
+venv="${MAX4ZERO_DEMO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/max4zero-tryon/demo-venv}"
 py="$venv/bin/python"
-if ! "$py" -c "import torch, numpy, PIL, scipy, kornia" >/dev/null 2>&1; then
-    echo "Installing the pack's runtime dependencies into $venv (once; torch is large) ..." >&2
-    # Same pins as .ci/run; the project installs only its runtime dependencies (torch, numpy, pillow,
-    # scipy, kornia), never the optional diffusers extra.
-    "$py" -m pip install -q "torch==2.13.0"
-    "$py" -m pip install -q "$root"
+if [ -x "$py" ] && has_deps "$py"; then
+    echo "Using $py (made by an earlier run)" >&2
+    run_with "$py" "$demo" "$@"
 fi
-exec "$py" "$root/tools/registration_demo.py" "$@"
+index="${MAX4ZERO_TORCH_INDEX:-}"
+cat >&2 <<EOF
+No Python with PyTorch found (\$PYTHON is not set, no ComfyUI Python next to this pack, and python3 has no torch).
+The demo will create a virtual environment in
+    $venv
+(outside the repository; delete that folder to undo) and install $torch_pin, numpy and pillow into it.
+EOF
+if [ -n "$index" ]; then
+    echo "torch comes from $index (MAX4ZERO_TORCH_INDEX)." >&2
+else
+    cat >&2 <<EOF
+Size: on Linux, pip's default torch is the CUDA build: about 3 GB to download and 5 GB on disk (torch plus
+the nvidia-* and triton wheels). The demo needs no GPU; PyTorch's CPU build is about 200 MB to download and
+under 1 GB on disk. To use it, stop now (Ctrl-C) and run, with PyTorch's own CPU wheel index as its install
+page gives it (pip3 install torch --index-url $cpu_index):
+    MAX4ZERO_TORCH_INDEX=$cpu_index bash tools/demo.sh
+Or run the demo with a Python that already has torch: PYTHON=/path/to/python bash tools/demo.sh
+EOF
+fi
+if [ -n "$dry" ]; then
+    echo "would create $venv and install $torch_pin${index:+ --index-url $index}, numpy, pillow" >&2
+    exit 0
+fi
+if [ -t 0 ] && [ -z "$index" ]; then
+    echo "Starting in 10 s ..." >&2
+    sleep 10
+fi
+mkdir -p "$(dirname "$venv")"
+if ! python3 -m venv "$venv"; then
+    echo "python3 -m venv failed. On Debian/Ubuntu install the venv module first:" \
+         "sudo apt install python3-venv   (then run this again)" >&2
+    rm -rf "$venv"
+    exit 1
+fi
+if [ -n "$index" ]; then
+    "$py" -m pip install -q "$torch_pin" --index-url "$index"
+else
+    "$py" -m pip install -q "$torch_pin"
+fi
+"$py" -m pip install -q numpy pillow
+exec "$py" "$demo" "$@"

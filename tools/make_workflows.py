@@ -8,7 +8,11 @@ Node inputs, outputs and widgets come from the ``/object_info`` snapshots in ``t
 the frontend's rules (comfyui-frontend-package 1.27): sockets first, then one socket per widget; widgets in
 ``input_order`` (required, then optional); an extra ``control_after_generate`` value after INT inputs that
 ask for it or are called ``seed``/``noise_seed``; LoadImage-style combos get a trailing ``upload`` widget.
-Layout: each node names its column; columns go left → right, nodes stack top → bottom without overlaps.
+Layout, as an artist reads a graph: the Note first (node 1, leftmost), then labelled groups left → right in the
+order the data flows (inputs → registration → stage 1 → stage 2 → output). Each node names its group; inside a
+group a node's column is one past the column of the group's nodes it reads from, so every link runs left → right,
+and each node sits level with the nodes it reads from (nodes move down only to avoid overlaps), which keeps links
+short and few of them crossing. ``tests/test_workflows.py`` checks all of this.
 """
 
 from __future__ import annotations
@@ -27,10 +31,20 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # MEA term in paper guidance, so anything written there is pushed against at cfg + s_mea (27x) inside the mask.
 POSITIVE = "a person wearing a striped t-shirt"
 NEGATIVE = ""
-SD15 = "sd15_inpainting.safetensors"
-SDXL = "sdxl_inpainting.safetensors"
-LORA = "garment_detail_lora.safetensors"
-CONTROLNET = "control_v11p_sd15_openpose.safetensors"
+# The real public files each loader names (README "Models": where each goes). The frontend offers the download
+# of a missing file from node.properties.models.
+SD15 = "sd-v1-5-inpainting.ckpt"
+SDXL = "sd_xl_base_1.0_inpainting_0.1.safetensors"
+LORA = "garment_detail_lora.safetensors"  # a stand-in: any SD1.5 LoRA (there is no canonical one)
+CONTROLNET = "control_v11p_sd15_openpose_fp16.safetensors"
+MODEL_URLS = {
+    SD15: ("checkpoints",
+           "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-inpainting/resolve/main/sd-v1-5-inpainting.ckpt"),
+    SDXL: ("checkpoints", "https://huggingface.co/benjamin-paine/sd-xl-alternative-bases/resolve/main/"
+                          "sd_xl_base_1.0_inpainting_0.1.safetensors"),
+    CONTROLNET: ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+                               "control_v11p_sd15_openpose_fp16.safetensors"),
+}
 PERSON, PERSON_MASK = "max4zero_person.png", "max4zero_person_mask.png"
 GARMENT, GARMENT_MASK = "max4zero_garment.png", "max4zero_garment_mask.png"
 POSE = "max4zero_pose.png"
@@ -38,14 +52,43 @@ SEED = 42
 
 INFO: dict = {}
 # The oldest supported ComfyUI's schemas: the workflows must load there (tests/test_workflows.py checks every
-# supported version's snapshot).
-for _name in ("object_info_core-0.3.64.json", "object_info_pack-0.3.64.json"):
-    INFO.update({k: v for k, v in json.loads((DATA / _name).read_text(encoding="utf-8")).items()
-                 if not k.startswith("_")})
+# supported version's snapshot). Node types only newer versions have (the core segmentation nodes of the masks
+# workflow, ComfyUI 0.33) come from the newer snapshot; such a workflow declares its minimum version
+# (MIN_COMFYUI) and is checked against the snapshots from that version on.
+for _name in ("object_info_core-0.3.64.json", "object_info_pack-0.3.64.json", "object_info_core-0.33.0.json"):
+    for _k, _v in json.loads((DATA / _name).read_text(encoding="utf-8")).items():
+        if not _k.startswith("_"):
+            INFO.setdefault(_k, _v)
+INFO_0364 = set(json.loads((DATA / "object_info_core-0.3.64.json").read_text(encoding="utf-8"))) | set(
+    json.loads((DATA / "object_info_pack-0.3.64.json").read_text(encoding="utf-8")))
 
-COL_GAP = 60   # horizontal space between columns
-ROW_GAP = 60   # vertical space between nodes (the title bar, 30 px, sits above pos)
+COL_GAP = 50    # horizontal space between columns of a group
+GROUP_GAP = 80  # horizontal space between groups
+ROW_GAP = 40    # vertical space between nodes (the title bar, 30 px, sits above pos)
 TITLE_H = 30
+GROUP_PAD = 24      # inside a group, around its nodes
+GROUP_TITLE_H = 50  # the group's title bar (font GROUP_FONT)
+GROUP_FONT = 24  # LiteGraph's default (the frontend draws every group title at its own default size)
+NOTE_GAP = 80       # between the Note and the first group
+# LiteGraph's group colours (the frontend's colour menu), one per kind of stage.
+GROUP_COLOURS = {"inputs": "#3f789e", "registration": "#8AA", "stage1": "#b58b2a", "stage2": "#a1309b",
+                 "output": "#8A8", "masks": "#b06634"}
+
+
+def count_crossings(segments: list) -> int:
+    """Pairs of segments ``(source key, destination key, start, end)`` that cross properly; links that share
+    their source slot or their destination node are not counted (they meet by design)."""
+    def side(a, b, c) -> float:
+        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+    total = 0
+    for i, (sa, da, p1, p2) in enumerate(segments):
+        for sb, db, p3, p4 in segments[i + 1:]:
+            if sa == sb or da == db:
+                continue
+            if side(p3, p4, p1) * side(p3, p4, p2) < 0 and side(p1, p2, p3) * side(p1, p2, p4) < 0:
+                total += 1
+    return total
 
 
 def _spec_type(spec: list) -> str:
@@ -79,8 +122,8 @@ def has_control(name: str, spec: list) -> bool:
 
 
 class Node:
-    def __init__(self, wf: "Workflow", node_type: str, col: int, widgets: dict, box=None):
-        self.wf, self.type, self.col = wf, node_type, col
+    def __init__(self, wf: "Workflow", node_type: str, group: str, widgets: dict, box=None):
+        self.wf, self.type, self.group = wf, node_type, group
         self.id = wf.next_id()
         self.links_in: dict[str, int] = {}
         self.links_out: dict[int, list[int]] = {}
@@ -140,24 +183,30 @@ class Node:
 
 
 class Workflow:
-    def __init__(self, name: str):
+    def __init__(self, name: str, groups: list[tuple[str, str, str]]):
+        """``groups``: (key, title, colour key) left → right, in the order the data flows."""
         self.name = name
         self.nodes: list[Node] = []
         self.links: list[list] = []
-        self.groups: list[dict] = []
+        self.group_defs = groups
         self._id = 0
 
     def next_id(self) -> int:
         self._id += 1
         return self._id
 
-    def add(self, node_type: str, col: int, box=None, **widgets) -> Node:
-        n = Node(self, node_type, col, widgets, box)
+    def add(self, node_type: str, group: str, box=None, **widgets) -> Node:
+        if node_type not in ("Note", "MarkdownNote") and group not in {k for k, _, _ in self.group_defs}:
+            raise ValueError(f"{self.name}: no group {group!r}")
+        n = Node(self, node_type, group, widgets, box)
         self.nodes.append(n)
         return n
 
-    def note(self, col: int, text: str, box=(400, 260)) -> Node:
-        return self.add("Note", col, box=box, text=text)
+    def note(self, text: str, box=(400, 260)) -> Node:
+        """The Note: created first (node 1), placed left of every group."""
+        if self.nodes:
+            raise ValueError(f"{self.name}: create the Note first")
+        return self.add("Note", "", box=box, text=text)
 
     def connect(self, src: tuple[Node, int], dst: Node, input_name: str) -> None:
         node, slot = src
@@ -192,22 +241,110 @@ class Workflow:
             done |= set(ready)
         return order
 
-    def _layout(self) -> dict[int, list[float]]:
-        cols: dict[int, list[Node]] = {}
-        for n in self.nodes:
-            cols.setdefault(n.col, []).append(n)
-        pos, x = {}, 0.0
-        for c in sorted(cols):
-            width = max(n.compute_size()[0] for n in cols[c])
-            y = 0.0
-            for n in cols[c]:
-                pos[n.id] = [x, y]
+    def _columns(self) -> list[tuple[int, str, list[Node]]]:
+        """(group index, group key, nodes) per column, left → right; a node's column inside its group is one past
+        the columns of the group's nodes it reads from, so every link runs left → right."""
+        by_id = {n.id: n for n in self.nodes}
+        rank = {k: i for i, (k, _, _) in enumerate(self.group_defs)}
+        col: dict[int, int] = {}
+        for n in self.nodes:  # creation order is a topological order (a node is wired after its sources)
+            same = []
+            for _, a, _, b, _, _ in self.links:
+                if b == n.id:
+                    if rank[by_id[a].group] > rank[n.group]:
+                        raise ValueError(f"{self.name}: {by_id[a].type} ({by_id[a].group}) feeds {n.type} in the "
+                                         f"earlier group {n.group}: reorder the groups")
+                    if by_id[a].group == n.group:
+                        same.append(col[a])
+            col[n.id] = 1 + max(same) if same else 0
+        out = []
+        for gi, (key, _, _) in enumerate(self.group_defs):
+            members = [n for n in self.nodes if n.group == key]
+            if not members:
+                raise ValueError(f"{self.name}: group {key!r} is empty")
+            for c in range(max(col[n.id] for n in members) + 1):
+                out.append((gi, key, [n for n in members if col[n.id] == c]))
+        return out
+
+    def _place(self, columns: list[tuple[int, str, list[Node]]]) -> tuple[dict[int, list[float]], list[dict]]:
+        """Positions for the given top → bottom order in each column, and the group boxes."""
+        sources: dict[int, list[tuple[int, int]]] = {n.id: [] for n in self.nodes}
+        for _, a, a_slot, b, _, _ in self.links:
+            sources[b].append((a, a_slot))
+        pos: dict[int, list[float]] = {}
+        note = [n for n in self.nodes if n.type in ("Note", "MarkdownNote")]
+        x = 0.0
+        for n in note:
+            pos[n.id] = [x, 0.0]
+        if note:
+            x += max(n.compute_size()[0] for n in note) + NOTE_GAP
+        top = GROUP_TITLE_H + GROUP_PAD + TITLE_H  # first node's pos y inside a group whose box starts at 0
+        boxes: list[dict] = []
+        group_x0, bottom, x_col = x, 0.0, x + GROUP_PAD
+        for i, (gi, key, column) in enumerate(columns):
+            y = top
+            for n in column:
+                ys = [pos[a][1] + 20.0 * slot for a, slot in sources[n.id] if a in pos]
+                # Level with the nodes it reads from; pushed down only to stay clear of the node above.
+                y = max(y, sum(ys) / len(ys)) if ys else y
+                pos[n.id] = [x_col, y]
+                bottom = max(bottom, y + n.compute_size()[1])
                 y += n.compute_size()[1] + ROW_GAP + TITLE_H
-            x += width + COL_GAP
-        return pos
+            x_col += max(n.compute_size()[0] for n in column) + COL_GAP
+            if i + 1 == len(columns) or columns[i + 1][0] != gi:
+                _, title, colour = self.group_defs[gi]
+                right = x_col - COL_GAP + GROUP_PAD
+                boxes.append({"id": gi + 1, "title": title, "bounding": [group_x0, 0.0, right - group_x0,
+                                                                          bottom + GROUP_PAD],
+                              "color": GROUP_COLOURS[colour], "font_size": GROUP_FONT, "flags": {}})
+                group_x0, bottom = right + GROUP_GAP, 0.0
+                x_col = group_x0 + GROUP_PAD
+        return pos, boxes
+
+    def crossings(self, pos: dict[int, list[float]]) -> int:
+        """Pairs of links that cross, each drawn straight from its output slot to its input slot."""
+        by_id = {n.id: n for n in self.nodes}
+        segs = []
+        for _, a, a_slot, b, b_slot, _ in self.links:
+            pa, pb = pos[a], pos[b]
+            segs.append(((a, a_slot), b, (pa[0] + by_id[a].compute_size()[0], pa[1] + 20.0 * (a_slot + 0.5)),
+                         (pb[0], pb[1] + 20.0 * (b_slot + 0.5))))
+        return count_crossings(segs)
+
+    def _layout(self) -> tuple[dict[int, list[float]], list[dict]]:
+        """Columns from the data flow; in each column, the order with the fewest crossing links found by
+        barycentre ordering followed by swaps of neighbours (kept only when they remove crossings)."""
+        columns = self._columns()
+        pos, _ = self._place(columns)
+        for i, (gi, key, column) in enumerate(columns):  # barycentre order, left → right
+            if i == 0:  # the loaders: no sources to be level with
+                continue
+            columns[i] = (gi, key, sorted(column, key=lambda n: (self._wanted(n, pos), n.id)))
+            pos, _ = self._place(columns)
+        best = self.crossings(pos)
+        for _ in range(8):
+            improved = False
+            for i, (gi, key, column) in enumerate(columns):
+                for j in range(len(column)):
+                    for k in range(j + 1, len(column)):
+                        trial = list(column)
+                        trial.insert(k, trial.pop(j))  # move node j to place k
+                        for cand in (trial, [*column[:j], column[k], *column[j + 1:k], column[j], *column[k + 1:]]):
+                            columns[i] = (gi, key, cand)
+                            c = self.crossings(self._place(columns)[0])
+                            if c < best:
+                                best, column, improved = c, cand, True
+                        columns[i] = (gi, key, column)
+            if not improved:
+                break
+        return self._place(columns)
+
+    def _wanted(self, n: Node, pos: dict[int, list[float]]) -> float:
+        ys = [pos[a][1] + 20.0 * slot for _, a, slot, b, _, _ in self.links if b == n.id]
+        return sum(ys) / len(ys) if ys else -1.0
 
     def to_json(self) -> dict:
-        order, pos = self._order(), self._layout()
+        order, (pos, groups) = self._order(), self._layout()
         nodes = []
         for n in self.nodes:
             d = {"id": n.id, "type": n.type, "pos": pos[n.id], "size": n.compute_size(), "flags": {},
@@ -231,6 +368,10 @@ class Workflow:
                 d["color"], d["bgcolor"] = "#432", "#653"
             else:
                 d["properties"] = {"Node name for S&R": n.type}
+                models = [{"name": v, "url": MODEL_URLS[v][1], "directory": MODEL_URLS[v][0]}
+                          for v in n.widgets.values() if isinstance(v, str) and v in MODEL_URLS]
+                if models:
+                    d["properties"]["models"] = models
             d["widgets_values"] = n.widget_values()
             nodes.append(d)
         return {
@@ -240,15 +381,15 @@ class Workflow:
             "last_link_id": len(self.links),
             "nodes": nodes,
             "links": self.links,
-            "groups": self.groups,
+            "groups": groups,
             "config": {},
-            "extra": {"ds": {"scale": 0.6, "offset": [80, 80]}, "frontendVersion": FRONTEND_VERSION},
+            "extra": {"ds": {"scale": 0.5, "offset": [60, 60]}, "frontendVersion": FRONTEND_VERSION},
             "version": 0.4,
         }
 
     def write(self) -> Path:
         path = OUT / f"{self.name}.json"
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return path
 
 
@@ -259,90 +400,105 @@ class Workflow:
 IMG = (320, 330)  # LoadImage / preview nodes: room for the picture
 PREVIEW = (300, 300)
 
+# The groups of the try-on workflows, left → right in the order the data flows.
+TWO_STAGE_GROUPS = [
+    ("inputs", "1 · Inputs: model, prompts, photos, masks, crops", "inputs"),
+    ("registration", "2 · Registration: match, MLS warp", "registration"),
+    ("stage1", "3 · Stage 1: fringe inpainting (steps 0→35)", "stage1"),
+    ("stage2", "4 · Stage 2: Masked Extended Attention (steps 35→50)", "stage2"),
+    ("output", "5 · Output", "output"),
+]
 
-def loaders(wf: Workflow, ckpt: str, col: int = 0):
-    """Checkpoint + prompts + the four photos/masks (LoadImageMask, channel red)."""
-    ckpt_node = wf.add("CheckpointLoaderSimple", col, ckpt_name=ckpt)
-    person = wf.add("LoadImage", col, box=IMG, image=PERSON)
-    person_mask = wf.add("LoadImageMask", col, box=IMG, image=PERSON_MASK, channel="red")
-    garment = wf.add("LoadImage", col, box=IMG, image=GARMENT)
-    garment_mask = wf.add("LoadImageMask", col, box=IMG, image=GARMENT_MASK, channel="red")
+
+def loaders(wf: Workflow, ckpt: str, group: str = "inputs"):
+    """Checkpoint + the four photos/masks (LoadImageMask, channel red)."""
+    ckpt_node = wf.add("CheckpointLoaderSimple", group, ckpt_name=ckpt)
+    person = wf.add("LoadImage", group, box=IMG, image=PERSON)
+    person_mask = wf.add("LoadImageMask", group, box=IMG, image=PERSON_MASK, channel="red")
+    garment = wf.add("LoadImage", group, box=IMG, image=GARMENT)
+    garment_mask = wf.add("LoadImageMask", group, box=IMG, image=GARMENT_MASK, channel="red")
     return ckpt_node, person, person_mask, garment, garment_mask
 
 
-def prompts(wf: Workflow, clip_src, col: int):
-    pos = wf.wire(wf.add("CLIPTextEncode", col, box=(400, 130), text=POSITIVE), clip=clip_src)
-    neg = wf.wire(wf.add("CLIPTextEncode", col, box=(400, 130), text=NEGATIVE), clip=clip_src)
+def prompts(wf: Workflow, clip_src, group: str = "inputs"):
+    pos = wf.wire(wf.add("CLIPTextEncode", group, box=(400, 130), text=POSITIVE), clip=clip_src)
+    neg = wf.wire(wf.add("CLIPTextEncode", group, box=(400, 130), text=NEGATIVE), clip=clip_src)
     return pos, neg
 
 
-def crops(wf: Workflow, person, person_mask, garment, garment_mask, col: int, size: int):
-    tgt = wf.wire(wf.add("MaX4ZeroCropToMask", col, size=size, padding=0.1), image=person, mask=person_mask)
-    ref = wf.wire(wf.add("MaX4ZeroCropToMask", col, size=size, padding=0.1), image=garment, mask=garment_mask)
+def crops(wf: Workflow, person, person_mask, garment, garment_mask, size: int, group: str = "inputs"):
+    tgt = wf.wire(wf.add("MaX4ZeroCropToMask", group, size=size, padding=0.1), image=person, mask=person_mask)
+    ref = wf.wire(wf.add("MaX4ZeroCropToMask", group, size=size, padding=0.1), image=garment, mask=garment_mask)
     return tgt, ref
 
 
-def preview(wf: Workflow, src, col: int, mask: bool = False):
+def preview(wf: Workflow, src, group: str, mask: bool = False):
     if mask:
-        src = wf.wire(wf.add("MaskToImage", col), mask=src).out(0)
-    return wf.wire(wf.add("PreviewImage", col, box=PREVIEW), images=src)
+        src = wf.wire(wf.add("MaskToImage", group), mask=src).out(0)
+    return wf.wire(wf.add("PreviewImage", group, box=PREVIEW), images=src)
 
 
-def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt, ref, cols: tuple[int, ...],
-                    size: int, previews: bool = True, layers: str | None = None, save_prefix: str = "MaX4Zero"):
+def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt, ref, size: int,
+                    previews: bool = True, layers: str | None = None):
     """Correspondence → MLS warp → double mask → KSamplerAdvanced 0→35 → MEA → KSamplerAdvanced 35→50 →
-    decode → paste back. Returns the nodes the callers still need."""
-    c_reg, c_s1, c_s2, c_out = cols
-    corr = wf.wire(wf.add("MaX4ZeroCorrespondence", c_reg, mode="paper", seed=SEED),
+    decode, in the groups registration / stage1 / stage2 / output. Returns the nodes the callers still need."""
+    corr = wf.wire(wf.add("MaX4ZeroCorrespondence", "registration", mode="paper", seed=SEED),
                    model=model_src, vae=vae_src, positive=pos, reference_image=ref.out("image"),
                    garment_mask=ref.out("mask"), target_image=tgt.out("image"), target_mask=tgt.out("mask"))
-    warp = wf.wire(wf.add("MaX4ZeroMLSWarp", c_reg), reference_image=ref.out("image"),
+    warp = wf.wire(wf.add("MaX4ZeroMLSWarp", "registration"), reference_image=ref.out("image"),
                    garment_mask=ref.out("mask"), target_image=tgt.out("image"), matches=corr.out("matches"))
-    dm = wf.wire(wf.add("MaX4ZeroDoubleMaskInpaint", c_s1), positive=pos, negative=neg, vae=vae_src,
+    if previews:
+        preview(wf, corr.out("preview"), "registration")
+        preview(wf, warp.out("preview"), "registration")
+    dm = wf.wire(wf.add("MaX4ZeroDoubleMaskInpaint", "stage1"), positive=pos, negative=neg, vae=vae_src,
                  target_image=tgt.out("image"), target_mask=tgt.out("mask"),
                  warped_image=warp.out("warped_image"), warped_mask=warp.out("warped_mask"),
                  matches=corr.out("matches"))
-    s1 = wf.wire(wf.add("KSamplerAdvanced", c_s1, add_noise="enable", noise_seed=SEED, steps=50, cfg=12.0,
+    s1 = wf.wire(wf.add("KSamplerAdvanced", "stage1", add_noise="enable", noise_seed=SEED, steps=50, cfg=12.0,
                         sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0, end_at_step=35,
                         return_with_leftover_noise="enable"),
                  model=model_src, positive=dm.out("positive"), negative=dm.out("negative"),
                  latent_image=dm.out("latent"))
+    if previews:
+        preview(wf, dm.out("preview"), "stage1")
     # stage 2 (docs/method.md §3b): the inpaint mask becomes the whole (processed) target mask, over the composite
-    ic = wf.wire(wf.add("InpaintModelConditioning", c_s2, noise_mask=True), positive=pos, negative=neg,
+    ic = wf.wire(wf.add("InpaintModelConditioning", "stage2", noise_mask=True), positive=pos, negative=neg,
                  vae=vae_src, pixels=dm.out("composite"), mask=dm.out("target_mask"))
-    # The MEA phase denoises the WHOLE target latent (no blending for a 9-channel model): an all-ones noise mask
-    # replaces the stage-1 mask. A target-region mask here would reset the outside to the stage-1 latent, which
-    # still carries the noise of step 35, at every step; Paste Back restores the outside in pixels instead.
-    whole = wf.add("SolidMask", c_s2, value=1.0, width=size, height=size)
-    lat2 = wf.wire(wf.add("SetLatentNoiseMask", c_s2), samples=s1, mask=whole)
     mea_widgets = {"guidance": "paper", "start": 0.7, "end": 1.0}
     if layers:
         mea_widgets["layers"] = layers
-    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", c_s2, **mea_widgets), model=model_src, vae=vae_src,
+    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", "stage2", **mea_widgets), model=model_src, vae=vae_src,
                   reference=ref.out("image"), garment_mask=ref.out("mask"), target_mask=dm.out("target_mask"),
                   positive=mea_pos)
-    s2 = wf.wire(wf.add("KSamplerAdvanced", c_s2, add_noise="disable", noise_seed=SEED, steps=50, cfg=12.0,
+    # The MEA phase denoises the WHOLE target latent (no blending for a 9-channel model): an all-ones noise mask
+    # replaces the stage-1 mask. A target-region mask here would reset the outside to the stage-1 latent, which
+    # still carries the noise of step 35, at every step; Paste Back restores the outside in pixels instead.
+    whole = wf.add("SolidMask", "stage2", value=1.0, width=size, height=size)
+    lat2 = wf.wire(wf.add("SetLatentNoiseMask", "stage2"), samples=s1, mask=whole)
+    s2 = wf.wire(wf.add("KSamplerAdvanced", "stage2", add_noise="disable", noise_seed=SEED, steps=50, cfg=12.0,
                         sampler_name="ddim", scheduler="ddim_uniform", start_at_step=35, end_at_step=50,
                         return_with_leftover_noise="disable"),
                  model=mea.out("model"), positive=ic.out("positive"), negative=ic.out("negative"),
                  latent_image=lat2)
-    dec = wf.wire(wf.add("VAEDecode", c_out), samples=s2, vae=vae_src)
+    dec = wf.wire(wf.add("VAEDecode", "output"), samples=s2, vae=vae_src)
     return {"corr": corr, "warp": warp, "dm": dm, "s1": s1, "mea": mea, "s2": s2, "dec": dec}
 
 
-def finish(wf: Workflow, person, tgt, dec_src, mask_src, col: int, prefix: str):
-    paste = wf.wire(wf.add("MaX4ZeroPasteBack", col, feather=3), original_image=person, generated_image=dec_src,
+def finish(wf: Workflow, person, tgt, dec_src, mask_src, prefix: str, group: str = "output"):
+    paste = wf.wire(wf.add("MaX4ZeroPasteBack", group, feather=3), original_image=person, generated_image=dec_src,
                     crop_info=tgt.out("crop_info"), mask=mask_src)
-    wf.wire(wf.add("SaveImage", col, box=(400, 450), filename_prefix=prefix), images=paste)
+    wf.wire(wf.add("SaveImage", group, box=(400, 450), filename_prefix=prefix), images=paste)
     return paste
 
 
+COPY_INPUTS = "cp custom_nodes/max4zero-tryon/example_inputs/max4zero_*.png input/"
 INPUTS_TEXT = (
-    "Inputs (put them in ComfyUI/input/ or use each Load node's upload button):\n"
+    "Inputs: the sample pictures ship with the pack in example_inputs/ under the names loaded here. Copy them into "
+    f"ComfyUI's input folder once (from the ComfyUI folder: {COPY_INPUTS}), or use each Load node's upload button.\n"
     f"- {PERSON}: the person photo; {PERSON_MASK}: white where the garment goes (LoadImageMask, channel red)\n"
     f"- {GARMENT}: the garment photo; {GARMENT_MASK}: white on the garment\n"
-    "Masks may also come from LoadImage's alpha (its MASK output) or any segmentation pack "
-    "(e.g. SAM / clothes segmentation nodes)."
+    "Your own masks: the workflow maxzero_masks_core makes all three (garment, try-on region, protect) with "
+    "ComfyUI's own segmentation nodes (ComfyUI 0.33+); LoadImage's alpha (its MASK output) works too."
 )
 PROMPT_TEXT = (
     "Prompts: describe the GARMENT in the positive prompt (e.g. 'a person wearing a red knitted sweater'). Leave the "
@@ -355,138 +511,219 @@ STAGE2_TEXT = (
     "+ s_mea*M*(eps_MEA - eps_u)); 'fused' is a different, cheaper guidance (see the MEA node's tooltip)."
 )
 SD15_TEXT = (
-    f"Checkpoint: an SD1.5 INPAINTING model (9-channel UNet, e.g. sd-v1-5-inpainting), in ComfyUI/models/"
-    f"checkpoints/ (the file here is named {SD15}; pick yours in Load Checkpoint). Crop size 512."
+    f"Checkpoint: SD1.5 INPAINTING (9-channel UNet), {SD15} (4.3 GB) from "
+    f"{MODEL_URLS[SD15][1]}, in ComfyUI/models/checkpoints/. Any SD1.5 inpainting fine-tune works: pick it "
+    "in Load Checkpoint. Crop size 512."
 )
 
 
 # ------------------------------------------------------------------------------------------------
-# the five workflows
+# the workflows
 # ------------------------------------------------------------------------------------------------
 
 
 def full_tryon() -> Workflow:
-    wf = Workflow("maxzero_full_tryon")
-    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SD15, col=0)
-    wf.note(1, "MaX4Zero full try-on (registration + Masked Extended Attention).\n\n" + SD15_TEXT + "\n\n"
-            + INPUTS_TEXT + "\n\nStages: crop both photos around their masks -> deep-feature correspondence -> "
-            "MLS warp -> double-mask inpaint -> KSampler (Advanced) steps 0-35 of 50 -> Masked Extended Attention "
-            "model -> KSampler (Advanced) steps 35-50 -> decode -> paste back into the full photo. Previews show "
-            "the matches, the warp, the fringes and the Leffa flow view.\n\n" + PROMPT_TEXT + "\n\n" + STAGE2_TEXT,
-            box=(400, 640))
-    pos, neg = prompts(wf, ckpt.out("CLIP"), col=1)
-    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, col=1, size=512)
+    wf = Workflow("maxzero_full_tryon", TWO_STAGE_GROUPS)
+    wf.note("MaX4Zero full try-on (registration + Masked Extended Attention). Read left to right: the groups are "
+            "the method's steps.\n\n" + SD15_TEXT + "\n\n" + INPUTS_TEXT + "\n\nSteps: 1 crop both photos around "
+            "their masks -> 2 deep-feature correspondence -> MLS warp -> 3 double-mask inpaint -> KSampler "
+            "(Advanced) steps 0-35 of 50 -> 4 Masked Extended Attention model -> KSampler (Advanced) steps 35-50 "
+            "-> 5 decode -> paste back into the full photo. Previews show the matches, the warp, the fringes and "
+            "the Leffa flow view.\n\n" + PROMPT_TEXT + "\n\n" + STAGE2_TEXT, box=(400, 760))
+    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    pos, neg = prompts(wf, ckpt.out("CLIP"))
+    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=512)
     r = two_stage_tryon(wf, model_src=ckpt.out("MODEL"), vae_src=ckpt.out("VAE"), pos=pos, neg=neg, mea_pos=pos,
-                        tgt=tgt, ref=ref, cols=(2, 4, 5, 6), size=512)
-    preview(wf, r["corr"].out("preview"), col=3)
-    preview(wf, r["warp"].out("preview"), col=3)
-    preview(wf, r["dm"].out("preview"), col=3)
-    preview(wf, r["dm"].out("fringe"), col=3, mask=True)
-    flow = wf.wire(wf.add("MaX4ZeroFlowView", 6), trace=r["mea"].out("trace"), reference=ref.out("image"),
+                        tgt=tgt, ref=ref, size=512)
+    preview(wf, r["dm"].out("fringe"), "stage1", mask=True)
+    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_tryon")
+    flow = wf.wire(wf.add("MaX4ZeroFlowView", "output"), trace=r["mea"].out("trace"), reference=ref.out("image"),
                    samples=r["s2"], matches=r["corr"].out("matches"))
-    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), col=6, prefix="MaX4Zero_tryon")
-    preview(wf, flow.out("flow"), col=7)
-    preview(wf, flow.out("warped_reference"), col=7)
-    preview(wf, flow.out("disagreement"), col=7, mask=True)
+    preview(wf, flow.out("flow"), "output")
+    preview(wf, flow.out("warped_reference"), "output")
+    preview(wf, flow.out("disagreement"), "output", mask=True)
     return wf
 
 
 def reference_only(wf_name: str = "maxzero_reference_only", flow_view: bool = False) -> Workflow:
-    wf = Workflow(wf_name)
-    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SD15, col=0)
     if flow_view:
+        groups = [("inputs", "1 · Inputs: model, prompts, photos, masks, crops", "inputs"),
+                  ("registration", "2 · Registration (for the comparison only)", "registration"),
+                  ("mea", "3 · Masked Extended Attention (one sampler)", "stage2"),
+                  ("output", "4 · Output and Leffa flow view", "output")]
         intro = ("MaX4Zero attention flow: where does each generated pixel read the garment from? (Leffa "
                  "attention flow). The Masked Extended Attention node records attention only because its 'trace' "
                  "goes to the Leffa Flow View; each map is previewed: flow colour wheel, attention-warped "
                  "garment, reliance (how much each pixel reads the garment), sharpness, and the disagreement "
                  "with the MLS warp of the correspondence matches.")
     else:
+        groups = [("inputs", "1 · Inputs: model, prompts, photos, masks, crops", "inputs"),
+                  ("mea", "2 · Masked Extended Attention (one sampler, whole schedule)", "stage2"),
+                  ("output", "3 · Output", "output")]
         intro = ("MaX4Zero reference try-on, quickest start: no correspondence and no warp. The target region "
                  "is inpainted in one sampler run while Masked Extended Attention (fused guidance, whole "
                  "schedule) lets it read the garment photo.")
-    wf.note(1, intro + "\n\n" + SD15_TEXT + "\n\n" + INPUTS_TEXT, box=(400, 380))
-    pos, neg = prompts(wf, ckpt.out("CLIP"), col=1)
-    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, col=1, size=512)
-    ic = wf.wire(wf.add("InpaintModelConditioning", 2, noise_mask=True), positive=pos, negative=neg,
+    wf = Workflow(wf_name, groups)
+    wf.note(intro + "\n\n" + SD15_TEXT + "\n\n" + INPUTS_TEXT, box=(400, 520))
+    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    pos, neg = prompts(wf, ckpt.out("CLIP"))
+    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=512)
+    corr = None
+    if flow_view:
+        corr = wf.wire(wf.add("MaX4ZeroCorrespondence", "registration", mode="paper", seed=SEED),
+                       model=ckpt.out("MODEL"), vae=ckpt.out("VAE"), positive=pos, reference_image=ref.out("image"),
+                       garment_mask=ref.out("mask"), target_image=tgt.out("image"), target_mask=tgt.out("mask"))
+    ic = wf.wire(wf.add("InpaintModelConditioning", "mea", noise_mask=True), positive=pos, negative=neg,
                  vae=ckpt.out("VAE"), pixels=tgt.out("image"), mask=tgt.out("mask"))
-    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", 2, guidance="fused", start=0.0, end=1.0),
+    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", "mea", guidance="fused", start=0.0, end=1.0),
                   model=ckpt.out("MODEL"), vae=ckpt.out("VAE"), reference=ref.out("image"),
                   garment_mask=ref.out("mask"), target_mask=tgt.out("mask"), positive=pos)
-    samp = wf.wire(wf.add("KSampler", 3, seed=SEED, steps=30, cfg=7.0, sampler_name="ddim",
+    samp = wf.wire(wf.add("KSampler", "mea", seed=SEED, steps=30, cfg=7.0, sampler_name="ddim",
                           scheduler="ddim_uniform", denoise=1.0),
                    model=mea.out("model"), positive=ic.out("positive"), negative=ic.out("negative"),
                    latent_image=ic.out("latent"))
-    dec = wf.wire(wf.add("VAEDecode", 3), samples=samp, vae=ckpt.out("VAE"))
+    dec = wf.wire(wf.add("VAEDecode", "output"), samples=samp, vae=ckpt.out("VAE"))
     if flow_view:
-        corr = wf.wire(wf.add("MaX4ZeroCorrespondence", 3, mode="paper", seed=SEED),
-                       model=ckpt.out("MODEL"), vae=ckpt.out("VAE"), positive=pos, reference_image=ref.out("image"),
-                       garment_mask=ref.out("mask"), target_image=tgt.out("image"), target_mask=tgt.out("mask"))
-        flow = wf.wire(wf.add("MaX4ZeroFlowView", 4), trace=mea.out("trace"), reference=ref.out("image"),
+        finish(wf, person, tgt, dec, tgt.out("mask"), prefix="MaX4Zero_flow")
+        flow = wf.wire(wf.add("MaX4ZeroFlowView", "output"), trace=mea.out("trace"), reference=ref.out("image"),
                        samples=samp, matches=corr.out("matches"))
-        finish(wf, person, tgt, dec, tgt.out("mask"), col=4, prefix="MaX4Zero_flow")
-        preview(wf, flow.out("flow"), col=5)
-        preview(wf, flow.out("warped_reference"), col=5)
-        preview(wf, flow.out("reliance"), col=6, mask=True)
-        preview(wf, flow.out("sharpness"), col=6, mask=True)
-        preview(wf, flow.out("disagreement"), col=6, mask=True)
+        preview(wf, flow.out("flow"), "output")
+        preview(wf, flow.out("warped_reference"), "output")
+        preview(wf, flow.out("reliance"), "output", mask=True)
+        preview(wf, flow.out("sharpness"), "output", mask=True)
+        preview(wf, flow.out("disagreement"), "output", mask=True)
     else:
-        finish(wf, person, tgt, dec, tgt.out("mask"), col=4, prefix="MaX4Zero_reference")
+        finish(wf, person, tgt, dec, tgt.out("mask"), prefix="MaX4Zero_reference")
     return wf
 
 
 def lora_controlnet() -> Workflow:
-    wf = Workflow("maxzero_lora_controlnet")
-    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SD15, col=0)
-    pose = wf.add("LoadImage", 0, box=IMG, image=POSE)
-    wf.note(1, "MaX4Zero try-on composed with a LoRA and a ControlNet on the same MODEL.\n\n" + SD15_TEXT
-            + f"\nLoRA: an SD1.5 LoRA in ComfyUI/models/loras/ (here {LORA}).\nControlNet: an SD1.5 ControlNet "
-            f"in ComfyUI/models/controlnet/ (here {CONTROLNET}).\n\n" + INPUTS_TEXT
-            + f"\n- {POSE}: the PREPROCESSED control image of the person photo (an OpenPose skeleton or an edge "
-            "map, same size as the person photo; make it with a preprocessor pack, e.g. "
-            "comfyui_controlnet_aux). It is cropped with the person mask, exactly like the person photo.\n\n"
-            + PROMPT_TEXT + "\n\n" + STAGE2_TEXT, box=(400, 700))
-    lora = wf.wire(wf.add("LoraLoader", 1, lora_name=LORA, strength_model=0.8, strength_clip=0.8),
+    wf = Workflow("maxzero_lora_controlnet", TWO_STAGE_GROUPS)
+    wf.note("MaX4Zero try-on composed with a LoRA and a ControlNet on the same MODEL.\n\n" + SD15_TEXT
+            + f"\nControlNet: SD1.5 OpenPose, {CONTROLNET} (723 MB) from {MODEL_URLS[CONTROLNET][1]}, in "
+            "ComfyUI/models/controlnet/.\nLoRA: any SD1.5 LoRA of yours, in ComfyUI/models/loras/ (pick it in "
+            f"Load LoRA; {LORA} is a stand-in name). The method needs no LoRA: to run without one, bypass the "
+            "Load LoRA node (select it, Ctrl+B).\n\n" + INPUTS_TEXT
+            + f"\n- {POSE}: the PREPROCESSED control image of the person photo (ships for the sample person: an "
+            "OpenPose skeleton). For your own photo make it with a preprocessor pack (e.g. comfyui_controlnet_aux), "
+            "same size as the photo. It is cropped with the person mask, exactly like the person photo.\n\n"
+            + PROMPT_TEXT + "\n\n" + STAGE2_TEXT, box=(400, 900))
+    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    pose = wf.add("LoadImage", "inputs", box=IMG, image=POSE)
+    lora = wf.wire(wf.add("LoraLoader", "inputs", lora_name=LORA, strength_model=0.8, strength_clip=0.8),
                    model=ckpt.out("MODEL"), clip=ckpt.out("CLIP"))
-    text_pos, text_neg = prompts(wf, lora.out("CLIP"), col=1)
-    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, col=1, size=512)
-    pose_crop = wf.wire(wf.add("MaX4ZeroCropToMask", 1, size=512, padding=0.1), image=pose, mask=person_mask)
-    cn = wf.add("ControlNetLoader", 2, control_net_name=CONTROLNET)
-    cna = wf.wire(wf.add("ControlNetApplyAdvanced", 2, strength=0.8, start_percent=0.0, end_percent=1.0),
+    text_pos, text_neg = prompts(wf, lora.out("CLIP"))
+    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=512)
+    pose_crop = wf.wire(wf.add("MaX4ZeroCropToMask", "inputs", size=512, padding=0.1), image=pose, mask=person_mask)
+    cn = wf.add("ControlNetLoader", "inputs", control_net_name=CONTROLNET)
+    cna = wf.wire(wf.add("ControlNetApplyAdvanced", "inputs", strength=0.8, start_percent=0.0, end_percent=1.0),
                   positive=text_pos, negative=text_neg, control_net=cn, image=pose_crop.out("image"),
                   vae=ckpt.out("VAE"))
     r = two_stage_tryon(wf, model_src=lora.out("MODEL"), vae_src=ckpt.out("VAE"), pos=cna.out("positive"),
-                        neg=cna.out("negative"), mea_pos=text_pos, tgt=tgt, ref=ref, cols=(3, 5, 6, 7), size=512)
-    preview(wf, r["corr"].out("preview"), col=4)
-    preview(wf, r["warp"].out("preview"), col=4)
-    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), col=7, prefix="MaX4Zero_lora_controlnet")
+                        neg=cna.out("negative"), mea_pos=text_pos, tgt=tgt, ref=ref, size=512)
+    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_lora_controlnet")
     return wf
 
 
 def sdxl() -> Workflow:
-    wf = Workflow("maxzero_sdxl")
-    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SDXL, col=0)
-    wf.note(1, "MaX4Zero full try-on on an SDXL INPAINTING checkpoint.\n\nCheckpoint: an SDXL inpainting model "
-            "(9-channel UNet, e.g. stable-diffusion-xl-1.0-inpainting-0.1) in ComfyUI/models/checkpoints/ (the "
-            f"file here is named {SDXL}). Crop size 1024 (SDXL's native size).\n\nLayers are chosen by token "
-            "grid, not by block number: SDXL has no attention at 1/8 of the image, so Masked Extended Attention "
-            "uses 'decoder 1/32 + 1/16 + 1/8', i.e. SDXL's 32x32 and 64x64 token grids at 1024 px - the same "
-            "grids the paper uses on SD1.5 at 512 px. The correspondence reads the first decoder stage at 1/16 "
-            "by grid too.\n\n" + INPUTS_TEXT + "\n\n" + PROMPT_TEXT + "\n\n" + STAGE2_TEXT, box=(400, 700))
-    pos, neg = prompts(wf, ckpt.out("CLIP"), col=1)
-    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, col=1, size=1024)
+    wf = Workflow("maxzero_sdxl", TWO_STAGE_GROUPS)
+    wf.note("MaX4Zero full try-on on an SDXL INPAINTING checkpoint.\n\nCheckpoint: SDXL inpainting (9-channel "
+            f"UNet), {SDXL} (6.9 GB; the diffusers team's stable-diffusion-xl-1.0-inpainting-0.1 as one file) from "
+            f"{MODEL_URLS[SDXL][1]}, in ComfyUI/models/checkpoints/. Crop size 1024 (SDXL's native size).\n\n"
+            "Layers are chosen by token grid, not by block number: SDXL has no attention at 1/8 of the image, so "
+            "Masked Extended Attention uses 'decoder 1/32 + 1/16 + 1/8', i.e. SDXL's 32x32 and 64x64 token grids "
+            "at 1024 px - the same grids the paper uses on SD1.5 at 512 px. The correspondence reads the first "
+            "decoder stage at 1/16 by grid too.\n\n" + INPUTS_TEXT + "\n\n" + PROMPT_TEXT + "\n\n" + STAGE2_TEXT,
+            box=(400, 860))
+    ckpt, person, person_mask, garment, garment_mask = loaders(wf, SDXL)
+    pos, neg = prompts(wf, ckpt.out("CLIP"))
+    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=1024)
     r = two_stage_tryon(wf, model_src=ckpt.out("MODEL"), vae_src=ckpt.out("VAE"), pos=pos, neg=neg, mea_pos=pos,
-                        tgt=tgt, ref=ref, cols=(2, 4, 5, 6), size=1024, layers="decoder 1/32 + 1/16 + 1/8")
-    preview(wf, r["corr"].out("preview"), col=3)
-    preview(wf, r["warp"].out("preview"), col=3)
-    preview(wf, r["dm"].out("preview"), col=3)
-    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), col=6, prefix="MaX4Zero_sdxl")
+                        tgt=tgt, ref=ref, size=1024, layers="decoder 1/32 + 1/16 + 1/8")
+    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_sdxl")
     return wf
+
+
+# The masks workflow's model files (ComfyUI's own blueprints name the same files and addresses).
+SAM3 = "sam3.1_multiplex_fp16.safetensors"
+BIREFNET = "birefnet.safetensors"
+MODEL_URLS.update({
+    SAM3: ("checkpoints", "https://huggingface.co/Comfy-Org/sam3.1/resolve/main/checkpoints/" + SAM3),
+    BIREFNET: ("background_removal", "https://huggingface.co/Comfy-Org/BiRefNet/resolve/main/background_removal/"
+                                     + BIREFNET),
+})
+#: Workflows that need node types only newer ComfyUI versions have: name -> oldest version that has them.
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0"}
+
+
+def masks_core() -> Workflow:
+    """The three masks the try-on needs, with ComfyUI's own segmentation nodes only (ComfyUI 0.33+)."""
+    wf = Workflow("maxzero_masks_core", [
+        ("inputs", "1 · Inputs: photos, segmentation models, what to find", "inputs"),
+        ("garment", "2 · Garment mask (garment photo): background removal", "masks"),
+        ("tryon", "3 · Try-on mask (person photo): SAM3, the garment she wears", "masks"),
+        ("protect", "4 · Protect mask (person photo): SAM3, face + hands", "masks"),
+    ])
+    wf.note(
+        "The three masks of a try-on, made with ComfyUI's own segmentation nodes (no other pack; ComfyUI 0.33 or "
+        "newer): the GARMENT mask (white on the garment in the garment photo), the TRY-ON mask (white where the "
+        "new garment goes on the person: the clothes she wears now) and the PROTECT mask (face and hands, which "
+        "must not be repainted; connect it to Double-Mask Inpaint's protect_mask).\n\n"
+        "Model files (the same ComfyUI's own templates use):\n"
+        f"- {SAM3} (SAM 3.1, text-prompted segmentation) from {MODEL_URLS[SAM3][1]}, in "
+        "ComfyUI/models/checkpoints/ (load it with Load Checkpoint: its CLIP encodes the text prompts).\n"
+        f"- {BIREFNET} (BiRefNet background removal) from {MODEL_URLS[BIREFNET][1]}, in "
+        "ComfyUI/models/background_removal/.\n"
+        "This workflow cannot run without those two files (about 1.7 GB together).\n\n"
+        "What to find: the garment photo is a product shot, so its mask is its foreground (Remove Background). On "
+        "the person, SAM3 finds what the text prompt names: type the garment she wears now ('space suit' for the "
+        "sample; e.g. 'shirt', 'jacket', 'dress'), and 'face' and 'hand' for the protect mask. Raise SAM3's "
+        "threshold if it finds too much, lower it if it finds nothing.\n\n"
+        f"Inputs: {PERSON} and {GARMENT} (copy example_inputs/ into ComfyUI/input/ once: {COPY_INPUTS}).\n\n"
+        "Results: Save Image writes ComfyUI/output/max4zero_person_mask_00001_.png and so on. Copy each into "
+        "ComfyUI/input/ under the name the try-on workflows load (max4zero_person_mask.png, "
+        "max4zero_garment_mask.png), or upload it in their Load Image (as Mask) nodes.", box=(400, 900))
+    person = wf.add("LoadImage", "inputs", box=IMG, image=PERSON)
+    garment = wf.add("LoadImage", "inputs", box=IMG, image=GARMENT)
+    sam = wf.add("CheckpointLoaderSimple", "inputs", ckpt_name=SAM3)
+    bg = wf.add("LoadBackgroundRemovalModel", "inputs", bg_removal_name=BIREFNET)
+    worn = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(300, 100), text="space suit"), clip=sam.out("CLIP"))
+    face = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(300, 100), text="face"), clip=sam.out("CLIP"))
+    hand = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(300, 100), text="hand"), clip=sam.out("CLIP"))
+
+    garment_mask = wf.wire(wf.add("RemoveBackground", "garment"), bg_removal_model=bg, image=garment)
+    garment_img = wf.wire(wf.add("MaskToImage", "garment"), mask=garment_mask)
+    wf.wire(wf.add("SaveImage", "garment", box=(320, 360), filename_prefix="max4zero_garment_mask"),
+            images=garment_img)
+
+    def detect(group: str, cond: Node) -> Node:
+        return wf.wire(wf.add("SAM3_Detect", group, threshold=0.5, refine_iterations=2, individual_masks=False),
+                       model=sam.out("MODEL"), image=person, conditioning=cond)
+
+    tryon = detect("tryon", worn)
+    tryon_img = wf.wire(wf.add("MaskToImage", "tryon"), mask=tryon.out("masks"))
+    wf.wire(wf.add("SaveImage", "tryon", box=(320, 360), filename_prefix="max4zero_person_mask"), images=tryon_img)
+
+    faces, hands = detect("protect", face), detect("protect", hand)
+    both = wf.wire(wf.add("MaskComposite", "protect", x=0, y=0, operation="add"),
+                   destination=faces.out("masks"), source=hands.out("masks"))
+    protect_img = wf.wire(wf.add("MaskToImage", "protect"), mask=both)
+    wf.wire(wf.add("SaveImage", "protect", box=(320, 360), filename_prefix="max4zero_protect_mask"),
+            images=protect_img)
+    return wf
+
+
+def all_workflows() -> list[Workflow]:
+    return [full_tryon(), reference_only(), reference_only("maxzero_attention_flow", flow_view=True),
+            lora_controlnet(), sdxl(), masks_core()]
 
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
-    for wf in (full_tryon(), reference_only(), reference_only("maxzero_attention_flow", flow_view=True),
-               lora_controlnet(), sdxl()):
+    for wf in all_workflows():
+        missing = sorted({n.type for n in wf.nodes} - INFO_0364 - {"Note"})
+        if missing and wf.name not in MIN_COMFYUI:
+            raise SystemExit(f"{wf.name} uses {missing}, which ComfyUI 0.3.64 lacks: add it to MIN_COMFYUI")
         print("wrote", wf.write().relative_to(ROOT), f"({len(wf.nodes)} nodes, {len(wf.links)} links)")
 
 

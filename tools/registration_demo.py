@@ -9,13 +9,28 @@ matching would produce are given by hand in a small JSON file, so nothing is dow
         [--alpha 1.0] [--stride 1] [--mode bilinear|nearest] [--size 512] [--force]
 
 Inputs: a person photo and its mask (white = region to repaint), a garment photo and its mask (white =
-garment), and ``points.json``::
+garment), and ``points.json``, the control points in the pack's one control-point format (the format of
+MLS Warp's ``manual_points`` and of the Correspondence node's matches, ``nodes/matches.py``)::
 
-    {"reference": [[x, y], ...],      # on the garment photo
-     "target":    [[x, y], ...],      # the same points on the person photo, same order and count
-     "reference_size": [W, H],        # optional: image size the points were picked on
-     "target_size": [W, H],           # optional (default: the size of the image file)
-     "labels": ["neck left", ...]}    # optional names, one per pair
+    {"format": "max4zero-matches/1",
+     "reference_size": [H, W],                   # size of the garment photo the points were picked on
+     "target_size": [H, W],                      # size of the person photo
+     "points": [{"reference": [x, y],            # on the garment photo
+                 "target": [x, y],               # the same garment point on the person photo
+                 "label": "neck left"}, ...]}    # "label" optional (the node ignores it), as is "score"
+
+Sizes are [height, width]; left out, they default to the size of the image file. The demo's earlier
+format, ``{"reference": [[x, y], ...], "target": [[x, y], ...], "reference_size": [W, H], ...}`` (sizes
+[width, height]), is still read, with a note; the demo writes every points file it reads back in the one
+format (``points.json`` in the output folder), so it pastes into MLS Warp's ``manual_points``.
+
+Masks: a PNG's alpha channel is the mask only when it carries a shape (some pixels transparent, some
+opaque); an opaque RGBA mask is read from its colour, like any other. 16-bit greyscale images are scaled
+to 8 bits, not clipped.
+
+Control points that give a degenerate or folded warp (fewer than 3, all on one line, one garment point sent
+to two places, a mirrored garment, or a map that turns the garment over) are named on stderr with what to
+do (``warping/point_checks.py``); the demo still writes its pictures, so the problem can be seen.
 
 Coordinates are pixel (x, y) with (0, 0) the centre of the top-left pixel. Both images are resized so
 that their longer side is ``--size`` (aspect kept) and the points are scaled with them.
@@ -30,10 +45,13 @@ is paper mode.
 Writes into ``--out`` (default ``demo_out/`` in the repository): ``overview.png`` (points reference ↔
 target, the MLS grid, the composite with its fringes), ``warped_garment.png``,
 ``warped_garment_mask.png``, ``composite.png``, ``fringe_thin.png`` (F), ``fringe_dilated.png`` (D),
-``mls_grid.png``. Output policy: the default ``demo_out/`` is the demo's own folder and its files are
+``mls_grid.png``, and two points files in the one format: ``points.json`` (the points as used, in the
+pixels of the photo files) and ``manual_points_crop512.json`` (the same points in the pixels of the 512 px
+crops that Crop To Mask makes in the shipped workflows, padding 0.1: paste it into MLS Warp's
+``manual_points`` there). Output policy: the default ``demo_out/`` is the demo's own folder and its files are
 replaced on every run; a folder given with ``--out`` must be new or empty unless ``--force``, and even then
 only the files named above are replaced (nothing else is deleted, and an input file is never
-overwritten).
+overwritten). Runs at a large ``--size`` print their progress on stderr.
 """
 
 from __future__ import annotations
@@ -43,22 +61,72 @@ import colorsys
 import json
 import math
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (defined before torch is imported, so ``--help`` answers at once)."""
+    parser = argparse.ArgumentParser(
+        description="Warp a garment onto a person with Moving Least Squares from hand-picked control points "
+        "(MaX4Zero stage 1, no model weights) and write the pictures as PNGs. With no input arguments it "
+        "runs on the shipped samples (example_inputs/ and tools/samples/points.json).",
+        epilog="Inputs:" + __doc__.split("Inputs:", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inputs = parser.add_argument_group("inputs (all five, or none for the samples)")
+    inputs.add_argument("--person", type=Path, help="person (target) photo")
+    inputs.add_argument("--person-mask", type=Path, help="mask of the region to repaint on the person (white)")
+    inputs.add_argument("--garment", type=Path, help="garment (reference) photo")
+    inputs.add_argument("--garment-mask", type=Path, help="mask of the garment in its photo (white)")
+    inputs.add_argument("--points", type=Path, help="JSON control points, garment -> person (format below)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: demo_out/ in the repository)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replaces only the demo's own file names)")
+    parser.add_argument("--kind", choices=["affine", "similarity", "rigid"], default="affine", help="MLS kind (paper: affine)")
+    parser.add_argument(
+        "--alpha", type=float, default=1.0,
+        help="MLS weight exponent, w = 1/d^(2 alpha). Default 1 (Schaefer et al.) follows a dozen hand-picked "
+        "points; paper mode uses 0.1 with hundreds of feature matches, which is nearly one global map",
+    )
+    parser.add_argument("--stride", type=int, default=1, help="evaluate MLS every N pixels and upsample (1 = exact)")
+    parser.add_argument("--mode", choices=["bilinear", "nearest"], default="bilinear", help="sampling (paper: nearest)")
+    parser.add_argument("--size", type=int, default=512, help="working size: longer side in pixels (paper: 512)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, even on large runs")
+    return parser.parse_args(argv)
+
+
+_CLI_ARGS: Optional[argparse.Namespace] = None
+if __name__ == "__main__":
+    # --help and usage errors answer before torch is imported (several seconds on a cold start).
+    _CLI_ARGS = parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack_import import import_pack  # noqa: E402
 
 import_pack()
-from max4zero.warping import fringe, masks, mls  # noqa: E402
+from max4zero.nodes import geometry  # noqa: E402  (pure: no ComfyUI import)
+from max4zero.nodes.matches import FORMAT as POINTS_FORMAT  # noqa: E402
+from max4zero.nodes.matches import Matches  # noqa: E402
+from max4zero.warping import fringe, masks, mls, point_checks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parent / "samples"
+# The sample photos and masks live in example_inputs/ (shipped in the registry archive, under the names the
+# workflows load); the control points are the demo's own.
+EXAMPLE_INPUTS = ROOT / "example_inputs"
+SAMPLE_FILES = (
+    EXAMPLE_INPUTS / "max4zero_person.png",
+    EXAMPLE_INPUTS / "max4zero_person_mask.png",
+    EXAMPLE_INPUTS / "max4zero_garment.png",
+    EXAMPLE_INPUTS / "max4zero_garment_mask.png",
+    SAMPLES / "points.json",
+)
 DEFAULT_OUT = ROOT / "demo_out"
 
 # Output names, in the order they are written and listed.
@@ -71,6 +139,18 @@ OUTPUTS = {
     "fringe_dilated": "fringe_dilated.png",
     "mls_grid": "mls_grid.png",
 }
+# The points files written next to the pictures (the one control-point format).
+POINT_OUTPUTS = {
+    "points": "points.json",
+    "points_crop512": "manual_points_crop512.json",
+}
+# Crop To Mask in the shipped workflows (tools/make_workflows.py): size 512, padding 0.1.
+WORKFLOW_CROP_SIZE = 512
+WORKFLOW_CROP_PADDING = 0.1
+# Share of the try-on region where the warp may turn the garment over before the demo says so.
+FOLD_WARN_FRACTION = 0.001
+# From this many working pixels on, progress lines are printed (the exact MLS map then takes seconds).
+PROGRESS_PIXELS = 1024 * 1024
 
 # Paper-mode kernel sides at the 512 px working size (docs/method.md §1, §2e).
 GARMENT_ERODE_512 = 3
@@ -93,12 +173,17 @@ class DemoError(ValueError):
 class ControlPoints:
     """Matched pixel positions, scaled to the working images.
 
-    reference, target: float64 ``[K, 2]`` pixel (x, y); labels: ``K`` names.
+    reference, target: float64 ``[K, 2]`` pixel (x, y); labels: ``K`` names. file_reference, file_target: the
+    same points in the pixels of the image files (what the demo writes back). notes: remarks about the file
+    (e.g. that it uses the demo's earlier format).
     """
 
     reference: np.ndarray
     target: np.ndarray
     labels: list[str]
+    file_reference: np.ndarray | None = None
+    file_target: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -122,16 +207,71 @@ def _open(path: Path, what: str) -> Image.Image:
     return image
 
 
+#: Pillow modes of one-channel images with more than 8 bits (16-bit PNG/TIFF greyscale opens as I;16 or I).
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer / float) greyscale → 8-bit L, scaled rather than clipped.
+
+    ``convert("L")``/``convert("RGB")`` clip such images at 255, so a 16-bit photo (0..65535) turns almost
+    white. Integer images are scaled by 255/65535 when any value exceeds 255 (8-bit data stored in a wide
+    mode stays as it is); float images in [0, 1] are scaled by 255.
+    """
+    if image.mode not in _WIDE_GREY and image.mode != "F":
+        return image
+    a = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        top = 1.0 if a.size and np.nanmax(a) <= 1.0 else 255.0
+    else:
+        top = 65535.0 if a.size and a.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+
+
 def load_image(path: Path, size: int, what: str = "image") -> tuple[Image.Image, tuple[int, int]]:
     """Open an image as RGB resized to the working size; also returns its original (W, H)."""
-    image = _open(path, what)
+    image = _to_8bit(_open(path, what))
     original = image.size
-    if image.mode in ("RGBA", "LA", "P"):
+    if image.mode in ("RGBA", "LA", "P", "PA"):
         # Transparent pixels over white rather than whatever colour they happen to store.
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     image = image.convert("RGB")
     return image.resize(working_size(*original, size), Image.Resampling.LANCZOS), original
+
+
+def mask_channel(image: Image.Image) -> Image.Image:
+    """The 8-bit L image a mask file stands for (white = on).
+
+    The alpha channel is the mask only when it carries a shape: some pixels transparent and some opaque (a
+    cut-out). An alpha that is the same everywhere, e.g. an opaque white-on-black RGBA mask, says nothing, so
+    the colour is used, as for any other mask. 16-bit greyscale is scaled to 8 bits (see :func:`_to_8bit`).
+    """
+    image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(image.getchannel("A"))
+        if (alpha > 127).any() and (alpha <= 127).any():
+            return image.getchannel("A")
+        image = image.convert("RGB") if image.mode == "RGBA" else image.getchannel(0)
+    return image.convert("L")
+
+
+def load_mask_full(path: Path, image_size: tuple[int, int], what: str) -> torch.Tensor:
+    """A mask file (white = on) at its own size as a bool ``[H, W]`` tensor, checked against its image."""
+    image = _open(path, what)
+    if image.size != image_size:
+        raise DemoError(
+            f"{what} {path} is {image.size[0]}x{image.size[1]} but its image is {image_size[0]}x{image_size[1]}: "
+            "the mask must have the same size as the image it belongs to"
+        )
+    on = torch.from_numpy(np.asarray(mask_channel(image)) > 127)
+    if not on.any():
+        raise DemoError(
+            f"{what} {path} is empty (no pixel brighter than mid-grey): white marks the region, black the rest"
+        )
+    return on
 
 
 def load_mask(path: Path, image_size: tuple[int, int], size: int, what: str) -> torch.Tensor:
@@ -142,10 +282,7 @@ def load_mask(path: Path, image_size: tuple[int, int], size: int, what: str) -> 
             f"{what} {path} is {image.size[0]}x{image.size[1]} but its image is {image_size[0]}x{image_size[1]}: "
             "the mask must have the same size as the image it belongs to"
         )
-    if image.mode in ("RGBA", "LA"):
-        # A cut-out: the alpha channel is the mask.
-        image = image.getchannel("A")
-    small = image.convert("L").resize(working_size(*image_size, size), Image.Resampling.BILINEAR)
+    small = mask_channel(image).resize(working_size(*image_size, size), Image.Resampling.BILINEAR)
     on = torch.from_numpy(np.asarray(small) > 127)
     if not on.any():
         raise DemoError(
@@ -166,7 +303,8 @@ def _pairs(value: object, key: str, path: Path) -> np.ndarray:
     return array
 
 
-def _declared_size(doc: dict, key: str, fallback: tuple[int, int], path: Path) -> tuple[int, int]:
+def _declared_size(doc: dict, key: str, fallback: tuple[int, int], path: Path) -> tuple[float, float]:
+    """The earlier demo format's ``[width, height]``."""
     if key not in doc:
         return fallback
     value = doc[key]
@@ -179,33 +317,14 @@ def _declared_size(doc: dict, key: str, fallback: tuple[int, int], path: Path) -
     return float(value[0]), float(value[1])
 
 
-def _scale_points(points: np.ndarray, source: tuple[float, float], dest: tuple[int, int]) -> np.ndarray:
+def _scale_points(points: np.ndarray, source: tuple[float, float], dest: tuple[float, float]) -> np.ndarray:
     # Pixel centres sit at integer coordinates, so scaling keeps the image edges (−0.5, W − 0.5) fixed.
     scale = np.array([dest[0] / source[0], dest[1] / source[1]])
     return (points + 0.5) * scale - 0.5
 
 
-def load_points(
-    path: Path,
-    reference_size: tuple[int, int],
-    target_size: tuple[int, int],
-    reference_working: tuple[int, int],
-    target_working: tuple[int, int],
-) -> ControlPoints:
-    """Read ``points.json`` (format in the module docstring) and scale it to the working images.
-
-    ``*_size`` are the images' file sizes (W, H), ``*_working`` their working sizes.
-    """
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DemoError(f"points file {path} does not exist: check the path") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DemoError(f"points file {path} is not valid JSON ({exc}): see the format in --help") from None
-    if not isinstance(doc, dict) or "reference" not in doc or "target" not in doc:
-        raise DemoError(
-            f'{path} must be a JSON object with "reference" and "target" lists of [x, y] pairs: see --help'
-        )
+def _read_old_format(doc: dict, path: Path, reference_size, target_size):
+    """The demo's earlier format: two lists of [x, y] and sizes as [W, H]. Returns (ref, tgt, labels, sizes)."""
     reference = _pairs(doc["reference"], "reference", path)
     target = _pairs(doc["target"], "target", path)
     if len(reference) != len(target):
@@ -216,14 +335,64 @@ def load_points(
     labels = doc.get("labels", [])
     if not isinstance(labels, list) or (labels and len(labels) != len(reference)):
         raise DemoError(f'{path}: "labels" must be a list with one name per pair ({len(reference)}), or be left out')
-    labels = [str(name) for name in labels] or [str(i + 1) for i in range(len(reference))]
+    sizes = (_declared_size(doc, "reference_size", reference_size, path),
+             _declared_size(doc, "target_size", target_size, path))
+    return reference, target, [str(name) for name in labels], sizes
 
-    scaled = []
-    for name, points, file_size, working in (
-        ("reference", reference, reference_size, reference_working),
-        ("target", target, target_size, target_working),
+
+def _read_format(doc, path: Path, reference_size, target_size):
+    """The one format (nodes/matches.py), parsed by the node's own parser. Returns (ref, tgt, labels, sizes)."""
+    try:
+        m = Matches.from_json(doc, (reference_size[1], reference_size[0]), (target_size[1], target_size[0]))
+    except ValueError as exc:
+        raise DemoError(f"{path}: {exc}") from None
+    entries = doc["points"] if isinstance(doc, dict) else doc
+    labels = [str(p.get("label", "")) if isinstance(p, dict) else "" for p in entries]
+    if not any(labels):
+        labels = []
+    sizes = tuple((float(w), float(h)) for h, w in (m.reference_size, m.target_size))
+    return (m.reference_points.double().numpy(), m.target_points.double().numpy(), labels, sizes)
+
+
+def load_points(
+    path: Path,
+    reference_size: tuple[int, int],
+    target_size: tuple[int, int],
+    reference_working: tuple[int, int],
+    target_working: tuple[int, int],
+) -> ControlPoints:
+    """Read a points file (format in the module docstring) and scale it to the working images.
+
+    ``*_size`` are the images' file sizes (W, H), ``*_working`` their working sizes.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DemoError(f"points file {path} does not exist: check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DemoError(f"points file {path} is not valid JSON ({exc}): see the format in --help") from None
+    notes = []
+    if isinstance(doc, dict) and "points" not in doc and "reference" in doc and "target" in doc:
+        reference, target, labels, sizes = _read_old_format(doc, path, reference_size, target_size)
+        notes.append(
+            f"{path} uses the demo's earlier points format (two lists, sizes as [width, height]); it was read "
+            f"as such. The pack's one format ({POINTS_FORMAT}, sizes as [height, width]) is what MLS Warp's "
+            "manual_points reads: the output folder's points.json holds these points in it."
+        )
+    elif isinstance(doc, list) or (isinstance(doc, dict) and "points" in doc):
+        reference, target, labels, sizes = _read_format(doc, path, reference_size, target_size)
+    else:
+        raise DemoError(
+            f'{path} must be a JSON object with a "points" list, e.g. {{"format": "{POINTS_FORMAT}", '
+            '"points": [{"reference": [120, 80], "target": [140, 96]}]}: see --help'
+        )
+    labels = labels or [str(i + 1) for i in range(len(reference))]
+
+    scaled, in_files = [], []
+    for name, points, file_size, working, declared in (
+        ("reference", reference, reference_size, reference_working, sizes[0]),
+        ("target", target, target_size, target_working, sizes[1]),
     ):
-        declared = _declared_size(doc, f"{name}_size", file_size, path)
         w, h = declared
         outside = (points[:, 0] < -0.5) | (points[:, 0] > w - 0.5) | (points[:, 1] < -0.5) | (points[:, 1] > h - 0.5)
         if outside.any():
@@ -233,7 +402,38 @@ def load_points(
                 f"{w:g}x{h:g} image: points are pixel (x, y); set \"{name}_size\" to the size they were picked on"
             )
         scaled.append(_scale_points(points, declared, working))
-    return ControlPoints(reference=scaled[0], target=scaled[1], labels=labels)
+        in_files.append(_scale_points(points, declared, file_size))
+    return ControlPoints(reference=scaled[0], target=scaled[1], labels=labels, file_reference=in_files[0],
+                         file_target=in_files[1], notes=notes)
+
+
+def points_document(reference: np.ndarray, target: np.ndarray, reference_size: tuple[int, int],
+                    target_size: tuple[int, int], labels: Sequence[str] | None = None) -> dict:
+    """A points file in the one format; ``*_size`` are (W, H), written as [height, width]."""
+    def xy(p) -> list[float]:
+        return [round(float(v), 2) + 0.0 for v in p]
+
+    points = []
+    for i, (a, b) in enumerate(zip(reference, target)):
+        entry = {"reference": xy(a), "target": xy(b)}
+        if labels and labels[i] != str(i + 1):
+            entry["label"] = labels[i]
+        points.append(entry)
+    return {"format": POINTS_FORMAT, "reference_size": [int(reference_size[1]), int(reference_size[0])],
+            "target_size": [int(target_size[1]), int(target_size[0])], "points": points}
+
+
+def points_json(doc: dict) -> str:
+    """One key per line and one point per line: easy to read, edit and paste."""
+    head = [f'  {json.dumps(k)}: {json.dumps(v)}' for k, v in doc.items() if k != "points"]
+    rows = ",\n".join(f"    {json.dumps(p)}" for p in doc["points"])
+    return "{\n" + ",\n".join(head) + ',\n  "points": [\n' + rows + "\n  ]\n}\n"
+
+
+def crop_points(points: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Pixel (x, y) in a photo → pixel (x, y) in its Crop To Mask crop (``box`` in photo pixels, ``size`` px)."""
+    x0, y0, x1, _ = box
+    return (points - np.array([x0, y0]) + 0.5) * (size / (x1 - x0)) - 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,12 +612,47 @@ def _check_out(out: Path, force: bool, inputs: Sequence[Path], own_folder: bool)
     if out.is_dir() and any(out.iterdir()) and not (force or own_folder):
         raise DemoError(
             f"--out {out} is not empty: give a new or empty folder, or add --force to replace the demo's "
-            f"own file names there ({', '.join(OUTPUTS.values())}; nothing else is touched)"
+            f"own file names there ({', '.join([*OUTPUTS.values(), *POINT_OUTPUTS.values()])}; nothing else "
+            "is touched)"
         )
-    written = {(out / name).resolve() for name in OUTPUTS.values()}
+    written = {(out / name).resolve() for name in [*OUTPUTS.values(), *POINT_OUTPUTS.values()]}
     for path in inputs:
         if Path(path).resolve() in written:
             raise DemoError(f"input {path} would be overwritten by the demo's output: choose another --out")
+
+
+class _Progress:
+    """Progress lines on stderr (``step``), each with the seconds since the run started; silent when off."""
+
+    def __init__(self, on: bool) -> None:
+        self.on, self.t0 = on, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        if self.on:
+            print(f"  [{time.perf_counter() - self.t0:5.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def _backward_map(src: torch.Tensor, dst: torch.Tensor, H: int, W: int, kind: str, alpha: float, stride: int,
+                  progress: _Progress) -> torch.Tensor:
+    """``mls.backward_map``; an exact map of a large image is evaluated in bands of rows, with a progress line each."""
+    if stride > 1 or not progress.on:
+        progress(f"MLS map, {W}x{H}, every {stride} px ...")
+        return mls.backward_map(src, dst, H, W, kind=kind, alpha=alpha, stride=stride)
+    out = torch.empty(H, W, 2)
+    bands = 10
+    xs = torch.arange(W, dtype=torch.float32)
+    for b in range(bands):
+        y0, y1 = H * b // bands, H * (b + 1) // bands
+        gy, gx = torch.meshgrid(torch.arange(y0, y1, dtype=torch.float32), xs, indexing="ij")
+        band = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
+        out[y0:y1] = mls.mls_deform(band, src, dst, kind=kind, alpha=alpha).view(y1 - y0, W, 2)
+        progress(f"MLS map, {W}x{H}, exact at every pixel: {100 * (b + 1) // bands} % "
+                 "(--stride 4 is about 16x faster)")
+    return out
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
 
 
 def run(
@@ -433,11 +668,16 @@ def run(
     mode: str = "bilinear",
     size: int = 512,
     force: bool = False,
+    warn: Callable[[str], None] = _warn,
+    progress: Optional[bool] = None,
 ) -> dict[str, Path]:
-    """Warp the garment onto the person with MLS and write the pictures; returns {name: path}.
+    """Warp the garment onto the person with MLS and write the pictures and points files; returns {name: path}.
 
     ``out`` must be new or empty unless ``force`` (or it is the default ``demo_out/``).
-    Raises DemoError (a ValueError) on bad input, before anything is written.
+    Raises DemoError (a ValueError) on bad input, before anything is written. Notes and warnings about the
+    control points go to ``warn`` (stderr by default); the run goes on, so the result can be looked at.
+    ``progress``: print progress lines on stderr (None: only when the working image has at least
+    :data:`PROGRESS_PIXELS` pixels).
     """
     if kind not in ("affine", "similarity", "rigid"):
         raise DemoError(f"--kind must be affine, similarity or rigid, got {kind!r}")
@@ -455,9 +695,17 @@ def run(
 
     target_img, target_file_size = load_image(Path(person), size, "person image")
     reference_img, reference_file_size = load_image(Path(garment), size, "garment image")
+    step = _Progress(progress if progress is not None else target_img.width * target_img.height >= PROGRESS_PIXELS)
+    step(f"loaded the photos ({target_file_size[0]}x{target_file_size[1]} person, working size {size})")
+    target_full = load_mask_full(Path(person_mask), target_file_size, "person mask")
+    reference_full = load_mask_full(Path(garment_mask), reference_file_size, "garment mask")
     target_on = load_mask(Path(person_mask), target_file_size, size, "person mask")
     reference_on = load_mask(Path(garment_mask), reference_file_size, size, "garment mask")
     pts = load_points(Path(points), reference_file_size, target_file_size, reference_img.size, target_img.size)
+    for note in pts.notes:
+        warn(note)
+    for text in point_checks.control_point_warnings(pts.file_reference, pts.file_target, pts.labels):
+        warn(text)
 
     # Paper-mode preprocessing (docs/method.md §1): a 1 px erosion keeps background colour off the garment's edge;
     # the dilation gives the repainted region a margin around the user's mask.
@@ -465,18 +713,26 @@ def run(
     if not reference_on.any():
         raise DemoError(f"garment mask {garment_mask} is empty after the 1 px erosion: draw a larger garment mask")
     target_on = masks.dilate(target_on, _odd(TARGET_DILATE_512, size))
+    step("masks prepared")
 
     W, H = target_img.size
     # Backward map: for every target pixel, where to read in the reference (src = target points).
     src = torch.from_numpy(pts.target).float()
     dst = torch.from_numpy(pts.reference).float()
-    coords = mls.backward_map(src, dst, H, W, kind=kind, alpha=alpha, stride=stride)
+    coords = _backward_map(src, dst, H, W, kind, alpha, stride, step)
+    folded = point_checks.fold_fraction(coords, target_on)
+    if folded > FOLD_WARN_FRACTION:
+        warn(f"the warp turns the garment over on {100 * folded:.1f} % of the person mask (see mls_grid.png: "
+             "grid lines cross there): some pairs cross each other, e.g. two target points swapped. Check that "
+             "reference point i and target point i are the same part of the garment for every i, or use fewer, "
+             "better spread points there.")
     reference_t = _image_tensor(reference_img)
     warped = mls.warp(reference_t, coords, mode=mode)
     warped_on = mls.warp(reference_on[None, None].float(), coords, mode=mode)[0, 0] > 0.5
     target_t = _image_tensor(target_img)
     combined = fringe.composite(target_t, warped, warped_on, target_on)
     thin, dilated = fringe.fringe_masks(target_on, warped_on, dilation=_odd(FRINGE_DILATE_512, size))
+    step("warped and composited")
 
     spacing = size / 16
     grid_picture = _draw_grid(_dim(target_img), coords, spacing)
@@ -500,41 +756,31 @@ def run(
     written = {}
     for name, picture in pictures.items():
         path = out / OUTPUTS[name]
+        step(f"writing {path.name}")
         picture.save(path)
         written[name] = path
+
+    # The points in the one format: as used (photo pixels), and in the workflows' Crop To Mask crops.
+    ref_box = geometry.square_box(reference_full.float(), WORKFLOW_CROP_PADDING)
+    tgt_box = geometry.square_box(target_full.float(), WORKFLOW_CROP_PADDING)
+    documents = {
+        "points": points_document(pts.file_reference, pts.file_target, reference_file_size, target_file_size,
+                                  pts.labels),
+        "points_crop512": points_document(
+            crop_points(pts.file_reference, ref_box, WORKFLOW_CROP_SIZE),
+            crop_points(pts.file_target, tgt_box, WORKFLOW_CROP_SIZE),
+            (WORKFLOW_CROP_SIZE, WORKFLOW_CROP_SIZE), (WORKFLOW_CROP_SIZE, WORKFLOW_CROP_SIZE), pts.labels),
+    }
+    for name, doc in documents.items():
+        path = out / POINT_OUTPUTS[name]
+        path.write_text(points_json(doc))
+        written[name] = path
+    step("done")
     return written
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Warp a garment onto a person with Moving Least Squares from hand-picked control points "
-        "(MaX4Zero stage 1, no model weights) and write the pictures as PNGs. With no input arguments it "
-        "runs on the shipped samples in tools/samples/.",
-        epilog="Inputs:" + __doc__.split("Inputs:", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    inputs = parser.add_argument_group("inputs (all five, or none for the samples)")
-    inputs.add_argument("--person", type=Path, help="person (target) photo")
-    inputs.add_argument("--person-mask", type=Path, help="mask of the region to repaint on the person (white)")
-    inputs.add_argument("--garment", type=Path, help="garment (reference) photo")
-    inputs.add_argument("--garment-mask", type=Path, help="mask of the garment in its photo (white)")
-    inputs.add_argument("--points", type=Path, help="JSON control points, garment -> person (format below)")
-    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default: {DEFAULT_OUT})")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replaces only the demo's own file names)")
-    parser.add_argument("--kind", choices=["affine", "similarity", "rigid"], default="affine", help="MLS kind (paper: affine)")
-    parser.add_argument(
-        "--alpha", type=float, default=1.0,
-        help="MLS weight exponent, w = 1/d^(2 alpha). Default 1 (Schaefer et al.) follows a dozen hand-picked "
-        "points; paper mode uses 0.1 with hundreds of feature matches, which is nearly one global map",
-    )
-    parser.add_argument("--stride", type=int, default=1, help="evaluate MLS every N pixels and upsample (1 = exact)")
-    parser.add_argument("--mode", choices=["bilinear", "nearest"], default="bilinear", help="sampling (paper: nearest)")
-    parser.add_argument("--size", type=int, default=512, help="working size: longer side in pixels (paper: 512)")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, args: Optional[argparse.Namespace] = None) -> int:
+    args = args if args is not None else parse_args(argv)
     given = {
         "--person": args.person,
         "--person-mask": args.person_mask,
@@ -544,8 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         if all(v is None for v in given.values()):
-            files = [SAMPLES / n for n in ("person.png", "person_mask.png", "garment.png", "garment_mask.png", "points.json")]
-            print(f"No inputs given: using the samples in {SAMPLES}")
+            files = list(SAMPLE_FILES)
+            print(f"No inputs given: using the samples in {EXAMPLE_INPUTS} and {SAMPLES / 'points.json'}")
         elif any(v is None for v in given.values()):
             missing = [k for k, v in given.items() if v is None]
             raise DemoError(f"missing {', '.join(missing)}: give all five inputs, or none to run on the samples")
@@ -554,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = args.out if args.out is not None else DEFAULT_OUT
         written = run(
             *files, out=out, kind=args.kind, alpha=args.alpha, stride=args.stride, mode=args.mode,
-            size=args.size, force=args.force,
+            size=args.size, force=args.force, progress=False if args.quiet else None,
         )
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -562,8 +808,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"MLS {args.kind}, alpha {args.alpha:g}, stride {args.stride}, {args.mode} sampling, size {args.size}. Wrote:")
     for name, path in written.items():
         print(f"  {path}")
+    print(f"Paste {written['points_crop512'].name} into MLS Warp's manual_points in the shipped workflows "
+          "(their Crop To Mask crops at 512 px).")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(args=_CLI_ARGS))

@@ -12,8 +12,9 @@
 #    from the scan that comfy-cli runs with the project's ruff configuration.
 # 3. [tool.comfy] is complete and the Icon URL names docs/icon.png in this repository (a square PNG <= 400 px).
 # 4. `comfy node pack` on a scratch copy of the tree (tracked and not-ignored files, as if committed):
-#    the archive keeps the pack, workflows/, LICENSE, README, CHANGELOG, docs/icon.png and leaves out tests/,
-#    bench/, tools/, .ci/. Set MAX4ZERO_PACK_LIST=1 to print the archive's file list.
+#    the archive keeps the pack, workflows/, example_inputs/ (the sample inputs the workflows load), LICENSE,
+#    README, CHANGELOG, docs/icon.png and leaves out tests/, bench/, tools/, .ci/. Set MAX4ZERO_PACK_LIST=1 to
+#    print the archive's file list.
 #
 # comfy-cli is installed once into $MAX4ZERO_REGISTRY_VENV (default .venv-registry, git-ignored).
 set -euo pipefail
@@ -126,10 +127,12 @@ required = ["__init__.py", "pyproject.toml", "LICENSE", "README.md", "CHANGELOG.
 problems = [f"{r} is missing from the archive: check .comfyignore" for r in required if r not in names]
 problems += [f"{n} is in the archive: add its folder to .comfyignore" for n in names
              if n.split("/")[0] in ("tests", "bench", "tools", ".ci") or n.startswith("docs/screenshots/raw/")]
-for folder in ("workflows", "example_workflows"):
+for folder in ("workflows", "example_workflows", "example_inputs"):
     shipped = [f"{folder}/{f}" for f in sorted(os.listdir(folder))] if os.path.isdir(folder) else []
     problems += [f"{n} is missing from the archive: check .comfyignore" for n in shipped
-                 if n.endswith(".json") and n not in names]
+                 if n.endswith((".json", ".png")) and n not in names]
+if not any(n.startswith("example_inputs/") for n in names):
+    problems.append("example_inputs/ is missing from the archive: the workflows' sample inputs must ship")
 print(f"archive: {len(names)} files")
 for p in problems:
     print("FAIL:", p, file=sys.stderr)

@@ -8,15 +8,19 @@ What it does:
   ComfyUI's own classes in a child process and cached under ``/tmp/max4zero-browser-models/<version>``
   (override with ``MAX4ZERO_BROWSER_CACHE``):
 
-  - ``sd15_inpainting.safetensors``: SD1.5 9-channel inpainting checkpoint. ``model_channels`` 320 and
+  - ``sd-v1-5-inpainting.ckpt``: SD1.5 9-channel inpainting checkpoint (saved as a torch pickle with a
+    ``state_dict``, the layout of the real ``.ckpt`` file, since ComfyUI picks the loader by extension). ``model_channels`` 320 and
     ``context_dim`` 768 (what ``comfy/supported_models.SD15`` matches on) but a *reduced block layout*:
     one res block per level and ``channel_mult`` (1, 1, 1, 1), so it still detects as SD15 and runs
     fast on a CPU. Full-size random CLIP-L text encoder and full-size random SD VAE.
   - ``garment_detail_lora.safetensors``: a LoRA with ``lora_unet_*`` up/down/alpha keys for a few
     real self-/cross-attention projections of that UNet (names from ``comfy.lora.model_lora_keys_unet``).
-  - ``control_v11p_sd15_openpose.safetensors``: a random ControlNet with the same reduced SD1.5
+  - ``control_v11p_sd15_openpose_fp16.safetensors``: a random ControlNet with the same reduced SD1.5
     layout (a ControlNet's residuals must line up with the UNet's blocks).
-  - ``sdxl_inpainting.safetensors``: a PLACEHOLDER (not a loadable checkpoint). ``supported_models.SDXL``
+  - ``sam3.1_multiplex_fp16.safetensors`` and ``birefnet.safetensors``: PLACEHOLDERS for the masks workflow
+    (listed in their combos so that the workflow loads without a missing-model dialog; never loaded: the
+    workflow is not queued, it needs the real SAM 3.1 and BiRefNet weights).
+  - ``sd_xl_base_1.0_inpainting_0.1.safetensors``: a PLACEHOLDER (not a loadable checkpoint). ``supported_models.SDXL``
     matches ``transformer_depth`` [0, 0, 2, 2, 10, 10] exactly, i.e. the full 2.6 B-parameter UNet
     (plus the 695 M CLIP-G): ~5 GB on disk, ~13 GB of RAM in float32 on CPU. Too heavy for this
     check; the SDXL workflow is loaded, checked and converted in the browser, not queued.
@@ -49,13 +53,13 @@ from typing import Any, Optional
 from comfy_models import state_dict_for_saving  # imports nothing from ComfyUI at module level
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = PACK_ROOT / "tools" / "samples"
+EXAMPLE_INPUTS = PACK_ROOT / "example_inputs"
 WORKFLOWS_DIR = PACK_ROOT / "workflows"
 # The README shows these; MAX4ZERO_SCREENSHOT_DIR sends them elsewhere (e.g. to keep the work tree clean).
 SCREENSHOT_DIR = Path(os.environ.get("MAX4ZERO_SCREENSHOT_DIR", "") or PACK_ROOT / "docs" / "screenshots")
 
 # Bump when anything in _build() changes: the cache key.
-MODEL_VERSION = "v1-sd15small320-cnet-lora-sdxlplaceholder"
+MODEL_VERSION = "v2-realnames-sd15small320ckpt-cnet-lora-placeholders"
 CACHE_ROOT = Path(os.environ.get("MAX4ZERO_BROWSER_CACHE", "/tmp/max4zero-browser-models"))
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -66,21 +70,23 @@ CHROMIUM_ARGS = [
 ]
 
 # Where each model file goes in the base directory.
+SD15_FILE = "sd-v1-5-inpainting.ckpt"
+SDXL_FILE = "sd_xl_base_1.0_inpainting_0.1.safetensors"
+LORA_FILE = "garment_detail_lora.safetensors"
+CONTROLNET_FILE = "control_v11p_sd15_openpose_fp16.safetensors"
 MODEL_FILES = {
-    "sd15_inpainting.safetensors": "checkpoints",
-    "sdxl_inpainting.safetensors": "checkpoints",
-    "garment_detail_lora.safetensors": "loras",
-    "control_v11p_sd15_openpose.safetensors": "controlnet",
+    SD15_FILE: "checkpoints",
+    SDXL_FILE: "checkpoints",
+    LORA_FILE: "loras",
+    CONTROLNET_FILE: "controlnet",
+    "sam3.1_multiplex_fp16.safetensors": "checkpoints",
+    "birefnet.safetensors": "background_removal",
 }
 # Placeholders: present so the combo lists contain them, never loaded.
-PLACEHOLDER_MODELS = {"sdxl_inpainting.safetensors"}
+PLACEHOLDER_MODELS = {SDXL_FILE, "sam3.1_multiplex_fp16.safetensors", "birefnet.safetensors"}
 
-INPUT_IMAGES = {
-    "max4zero_person.png": "person.png",
-    "max4zero_person_mask.png": "person_mask.png",
-    "max4zero_garment.png": "garment.png",
-    "max4zero_garment_mask.png": "garment_mask.png",
-}
+# The shipped sample inputs (example_inputs/, the names the workflows load), copied into input/ as a user would.
+INPUT_IMAGES = sorted(p.name for p in EXAMPLE_INPUTS.glob("max4zero_*.png"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +185,7 @@ def sdxl_unet_config(in_channels: int) -> dict:
 def ensure_sdxl(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1200) -> Path:
     """Path of a REAL random-weight SDXL 9-channel inpainting checkpoint (~6.9 GB; ~40 s to build)."""
     cache = Path(cache_root) / f"{SDXL_VERSION}-comfyui{comfyui_version(comfyui_path)}"
-    target = cache / "sdxl_inpainting.safetensors"
+    target = cache / SDXL_FILE
     if (cache / "DONE").is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -224,7 +230,7 @@ def _build_sdxl(out: Path) -> None:
     if type(detected).__name__ != "SDXL" or not detected.inpaint_model():
         raise RuntimeError(f"the random SDXL inpainting UNet is detected as {type(detected).__name__}")
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-    comfy.utils.save_torch_file(sd, str(out / "sdxl_inpainting.safetensors"))
+    comfy.utils.save_torch_file(sd, str(out / SDXL_FILE))
 
 
 SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
@@ -289,7 +295,8 @@ def _build(out: Path) -> None:
     detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     if type(detected).__name__ != "SD15" or not detected.inpaint_model():
         raise RuntimeError(f"the small SD1.5 inpainting UNet is detected as {type(detected).__name__}")
-    comfy.utils.save_torch_file(half(sd), str(out / "sd15_inpainting.safetensors"))
+    # A .ckpt: ComfyUI reads it with torch.load (weights only) and takes its "state_dict", like the real file.
+    torch.save({"state_dict": half(sd)}, str(out / SD15_FILE))
     log["sd15_unet_params"] = sum(p.numel() for p in model.diffusion_model.parameters())
 
     # --- LoRA on real layers of that UNet ------------------------------------------------------
@@ -310,7 +317,7 @@ def _build(out: Path) -> None:
         lora[f"{k}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.01
         lora[f"{k}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.01
         lora[f"{k}.alpha"] = torch.tensor(float(rank))
-    comfy.utils.save_torch_file(half(lora), str(out / "garment_detail_lora.safetensors"))
+    comfy.utils.save_torch_file(half(lora), str(out / LORA_FILE))
     log["lora_keys"] = wanted
 
     # --- ControlNet with the same reduced layout -----------------------------------------------
@@ -321,12 +328,12 @@ def _build(out: Path) -> None:
                   device="cpu", operations=comfy.ops.disable_weight_init)
     cn = comfy.cldm.cldm.ControlNet(**cn_cfg)
     init_random(cn, 5)
-    comfy.utils.save_torch_file(half(cn.state_dict()), str(out / "control_v11p_sd15_openpose.safetensors"))
+    comfy.utils.save_torch_file(half(cn.state_dict()), str(out / CONTROLNET_FILE))
 
-    # --- SDXL placeholder ---------------------------------------------------------------------
-    comfy.utils.save_torch_file({"max4zero_placeholder": torch.zeros(1)},
-                                str(out / "sdxl_inpainting.safetensors"),
-                                metadata={"note": "placeholder: listed in the checkpoint combo, never loaded"})
+    # --- placeholders (SDXL, SAM 3.1, BiRefNet) --------------------------------------------------
+    for name in sorted(PLACEHOLDER_MODELS):
+        comfy.utils.save_torch_file({"max4zero_placeholder": torch.zeros(1)}, str(out / name),
+                                    metadata={"note": "placeholder: listed in its combo, never loaded"})
 
     log["build_s"] = round(time.time() - t0, 1)
     (out / "DONE.json").write_text(json.dumps(log, indent=1))
@@ -338,29 +345,6 @@ def _build(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_pose_image(path: Path, size: int = 512) -> None:
-    """A stick figure on black, in the colours of an OpenPose skeleton (any image would do)."""
-    from PIL import Image, ImageDraw
-
-    im = Image.new("RGB", (size, size), (0, 0, 0))
-    d = ImageDraw.Draw(im)
-    s = size / 512
-    pts = {"head": (256, 90), "neck": (256, 150), "lsh": (196, 160), "rsh": (316, 160), "lel": (170, 250),
-           "rel": (342, 250), "lwr": (160, 330), "rwr": (352, 330), "hip": (256, 320), "lkn": (220, 420),
-           "rkn": (292, 420)}
-    bones = [("head", "neck", (255, 0, 0)), ("neck", "lsh", (255, 85, 0)), ("neck", "rsh", (255, 170, 0)),
-             ("lsh", "lel", (170, 255, 0)), ("rsh", "rel", (85, 255, 0)), ("lel", "lwr", (0, 255, 0)),
-             ("rel", "rwr", (0, 255, 85)), ("neck", "hip", (0, 255, 170)), ("hip", "lkn", (0, 170, 255)),
-             ("hip", "rkn", (0, 85, 255))]
-    for a, b, c in bones:
-        (x0, y0), (x1, y1) = pts[a], pts[b]
-        d.line([(x0 * s, y0 * s), (x1 * s, y1 * s)], fill=c, width=max(2, int(8 * s)))
-    for x, y in pts.values():
-        r = 6 * s
-        d.ellipse([x * s - r, y * s - r, x * s + r, y * s + r], fill=(255, 255, 255))
-    im.save(path)
-
-
 def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Optional[Path] = None) -> Path:
     """A fresh ``--base-directory``: models (symlinks into the cache), inputs, this pack in custom_nodes.
 
@@ -368,15 +352,14 @@ def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Option
     """
     base = Path(tempfile.mkdtemp(prefix="max4zero-browser-", dir=parent))
     for sub in ("input", "output", "temp", "user", "custom_nodes", "models/checkpoints", "models/loras",
-                "models/controlnet"):
+                "models/controlnet", "models/background_removal"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     for name, folder in MODEL_FILES.items():
-        src = Path(sdxl) if (sdxl is not None and name == "sdxl_inpainting.safetensors") else Path(model_cache) / name
+        src = Path(sdxl) if (sdxl is not None and name == SDXL_FILE) else Path(model_cache) / name
         (base / "models" / folder / name).symlink_to(src)
-    for dst, src in INPUT_IMAGES.items():
-        shutil.copyfile(SAMPLES / src, base / "input" / dst)
-    make_pose_image(base / "input" / "max4zero_pose.png")
-    (base / "custom_nodes" / "comfyui-max4zero").symlink_to(PACK_ROOT, target_is_directory=True)
+    for name in INPUT_IMAGES:
+        shutil.copyfile(EXAMPLE_INPUTS / name, base / "input" / name)
+    (base / "custom_nodes" / "max4zero-tryon").symlink_to(PACK_ROOT, target_is_directory=True)
     return base
 
 

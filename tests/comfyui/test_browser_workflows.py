@@ -13,13 +13,24 @@ For each workflow in ``workflows/``:
    ``has_errors``, no dialog or error toast, every link between slots of matching types (and none
    dropped by the frontend's workflow validation), every combo value among the widget's options,
    every number inside its min/max, and the widget values unchanged by loading. Screenshot the
-   graph to ``docs/screenshots/<name>.png`` (``MAX4ZERO_SCREENSHOT_DIR`` overrides). Convert with
+   graph to ``docs/screenshots/<name>.png`` (``MAX4ZERO_SCREENSHOT_DIR`` overrides; see "Screenshots"). Convert with
    the frontend's own ``app.graphToPrompt()`` and check the API prompt against the server's
    ``/object_info`` (known class, required inputs present, links to existing nodes, combo values
    listed, numbers in range).
-2. ``test_queues_and_finishes``: clear ComfyUI's output cache (``POST /free``), POST that prompt to
-   ``/prompt`` (the server validates it again), poll ``/history/<id>`` and assert it finished without
-   an execution error, with no node served from the cache, and with a saved image on disk.
+2. ``test_queues_and_finishes``: clear ComfyUI's output cache (``POST /free``), load the workflow in the page
+   again and POST its prompt to ``/prompt`` as the page's own client (the server validates it again), poll
+   ``/history/<id>`` and assert it finished without an execution error, with no node served from the cache,
+   and with a saved image on disk; then wait until the page shows the run's images in its preview nodes and
+   screenshot the graph again, so the README's pictures show the previews filled.
+
+Screenshots: focus mode (no menus, side bar or workflow tabs over the canvas), no canvas info overlay (the
+``T: … FPS`` corner), no canvas menu, no minimap, no selection toolbox; the view is fitted to the graph (its
+groups included) at a zoom where the node titles are legible, and the picture is cropped to the graph.
+
+``maxzero_masks_core`` uses ComfyUI's own segmentation nodes (SAM3 Detect, Remove Background), which 0.33 has
+and 0.3.64 does not: on 0.3.64 it is skipped, on 0.33 it is loaded, converted, checked against
+``/object_info`` and screenshotted, but never queued: it needs the real SAM 3.1 and BiRefNet weights (its
+model files here are placeholders, present only so that its loaders' combos list them).
 
 Reductions before queueing (CPU only, 2 cores; see :data:`REDUCE`), applied to the API prompt the
 frontend produced, never to the workflow files:
@@ -29,7 +40,7 @@ frontend produced, never to the workflow files:
 * ``MaX4ZeroCropToMask.size`` → 128 (working size; the workflows use 512, SDXL 1024);
 * ``MaX4ZeroCorrespondence.ensemble`` → 1 (feature-extraction passes per image).
 
-The sample photos (``tools/samples``, 512×512) are used as they are.
+The sample inputs (``example_inputs/``, 512×512, the pose image included) are used as they are.
 
 The models are random-weight files built by ``browser_support`` (a reduced-depth SD1.5 inpainting
 UNet that ComfyUI still detects as SD15; see there). By default the SDXL workflow is loaded,
@@ -63,15 +74,24 @@ WORKFLOWS = (
     "maxzero_attention_flow",
     "maxzero_lora_controlnet",
     "maxzero_sdxl",
+    "maxzero_masks_core",
 )
+#: Workflows that need node types only newer ComfyUI versions have: name -> oldest version that has them.
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0"}
 # MAX4ZERO_BROWSER_SDXL=1 builds a real (full-size, random) SDXL checkpoint and queues that workflow too.
 RUN_SDXL = os.environ.get("MAX4ZERO_BROWSER_SDXL", "").strip() not in ("", "0")
-NOT_QUEUED = {} if RUN_SDXL else {
-    "maxzero_sdxl": "SDXL is detected only from the full 2.6 B-parameter UNet (supported_models.SDXL matches "
-                    "transformer_depth [0,0,2,2,10,10]): a ~7 GB file and ~14 GB of RAM in fp32 on CPU, too heavy "
-                    "by default. Loaded, converted and checked against /object_info only; set "
-                    "MAX4ZERO_BROWSER_SDXL=1 to build it and queue this workflow too.",
+NOT_QUEUED = {
+    "maxzero_masks_core": "needs the real SAM 3.1 and BiRefNet weights (sam3.1_multiplex_fp16.safetensors, "
+                          "birefnet.safetensors; about 1.7 GB, see its Note): its files here are placeholders. "
+                          "Loaded, converted and checked against /object_info only.",
 }
+if not RUN_SDXL:
+    NOT_QUEUED["maxzero_sdxl"] = (
+        "SDXL is detected only from the full 2.6 B-parameter UNet (supported_models.SDXL matches "
+        "transformer_depth [0,0,2,2,10,10]): a ~7 GB file and ~14 GB of RAM in fp32 on CPU, too heavy "
+        "by default. Loaded, converted and checked against /object_info only; set "
+        "MAX4ZERO_BROWSER_SDXL=1 to build it and queue this workflow too.")
+PACK_DIR = "max4zero-tryon"
 MAX_STEPS = 4
 REDUCE = {"MaX4ZeroCropToMask": {"size": 128}, "MaX4ZeroCorrespondence": {"ensemble": 1}}
 RUN_TIMEOUT_S = 300
@@ -79,10 +99,17 @@ VIEWPORT = {"width": 2560, "height": 1440}
 
 SETTINGS = {
     "Comfy.TutorialCompleted": True,  # no template browser on first start
-    "Comfy.Minimap.Visible": False,  # clean screenshots
     "LiteGraph.Canvas.MinFontSizeForLOD": 0,  # draw titles and widgets at any zoom (no low-quality mode)
     "Comfy.Validation.Workflows": True,
+    # Clean screenshots: no minimap, no canvas info (the "T: … FPS" corner), no zoom menu, no selection toolbox.
+    "Comfy.Minimap.Visible": False,
+    "Comfy.Graph.CanvasInfo": False,
+    "Comfy.Graph.CanvasMenu": False,
+    "Comfy.Canvas.SelectionToolbox": False,
 }
+#: Zoom of the screenshots: node titles and widget values legible when the picture is opened at full size.
+SHOT_SCALE = 0.6
+SHOT_MAX = (4800, 2600)  # viewport cap (CSS px)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +127,7 @@ def server():
     srv = bs.ComfyServer(root, base).start()
     yield srv
     srv.stop()
-    if "IMPORT FAILED" in srv.log_text() and "comfyui-max4zero" in srv.log_text().split("IMPORT FAILED")[-1]:
+    if "IMPORT FAILED" in srv.log_text() and "max4zero-tryon" in srv.log_text().split("IMPORT FAILED")[-1]:
         print(srv.log_tail())
     shutil.rmtree(base, ignore_errors=True)
 
@@ -125,6 +152,11 @@ def page(server):
             "'MaX4ZeroCropToMask' in window.LiteGraph.registered_node_types",
             timeout=120_000,
         )
+        # Focus mode: the canvas alone (menus, side bar and workflow tabs hidden) for clean screenshots.
+        pg.evaluate("""async () => {
+            try { await window.app.extensionManager.command.execute('Workspace.ToggleFocusMode'); }
+            catch (e) { console.warn('focus mode', e); }
+        }""")
         pg.evaluate(
             """() => {
                 window.__m4zMissing = null;
@@ -197,22 +229,79 @@ _LOAD_JS = """async ([wf, name]) => {
     };
 }"""
 
-_FIT_JS = """() => {
-    const app = window.app, canvas = app.canvas, ds = canvas.ds;
-    const th = LiteGraph.NODE_TITLE_HEIGHT || 30;
+_BOUNDS_JS = """() => {
+    const app = window.app, th = LiteGraph.NODE_TITLE_HEIGHT || 30;
     let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
     const boxes = app.graph.nodes.map(n => [n.pos[0], n.pos[1] - th, n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
     for (const g of (app.graph.groups || app.graph._groups || [])) {
         const b = g._bounding || g.bounding; if (b) boxes.push([b[0], b[1], b[0] + b[2], b[1] + b[3]]);
     }
     for (const [a, b, c, d] of boxes) { x0 = Math.min(x0, a); y0 = Math.min(y0, b); x1 = Math.max(x1, c); y1 = Math.max(y1, d); }
-    const el = canvas.canvas, W = el.clientWidth, H = el.clientHeight, pad = 40;
-    const scale = Math.min((W - 2 * pad) / (x1 - x0), (H - 2 * pad) / (y1 - y0), 1.0);
-    ds.scale = scale;
-    ds.offset = [(W / scale - (x1 - x0)) / 2 - x0, (H / scale - (y1 - y0)) / 2 - y0];
-    canvas.setDirty(true, true);
-    return {scale, W, H};
+    return [x0, y0, x1, y1];
 }"""
+
+_FIT_JS = """([scale, pad]) => {
+    const app = window.app, canvas = app.canvas, ds = canvas.ds;
+    const [x0, y0, x1, y1] = (""" + _BOUNDS_JS + """)();
+    const el = canvas.canvas, W = el.clientWidth, H = el.clientHeight;
+    const s = Math.min((W - 2 * pad) / (x1 - x0), (H - 2 * pad) / (y1 - y0), scale);
+    ds.scale = s;
+    ds.offset = [(W / s - (x1 - x0)) / 2 - x0, (H / s - (y1 - y0)) / 2 - y0];
+    canvas.setDirty(true, true);
+    const r = el.getBoundingClientRect();
+    const left = r.left + (ds.offset[0] + x0) * s, top = r.top + (ds.offset[1] + y0) * s;
+    return {scale: s, clip: {x: Math.max(0, left - 16), y: Math.max(0, top - 16),
+                             width: (x1 - x0) * s + 32, height: (y1 - y0) * s + 32}};
+}"""
+
+
+def screenshot(page, name: str, wait_for_images: list[str] | None = None) -> Path:
+    """The graph alone (see the module doc), fitted at :data:`SHOT_SCALE`, to ``SCREENSHOT_DIR/<name>.png``.
+
+    ``wait_for_images``: node ids whose images must be shown first (the frontend loads a node's images when it
+    draws the node, so the whole graph is brought into view before waiting).
+    """
+    # The settings that keep overlays out of the picture took effect (the frontend's own setting store).
+    applied = page.evaluate("""(ids) => { const app = window.app;
+        const get = id => app.extensionManager?.setting?.get?.(id) ?? app.ui?.settings?.getSettingValue?.(id);
+        return Object.fromEntries(ids.map(id => [id, get(id)])); }""",
+                            ["Comfy.Graph.CanvasInfo", "Comfy.Graph.CanvasMenu", "Comfy.Minimap.Visible"])
+    assert all(v is False for v in applied.values()), f"overlay settings not applied: {applied}"
+    x0, y0, x1, y1 = page.evaluate(_BOUNDS_JS)
+    width = int(min(SHOT_MAX[0], max(VIEWPORT["width"], (x1 - x0) * SHOT_SCALE + 120)))
+    height = int(min(SHOT_MAX[1], max(VIEWPORT["height"], (y1 - y0) * SHOT_SCALE + 120)))
+    page.set_viewport_size({"width": width, "height": height})
+    page.wait_for_timeout(300)
+    fit = page.evaluate(_FIT_JS, [SHOT_SCALE, 40])
+    page.wait_for_timeout(600)
+    if wait_for_images:
+        page.wait_for_function(
+            """(ids) => { window.app.canvas.setDirty(true, true);
+                          return ids.every(id => { const n = window.app.graph.getNodeById(Number(id));
+                              return n && n.imgs && n.imgs.length && n.imgs.every(i => i.complete); }); }""",
+            arg=wait_for_images, timeout=60_000, polling=500)
+        page.wait_for_timeout(500)
+    bs.SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    shot = bs.SCREENSHOT_DIR / f"{name}.png"
+    clip = {k: float(v) for k, v in fit["clip"].items()}
+    clip["width"] = min(clip["width"], width - clip["x"])
+    clip["height"] = min(clip["height"], height - clip["y"])
+    page.screenshot(path=str(shot), clip=clip)
+    page.set_viewport_size(VIEWPORT)
+    return shot
+
+
+def _comfyui_version() -> str:
+    return bs.comfyui_version(os.environ["COMFYUI_PATH"])
+
+
+def _needs_newer(name: str) -> str | None:
+    """Why ``name`` cannot load on this ComfyUI (it needs newer core nodes), or None."""
+    need = MIN_COMFYUI.get(name)
+    have = _comfyui_version()
+    if need and tuple(int(x) for x in have.split(".")[:3]) < tuple(int(x) for x in need.split(".")):
+        return f"{name} needs ComfyUI {need}+ (core segmentation nodes); this is {have}"
+    return None
 
 
 def _workflow_path(name: str) -> Path:
@@ -300,7 +389,7 @@ def load_and_convert(page, server, object_info, name: str) -> dict:
     if name in _CONVERTED:
         return _CONVERTED[name]
     # Opened the way Browse Templates opens it: fetched from the server's template route, not from disk.
-    wf = server.get_json(f"/api/workflow_templates/comfyui-max4zero/{name}.json")
+    wf = server.get_json(f"/api/workflow_templates/{PACK_DIR}/{name}.json")
     assert wf == json.loads(_workflow_path(name).read_text()), f"{name}: the server serves another file"
     res = inspect_load(page, wf, f"{name}.json")
     json_types = {n["type"] for n in wf["nodes"]}
@@ -314,11 +403,7 @@ def load_and_convert(page, server, object_info, name: str) -> dict:
     assert not page.m4z_page_errors, f"{name}: page errors during load: {page.m4z_page_errors}"
     assert sorted(res["loadedTypes"]) == sorted(n["type"] for n in wf["nodes"]), f"{name}: node list changed on load"
 
-    page.evaluate(_FIT_JS)
-    page.wait_for_timeout(400)
-    bs.SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-    shot = bs.SCREENSHOT_DIR / f"{name}.png"
-    page.screenshot(path=str(shot))
+    shot = screenshot(page, name)
 
     conv = page.evaluate("async () => { const p = await window.app.graphToPrompt(); return {output: p.output, workflow: p.workflow}; }")
     prompt = conv["output"]
@@ -341,27 +426,39 @@ def load_and_convert(page, server, object_info, name: str) -> dict:
 def test_pack_loaded_and_templates_listed(server, object_info):
     """The pack imported cleanly and ComfyUI lists its workflows under Browse Templates."""
     log = server.log_text()
-    assert "comfyui-max4zero" in log, "the pack does not appear in the server's import list"
+    assert PACK_DIR in log, "the pack does not appear in the server's import list"
     for line in log.splitlines():
         assert not ("IMPORT FAILED" in line and "max4zero" in line), line
     assert "MaX4ZeroCropToMask" in object_info
     templates = server.get_json("/workflow_templates")
-    listed = set(templates.get("comfyui-max4zero", []))
+    listed = set(templates.get(PACK_DIR, []))
     assert set(WORKFLOWS) <= listed, f"/workflow_templates lists {sorted(listed)}, expected {WORKFLOWS}"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_loads_and_converts(page, server, object_info, name):
+    if _needs_newer(name):
+        assert any(t not in object_info for t in ("SAM3_Detect", "RemoveBackground")), "the minimum is wrong"
+        pytest.skip(_needs_newer(name))
     conv = load_and_convert(page, server, object_info, name)
     assert conv["screenshot"].stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_queues_and_finishes(page, server, object_info, name):
+    if _needs_newer(name):
+        pytest.skip(_needs_newer(name))
     if name in NOT_QUEUED:
         load_and_convert(page, server, object_info, name)  # the checks that do apply must still pass
         pytest.skip(NOT_QUEUED[name])
     conv = load_and_convert(page, server, object_info, name)
+    # The page shows this workflow again, and the run is queued as the page's own client, so that the page
+    # receives the run's images and fills its preview nodes (for the screenshot).
+    wf = json.loads(_workflow_path(name).read_text())
+    res = inspect_load(page, wf, f"{name}.json")
+    assert not res["problems"], res["problems"]
+    client_id = page.evaluate("() => window.app.api.clientId || window.app.api.initialClientId || null")
+    assert client_id, "the page has no client id"
     prompt, changes = reduce_prompt(conv["prompt"], object_info)
     print(f"{name}: reduced for CPU: {changes}")
     # Each workflow is checked as if queued first: without this, ComfyUI's output cache keeps the
@@ -371,7 +468,7 @@ def test_queues_and_finishes(page, server, object_info, name):
     assert code == 200
     time.sleep(2.0)  # the worker applies the flag when it next wakes; give it that moment
     t0 = time.time()
-    code, body = server.post_json("/prompt", {"prompt": prompt, "client_id": "max4zero-browser-test",
+    code, body = server.post_json("/prompt", {"prompt": prompt, "client_id": client_id,
                                               "extra_data": {"extra_pnginfo": {"workflow": conv["workflow"]}}})
     assert code == 200, f"{name}: /prompt refused it ({code}): {json.dumps(body)[:3000]}"
     assert not body.get("node_errors"), f"{name}: node_errors {body['node_errors']}"
@@ -388,6 +485,9 @@ def test_queues_and_finishes(page, server, object_info, name):
     for img in saved:
         assert (server.base / "output" / img.get("subfolder", "") / img["filename"]).is_file()
     print(f"{name}: ran in {time.time() - t0:.1f} s, {len(images)} images")
+    # The page got the run's images: every node that produced images shows them in the screenshot.
+    shown = [nid for nid, out in entry.get("outputs", {}).items() if out.get("images")]
+    screenshot(page, name, wait_for_images=shown)
 
 
 def test_object_info_check_rejects_bad_prompts(object_info):

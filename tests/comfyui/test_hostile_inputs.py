@@ -533,3 +533,26 @@ def test_error_messages_name_the_node_and_only_real_inputs(comfy_env, pair, case
     assert err.node_type == node_id, (err.node_type, err.message)
     assert err.exception_type == "MaX4Zero.NodeInputError", err.exception_type
     assert_names_real(node_id, err.message)
+
+
+@pytest.mark.parametrize("points, needle", [
+    ("[[[20, 20], [22, 21]], [[40, 20], [42, 21]]]", "point"),  # two points: no shape to fit
+    ("[[[10, 10], [10, 10]], [[20, 20], [20, 20]], [[30, 30], [30, 30]]]", "line"),  # collinear
+])
+def test_degenerate_manual_points_are_pointed_out_on_mls_warp(comfy_env, pair, caplog, ui_text, points, needle):
+    """Before: a degenerate or folded warp, exit 0, no word (issue 11)."""
+    g = Graph()
+    n = _warp(g, pair, manual=points)
+    g.capture(n[0], "x")
+    with caplog.at_level(logging.WARNING):
+        run_prompt(g)
+    said = [t for nid, t in ui_text.texts if nid == n.id]
+    assert said and all(t.startswith("MaX4Zero MLS Warp: manual_points:") for t in said), ui_text.texts
+    assert any(needle in t for t in said), said
+
+
+def test_a_good_set_of_manual_points_gives_no_warning(comfy_env, pair, ui_text):
+    g = Graph()
+    g.capture(_warp(g, pair)[0], "x")
+    run_prompt(g)
+    assert ui_text.texts == []

@@ -1,7 +1,7 @@
 """ComfyUI lists our example workflows under Workflow → Browse Templates.
 
 Uses ComfyUI's own ``app.custom_node_manager.CustomNodeManager.add_routes``: the pack is installed as
-``<tmp>/custom_nodes/comfyui-max4zero`` (a symlink to this repository), ``custom_nodes`` points there, and
+``<tmp>/custom_nodes/max4zero-tryon`` (a symlink to this repository), ``custom_nodes`` points there, and
 the real ``GET /workflow_templates`` handler is called and each workflow is fetched over HTTP the way the
 frontend's Browse Templates fetches it.
 """
@@ -18,9 +18,9 @@ import pytest
 
 import comfy_models as cm
 
-PACK_DIR_NAME = "comfyui-max4zero"
+PACK_DIR_NAME = "max4zero-tryon"
 EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
-            "maxzero_sdxl"}
+            "maxzero_sdxl", "maxzero_masks_core"}
 
 
 @pytest.fixture

@@ -36,9 +36,11 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 
 # The file names the shipped workflows load (the browser check creates random-weight files with them).
 MODEL_FILES = {
-    "checkpoints": ["sd15_inpainting.safetensors", "sdxl_inpainting.safetensors"],
+    "checkpoints": ["sd-v1-5-inpainting.ckpt", "sd_xl_base_1.0_inpainting_0.1.safetensors",
+                    "sam3.1_multiplex_fp16.safetensors"],
     "loras": ["garment_detail_lora.safetensors"],
-    "controlnet": ["control_v11p_sd15_openpose.safetensors"],
+    "controlnet": ["control_v11p_sd15_openpose_fp16.safetensors"],
+    "background_removal": ["birefnet.safetensors"],
 }
 INPUT_FILES = ["max4zero_person.png", "max4zero_person_mask.png", "max4zero_garment.png",
                "max4zero_garment_mask.png", "max4zero_pose.png"]
@@ -46,11 +48,14 @@ INPUT_FILES = ["max4zero_person.png", "max4zero_person_mask.png", "max4zero_garm
 
 # Core nodes tools/make_workflows.py may place that no shipped workflow uses yet (the generator reads the
 # snapshot, so a new node type must be in it before the workflows can be regenerated).
-GENERATOR_TYPES = {"SolidMask", "SetLatentNoiseMask"}
+GENERATOR_TYPES = {"SolidMask", "SetLatentNoiseMask", "MaskComposite", "GrowMask"}
+# The masks workflow's core segmentation nodes exist from ComfyUI 0.33 on (an older ComfyUI simply lacks them:
+# they are left out of its snapshot, and tests/test_workflows.py checks that workflow from 0.33 on).
+GENERATOR_TYPES_0_33 = {"SAM3_Detect", "LoadBackgroundRemovalModel", "RemoveBackground"}
 
 
 def used_node_types() -> set[str]:
-    types: set[str] = set(GENERATOR_TYPES)
+    types: set[str] = set(GENERATOR_TYPES) | GENERATOR_TYPES_0_33
     for f in sorted(WORKFLOWS.glob("*.json")):
         types.update(n["type"] for n in json.loads(f.read_text(encoding="utf-8"))["nodes"])
     return types - FRONTEND_ONLY
@@ -74,7 +79,8 @@ def boot(comfyui_path: str, scratch: Path):
         d.mkdir(parents=True)
         for name in names:
             (d / name).write_bytes(b"")
-        folder_paths.folder_names_and_paths[folder] = ([str(d)], folder_paths.folder_names_and_paths[folder][1])
+        if folder in folder_paths.folder_names_and_paths:  # background_removal / detection: 0.33 on
+            folder_paths.folder_names_and_paths[folder] = ([str(d)], folder_paths.folder_names_and_paths[folder][1])
     (scratch / "input").mkdir()
     for name in INPUT_FILES:
         (scratch / "input" / name).write_bytes(b"")
@@ -115,15 +121,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="max4zero-objinfo-") as tmp:
         core, pack = boot(comfyui_path, Path(tmp))
         info = object_info()
-    unknown = sorted(used - core - pack)
+    unknown = sorted(used - core - pack - GENERATOR_TYPES_0_33)
     if unknown:
         raise SystemExit(f"workflows use node types this ComfyUI does not have: {unknown}")
     import comfyui_version
 
     version = comfyui_version.__version__
+    missing_new = sorted(GENERATOR_TYPES_0_33 - core)
+    if missing_new:
+        print(f"ComfyUI {version} lacks {missing_new}: workflows using them need a newer ComfyUI (MIN_COMFYUI)")
     for name, ids in ((f"object_info_core-{version}.json", used & core), (f"object_info_pack-{version}.json", pack)):
         out = {"_comfyui_version": comfyui_version.__version__}
         out.update({k: info[k] for k in sorted(ids)})
+        for entry in out.values():
+            if isinstance(entry, dict) and str(entry.get("python_module", "")).startswith("custom_nodes."):
+                # The folder the pack was loaded from (a clone's name): not part of the schema.
+                entry["python_module"] = "custom_nodes.max4zero-tryon"
         (HERE / name).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         print(f"wrote {HERE / name}: {len(ids)} node types (ComfyUI {comfyui_version.__version__})")
 

@@ -1,16 +1,20 @@
-"""Regenerate the demo's drawn sample inputs (everything here except ``person.png``).
+"""Regenerate the drawn sample inputs (everything in ``example_inputs/`` except the person photo) and the points.
 
     python tools/samples/make_samples.py
 
-Writes, next to this file:
-- ``person_mask.png``: the astronaut's suit (torso, shoulders, left arm) to repaint, drawn as a hand-placed
-  polygon on ``person.png`` (512×512); the helmet she holds and her face are left out.
-- ``garment.png`` / ``garment_mask.png``: a T-shirt drawn here (512×512) with a bold, asymmetric pattern
-  (yellow diagonal sash, white stripes of unequal widths, red badge with text on one side only) so that
-  the warp is easy to follow by eye.
-- ``points.json``: hand-chosen control-point pairs, garment (reference) → person (target).
+Writes into ``example_inputs/`` (shipped in the registry archive, under the names the workflows load):
+- ``max4zero_person_mask.png``: the astronaut's suit (torso, shoulders, left arm) to repaint, drawn as a
+  hand-placed polygon on ``max4zero_person.png`` (512×512); the helmet she holds and her face are left out.
+- ``max4zero_garment.png`` / ``max4zero_garment_mask.png``: a T-shirt drawn here (512×512) with a bold,
+  asymmetric pattern (yellow diagonal sash, white stripes of unequal widths, red badge with text on one side
+  only) so that the warp is easy to follow by eye.
+- ``max4zero_pose.png``: an OpenPose-style skeleton of the person photo (hand-placed keypoints, OpenPose's
+  colours), the control image of the LoRA + ControlNet workflow.
 
-Only Pillow is needed. ``person.png`` is not drawn: see README.md in this folder for where it comes from.
+and next to this file ``points.json``: hand-chosen control-point pairs, garment (reference) → person
+(target), in the pack's one control-point format (MLS Warp's ``manual_points``; ``nodes/matches.py``).
+
+Only Pillow is needed. The person photo is not drawn: see README.md in this folder for where it comes from.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
+INPUTS = HERE.parents[1] / "example_inputs"
 SIZE = 512
 # Drawn at 4× and reduced, so edges are anti-aliased; masks are thresholded from the same drawing.
 SS = 4
@@ -110,30 +115,72 @@ def make_garment() -> tuple[Image.Image, Image.Image]:
     return garment, _polygon_mask(SHIRT_POLYGON)
 
 
+# OpenPose (COCO, 18 keypoints) on the person photo, pixel (x, y); her right is the picture's left. Joints the
+# photo does not show (hips, knees, ankles, her left wrist behind the helmet) are left out, as OpenPose does.
+POSE_KEYPOINTS = {
+    0: (222, 122),  # nose
+    1: (215, 260),  # neck (between the shoulders)
+    2: (95, 255),  # right shoulder
+    3: (45, 410),  # right elbow
+    4: (130, 492),  # right wrist (the glove at the bottom)
+    5: (335, 265),  # left shoulder
+    6: (352, 400),  # left elbow
+    14: (203, 112),  # right eye
+    15: (243, 112),  # left eye
+    16: (170, 122),  # right ear
+    17: (280, 120),  # left ear
+}
+# OpenPose's limbs (0-based keypoint pairs) and colours, in its drawing order.
+POSE_LIMBS = [(1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
+              (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17)]
+POSE_COLOURS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
+                (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
+                (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85)]
+
+
+def make_pose(size: int = SIZE) -> Image.Image:
+    """The OpenPose-style control image of the person photo: limbs at 60 % colour, joints as dots, on black."""
+    s = SS
+    limbs = Image.new("RGB", (size * s, size * s), (0, 0, 0))
+    d = ImageDraw.Draw(limbs)
+    scale = size / SIZE
+    for (a, b), colour in zip(POSE_LIMBS, POSE_COLOURS):
+        if a in POSE_KEYPOINTS and b in POSE_KEYPOINTS:
+            (x0, y0), (x1, y1) = (_scaled([(x * scale, y * scale)])[0] for x, y in (POSE_KEYPOINTS[a], POSE_KEYPOINTS[b]))
+            d.line([(x0, y0), (x1, y1)], fill=tuple(round(0.6 * c) for c in colour), width=8 * s, joint="curve")
+    for i, (x, y) in POSE_KEYPOINTS.items():
+        (cx, cy), r = _scaled([(x * scale, y * scale)])[0], 4 * s
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=POSE_COLOURS[i])
+    return limbs.resize((size, size), Image.Resampling.LANCZOS)
+
+
 def points_document() -> dict:
-    """The points.json content (see README.md in this folder for the format)."""
+    """The points.json content, in the one control-point format (see README.md in this folder)."""
     return {
-        "reference": [list(ref) for _, ref, _ in POINTS],
-        "target": [list(tgt) for _, _, tgt in POINTS],
+        "format": "max4zero-matches/1",
         "reference_size": [SIZE, SIZE],
         "target_size": [SIZE, SIZE],
-        "labels": [name for name, _, _ in POINTS],
+        "points": [{"reference": list(ref), "target": list(tgt), "label": name} for name, ref, tgt in POINTS],
     }
 
 
 def _compact_json(doc: dict) -> str:
-    """One key per line, one list per line: easy to read and to edit by hand."""
-    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in doc.items()]
-    return "{\n" + ",\n".join(lines) + "\n}\n"
+    """One key per line and one point per line: easy to read, to edit by hand and to paste into manual_points."""
+    head = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in doc.items() if key != "points"]
+    rows = ",\n".join(f"    {json.dumps(p)}" for p in doc["points"])
+    return "{\n" + ",\n".join(head) + ',\n  "points": [\n' + rows + "\n  ]\n}\n"
 
 
 def main() -> None:
+    INPUTS.mkdir(exist_ok=True)
     garment, garment_mask = make_garment()
-    garment.save(HERE / "garment.png", optimize=True)
-    garment_mask.save(HERE / "garment_mask.png", optimize=True)
-    _polygon_mask(PERSON_POLYGON).save(HERE / "person_mask.png", optimize=True)
+    garment.save(INPUTS / "max4zero_garment.png", optimize=True)
+    garment_mask.save(INPUTS / "max4zero_garment_mask.png", optimize=True)
+    _polygon_mask(PERSON_POLYGON).save(INPUTS / "max4zero_person_mask.png", optimize=True)
+    make_pose().save(INPUTS / "max4zero_pose.png", optimize=True)
     (HERE / "points.json").write_text(_compact_json(points_document()))
-    print(f"wrote garment.png, garment_mask.png, person_mask.png, points.json in {HERE}")
+    print(f"wrote max4zero_garment.png, max4zero_garment_mask.png, max4zero_person_mask.png, max4zero_pose.png in "
+          f"{INPUTS} and points.json in {HERE}")
 
 
 if __name__ == "__main__":
