@@ -52,6 +52,9 @@ __all__ = [
     "plain_attention",
     "CaptureProtocol",
     "DEFAULT_CHUNK_BYTES",
+    "cpu_flash_op",
+    "uses_kernel_lse",
+    "plain_with_lse",
 ]
 
 #: Extra working memory the explicit path allows itself per call: the float32 garment keys/values
@@ -199,7 +202,8 @@ USE_KERNEL_LSE = True
 _KERNEL_LSE_CHECKED: Dict[torch.dtype, bool] = {}
 
 
-def _cpu_flash_op() -> Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]]:
+def cpu_flash_op() -> Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]]:
+    """PyTorch's CPU flash-attention op, which also returns the log-sum-exp the fast path reuses; None without it."""
     try:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     except (AttributeError, RuntimeError):
@@ -220,13 +224,13 @@ def _kernel_self_check(op: Callable[..., Tuple[torch.Tensor, torch.Tensor]], dty
     return tuple(lse.shape) == tuple(want.shape) and bool(((lse.float() - want).abs() < 1e-2).all())
 
 
-def _kernel_lse_ok(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> bool:
+def uses_kernel_lse(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> bool:
     """Whether public SDPA would run PyTorch's CPU flash kernel here, which also returns the LSE."""
     if not USE_KERNEL_LSE or qh.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and (qh.requires_grad or kh.requires_grad or vh.requires_grad):
         return False
-    op = _cpu_flash_op()
+    op = cpu_flash_op()
     choice = getattr(torch, "_fused_sdp_choice", None)
     if op is None or choice is None:
         return False
@@ -243,10 +247,10 @@ def _kernel_lse_ok(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> bool
     return ok
 
 
-def _plain_with_lse(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def plain_with_lse(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Plain SDPA [B, H, T, dv] and, when the kernel exposes it, its log-sum-exp [B, H, T] (float32)."""
-    if _kernel_lse_ok(qh, kh, vh):
-        op = _cpu_flash_op()
+    if uses_kernel_lse(qh, kh, vh):
+        op = cpu_flash_op()
         assert op is not None
         out, lse = op(qh, kh, vh)
         return out, lse.float()
@@ -322,7 +326,7 @@ def masked_extended_attention(
             _capture_empty(capture, b, t, qm, q.device)
         return _merge_heads(F.scaled_dot_product_attention(qh, kh, vh))
 
-    plain, lse = _plain_with_lse(qh, kh, vh)
+    plain, lse = plain_with_lse(qh, kh, vh)
     # token-major [B, T, H, dv] (the CPU kernel's own layout, so usually no copy): gathering and
     # overwriting region rows touches only those rows, and it is the result's layout
     out = plain.transpose(1, 2).contiguous()
@@ -520,7 +524,7 @@ def _region_path(
         out_b = out[bi]  # [T, H, dv] view: region rows are overwritten in place
 
         if not explicit:
-            op = _cpu_flash_op()
+            op = cpu_flash_op()
             assert lse is not None and op is not None
             # head-major contiguous copies of the gathered rows: the CPU kernel runs markedly
             # faster on them than on the token-major views (measured 0.32 vs 0.55 ms at 16² tokens)

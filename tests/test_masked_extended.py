@@ -322,15 +322,15 @@ def test_capture_needs_reference_grid_for_non_square():
 def test_kernel_lse_is_used_on_cpu_when_available(implementation):
     q, k, v, *_ = make()
     qh = q.view(2, -1, HEADS, D).transpose(1, 2)
-    has_op = mea._cpu_flash_op() is not None and hasattr(torch, "_fused_sdp_choice")
-    used = mea._kernel_lse_ok(qh, qh, qh)
+    has_op = mea.cpu_flash_op() is not None and hasattr(torch, "_fused_sdp_choice")
+    used = mea.uses_kernel_lse(qh, qh, qh)
     if implementation == "portable":
         assert not used
     elif not has_op:
         pytest.skip("this torch has no CPU flash kernel with a log-sum-exp")
     else:
         assert used
-        out, lse = mea._plain_with_lse(qh, qh, qh)
+        out, lse = mea.plain_with_lse(qh, qh, qh)
         want = torch.logsumexp(qh @ qh.transpose(-1, -2) / math.sqrt(D), dim=-1)
         assert (lse - want).abs().max() <= 1e-5
         assert torch.equal(out, F.scaled_dot_product_attention(qh, qh, qh))

@@ -660,3 +660,17 @@ def test_readme_names_every_model_file_the_workflows_load_with_its_folder_and_ad
             assert f"`{name}`" in table, name
             for m in node["properties"].get("models", []):
                 assert m["url"] in table and f"`models/{m['directory']}/`" in table, m
+
+
+def test_the_generator_refuses_a_cycle():
+    """A cycle used to make the generator's topological order loop forever."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_workflows", ROOT / "tools" / "make_workflows.py")
+    mw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mw)
+    wf = mw.Workflow("cycle", [("g", "G", "blue")])
+    node = wf.add("SetLatentNoiseMask", "g")
+    wf.connect(node.out(0), node, "samples")  # LATENT -> LATENT: a one-node cycle
+    with pytest.raises(ValueError, match="cycle"):
+        wf.to_json()

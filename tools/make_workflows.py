@@ -236,6 +236,9 @@ class Workflow:
         order, done = {}, set()
         while len(done) < len(self.nodes):
             ready = sorted(i for i in deps if i not in done and deps[i] <= done)
+            if not ready:
+                cycle = sorted(i for i in deps if i not in done)
+                raise ValueError(f"{self.name}: the links form a cycle through nodes {cycle}")
             for i in ready:
                 order[i] = len(order)
             done |= set(ready)
