@@ -20,6 +20,11 @@ Hooks (ComfyUI 0.33.0, ``comfy/ldm/flux/layers.py``):
   outside the region keep the block's own answer bit for bit; contrast (which no attention mask can express)
   lives here too.
 
+Leffa Flow View (docs/method.md §3c, §4): when the node's trace records, the override hands the trace's capture to
+``joint_extended_attention`` with the garment tokens' places on the reference grid; the core records flow, mass and
+entropy of the region's queries (never the attention map), written back onto the target's token grid, one record
+per block call.
+
 Both are put into a COPY of the call's ``transformer_options``, only for calls that carry MEA (as the UNet
 adapter does); every other call is untouched.
 
