@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .masked_extended import masked_extended_attention
+from .masked_extended import CaptureProtocol, masked_extended_attention
 
 __all__ = [
     "FLUX_PATCH",
@@ -165,6 +165,9 @@ def joint_extended_attention(
     base: torch.Tensor,
     contrast: float = 1.0,
     ref_count: Optional[int] = None,
+    *,
+    capture: Optional[CaptureProtocol] = None,
+    ref_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The block's attention output with the region's image queries redone as Masked Extended Attention.
 
@@ -178,6 +181,16 @@ def joint_extended_attention(
         base: [B, L_q, H·dv] the block's own attention output (kept bit for bit outside the region).
         contrast: the contrast on the reference half (1.25 paper, 1 = off).
         ref_count: all reference tokens (garment or not), the contrast mean's denominator; default G.
+        capture: optional recorder (:class:`~.masked_extended.CaptureProtocol`, e.g. the trace's
+            :class:`~.flow.AttentionCapture` with ``query_hw`` = the target's token grid and ``ref_hw`` = the
+            reference's). The core records the flow/mass/entropy of the region's queries (its explicit path,
+            in query chunks: never the heads × queries × keys map); they are written back onto the target's
+            image grid ([B, N], 0 and ``query_mask`` False outside the region) and handed to ``capture.add``
+            once per call.
+        ref_positions: with a capture: long [G], where each garment key sits on the reference's token grid
+            (row-major, increasing), so the flow points at reference coordinates. The garment keys are then
+            laid out on the full reference grid (``ref_count`` = h_ref·w_ref tokens) with the other tokens
+            masked out, which the core drops before the softmax: the same numbers as without the capture.
 
     Returns:
         A new [B, L_q, H·dv] tensor: ``base`` with the region rows replaced. ``base`` itself is untouched.
@@ -192,11 +205,22 @@ def joint_extended_attention(
         raise ValueError(f"{n_img} image tokens from {img_start} do not fit the {lq} queries")
     out = base.clone()
     g = k_ref.shape[2]
-    if g == 0:
-        return out
     reg = region.expand(b, -1) if region.shape[0] == 1 else region
     to_flat = lambda x: x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)  # noqa: E731  [B,H,L,d] → [B,L,H·d]
-    for bi in range(b):
+    rec = None if capture is None else _GridRecorder(capture, b, n_img, q.device)
+    key_mask = None
+    if rec is not None and g:
+        if ref_positions is None or ref_positions.numel() != g:
+            raise ValueError(f"a capture needs ref_positions: where each of the {g} garment keys sits on the "
+                             "reference's token grid")
+        t_ref = rec.t_ref
+        if ref_count is not None and int(ref_count) != t_ref:
+            raise ValueError(f"capture.ref_hw has {t_ref} tokens but ref_count is {ref_count}")
+        pos = ref_positions.to(q.device).long()
+        key_mask = torch.zeros(1, t_ref, dtype=torch.bool, device=q.device)
+        key_mask[0, pos] = True
+        ref_count = t_ref
+    for bi in range(b if g else 0):
         idx = reg[bi].nonzero().flatten()
         if idx.numel() == 0:
             continue
@@ -206,8 +230,64 @@ def joint_extended_attention(
         k_b, v_b = to_flat(k[bi : bi + 1]), to_flat(v[bi : bi + 1])
         kr, vr = to_flat(k_ref[rb : rb + 1]), to_flat(v_ref[rb : rb + 1])
         ones_q = torch.ones(1, qi.numel(), dtype=torch.bool, device=q.device)
-        ones_k = torch.ones(1, g, dtype=torch.bool, device=q.device)
+        if key_mask is None:
+            ones_k = torch.ones(1, g, dtype=torch.bool, device=q.device)
+        else:  # the garment keys at their places on the full reference grid, the rest masked out (dropped)
+            ones_k = key_mask
+            kr = kr.new_zeros(1, rec.t_ref, kr.shape[-1]).index_copy_(1, pos, kr)
+            vr = vr.new_zeros(1, rec.t_ref, vr.shape[-1]).index_copy_(1, pos, vr)
         mea = masked_extended_attention(q_b, k_b, v_b, kr, vr, ones_k, ones_q, heads, contrast,
-                                        ref_count=ref_count)
+                                        None if rec is None else rec.row(bi, idx), ref_count=ref_count)
         out[bi].index_copy_(0, qi, mea[0].to(out.dtype))
+    if rec is not None:
+        rec.flush()
     return out
+
+
+class _GridRecorder:
+    """Collects the core's per-row captures (region queries only) onto the target's image grid [B, N] and
+    hands them to the real capture once, as the UNet path's one ``add`` per layer call."""
+
+    def __init__(self, capture: CaptureProtocol, b: int, n_img: int, device: torch.device) -> None:
+        ref_hw = getattr(capture, "ref_hw", None)
+        if ref_hw is None:
+            raise ValueError("set capture.ref_hw to the reference's token grid before a Flux block call")
+        self.capture = capture
+        self.t_ref = int(ref_hw[0]) * int(ref_hw[1])
+        self.want = bool(getattr(capture, "want_entropy", False))
+        f32 = torch.float32
+        self.flow = torch.zeros(b, n_img, 2, device=device, dtype=f32)
+        self.mass = torch.zeros(b, n_img, device=device, dtype=f32)
+        self.entropy = torch.zeros(b, n_img, device=device, dtype=f32) if self.want else None
+        self.peak = torch.zeros(b, n_img, device=device, dtype=f32) if self.want else None
+        self.query_mask = torch.zeros(b, n_img, dtype=torch.bool, device=device)
+
+    def row(self, bi: int, idx: torch.Tensor) -> "_RowCapture":
+        return _RowCapture(self, bi, idx.to(self.flow.device))
+
+    def flush(self) -> None:
+        self.capture.add(self.flow, self.mass, entropy=self.entropy, peak=self.peak, query_mask=self.query_mask)
+
+
+class _RowCapture:
+    """The capture the core sees for one batch row's gathered region queries (same options as the real one)."""
+
+    def __init__(self, grid: _GridRecorder, bi: int, idx: torch.Tensor) -> None:
+        cap = grid.capture
+        self.grid, self.bi, self.idx = grid, bi, idx
+        self.ref_hw = tuple(cap.ref_hw)
+        self.want_entropy = grid.want
+        self.tau = float(getattr(cap, "tau", 1.0))
+        self.before_contrast = bool(getattr(cap, "before_contrast", False))
+
+    def add(self, flow: torch.Tensor, mass: torch.Tensor, entropy: Optional[torch.Tensor] = None,
+            peak: Optional[torch.Tensor] = None, query_mask: Optional[torch.Tensor] = None) -> None:
+        g, bi, idx = self.grid, self.bi, self.idx
+        g.flow[bi].index_copy_(0, idx, flow[0].float())
+        g.mass[bi].index_copy_(0, idx, mass[0].float())
+        if g.entropy is not None and entropy is not None:
+            g.entropy[bi].index_copy_(0, idx, entropy[0].float())
+        if g.peak is not None and peak is not None:
+            g.peak[bi].index_copy_(0, idx, peak[0].float())
+        qm = torch.ones_like(idx, dtype=torch.bool) if query_mask is None else query_mask[0].bool()
+        g.query_mask[bi].index_copy_(0, idx, qm)

@@ -15,7 +15,7 @@ from . import flow as _flow
 from .flow import FlowRecord
 from .policy import grid_level
 
-__all__ = ["FLOW_MODES", "FlowView", "select_for_view", "render_flow_view"]
+__all__ = ["FLOW_MODES", "FlowView", "select_for_view", "no_match_message", "render_flow_view"]
 
 FLOW_MODES = ("absolute", "displacement")
 
@@ -46,6 +46,29 @@ def select_for_view(
         centre = 0.5 * (step_start + step_end)
         keep = {min(pos, key=lambda s: abs(pos[s] - centre))}
     return [r for r in chosen if r.sigma is not None and float(r.sigma) in keep]
+
+
+def _is_dit_block(layer: object) -> bool:
+    return isinstance(layer, tuple) and len(layer) == 2 and layer[0] in ("double", "single")
+
+
+def no_match_message(records: Sequence[FlowRecord], latent_hw: Sequence[int]) -> tuple[str, str]:
+    """(problem, fix) when no record matches a grid choice, naming the grids this run did record.
+
+    A Flux-family run (records labelled with DiT blocks) says that every block attends at 1/16 of the image.
+
+    >>> r = FlowRecord(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2), None, None, None, (2, 2), (2, 2), ("double", 0))
+    >>> no_match_message([r], (4, 4))[1]
+    "pick 'all MEA layers' or '1/16 grid'"
+    """
+    levels = sorted({grid_level(latent_hw, r.query_hw) for r in records})
+    if not levels:
+        return "no MEA layer call was recorded", "check the MEA window against the sampler's steps, and the masks"
+    names = [f"1/{8 * 2 ** lvl} grid" for lvl in levels]
+    flux = all(_is_dit_block(r.layer) for r in records)
+    note = " (a Flux model: every block attends at 1/16 of the image, 2x2 latent cells per token)" if flux else ""
+    return (f"no recorded MEA layer call is at the chosen grid: this run recorded {', '.join(names)} only{note}",
+            "pick 'all MEA layers' or " + " or ".join(f"'{n}'" for n in names))
 
 
 @dataclass
@@ -93,7 +116,7 @@ def render_flow_view(
         raise ValueError(f"mode must be one of {FLOW_MODES}, got {mode!r}")
     chosen = select_for_view(records, latent_hw, levels, step_start, step_end)
     if not chosen:
-        raise ValueError("no recorded MEA layer call matches the chosen layers: pick 'all MEA layers' or another grid")
+        raise ValueError("; ".join(no_match_message(records, latent_hw)))
     batch = {int(r.flow.shape[0]) for r in chosen}
     if len(batch) > 1:
         raise ValueError(f"the recorded calls have different batch sizes {sorted(batch)}; view one sampling layout")

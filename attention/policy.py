@@ -290,12 +290,13 @@ def nearest_step(sample_sigmas: Optional[torch.Tensor], sigma: float) -> Optiona
     return int(torch.argmin((sample_sigmas.detach().float().cpu() - float(sigma)).abs()))
 
 
-def no_op_reason(stats: dict, start: float, end: float, sigmas: Any) -> tuple[str, str]:
+def no_op_reason(stats: dict, start: float, end: float, sigmas: Any, layer_input: str = "layers") -> tuple[str, str]:
     """(reason, fix) for a sampling run in which MEA changed nothing although its masks are not empty.
 
     ``stats`` counts the run's model calls that wanted MEA (``calls``), the chosen layers reached
     (``layers``) and the layer calls where a query inside the target mask read garment tokens
-    (``effective``).
+    (``effective``). ``layer_input`` names the node input that chose the layers: ``"layers"`` (UNet) or
+    ``"flux_blocks"`` (Flux-family DiT), so the fix points at the input that matters for this model.
 
     >>> no_op_reason({"calls": 0, "layers": 0, "effective": 0}, 0.7, 1.0, None)[0]
     'no step of this run lies in the MEA window (start=0.7, end=1.0)'
@@ -309,9 +310,14 @@ def no_op_reason(stats: dict, start: float, end: float, sigmas: Any) -> tuple[st
                 "starts at step 35 of 50, start 0.7 covers it), or connect the patched model to the sampler "
                 "that runs those steps")
     if stats.get("layers", 0) == 0:
+        if layer_input == "flux_blocks":
+            return ("none of the chosen Flux blocks was reached in this model's forward pass (another model layout, "
+                    "or a ComfyUI version whose Flux attention calls the patch cannot hook)",
+                    "Set 'flux_blocks' to another choice ('all' reaches every double and single block); if none "
+                    "works, update ComfyUI and report the model and ComfyUI version")
         return ("none of the chosen self-attention layers was reached in this model's forward pass (another model "
                 "layout, or a ComfyUI version whose attention calls the patch cannot hook)",
-                "Pick another 'layers' choice; if none works, update ComfyUI and report the model and ComfyUI "
+                f"Pick another '{layer_input}' choice; if none works, update ComfyUI and report the model and ComfyUI "
                 "version")
     return ("the target mask or the garment mask has no pixel left at the token grids of the chosen layers "
             "(a thin or soft mask vanishes when it is shrunk to 1/8 or 1/16 of the image)",

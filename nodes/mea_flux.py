@@ -20,6 +20,11 @@ Hooks (ComfyUI 0.33.0, ``comfy/ldm/flux/layers.py``):
   outside the region keep the block's own answer bit for bit; contrast (which no attention mask can express)
   lives here too.
 
+Leffa Flow View (docs/method.md §3c, §4): when the node's trace records, the override hands the trace's capture to
+``joint_extended_attention`` with the garment tokens' places on the reference grid; the core records flow, mass and
+entropy of the region's queries (never the attention map), written back onto the target's token grid, one record
+per block call.
+
 Both are put into a COPY of the call's ``transformer_options``, only for calls that carry MEA (as the UNet
 adapter does); every other call is untouched.
 
@@ -208,8 +213,14 @@ class FluxAttention:
         v_ref = entry.v.to(device=v.device, dtype=v.dtype)
         full = rows.numel() == q.shape[0]
         sub = (lambda x: x) if full else (lambda x: x.index_select(0, rows))  # noqa: E731
+        capture, positions = None, None
+        if self.patch.trace is not None:  # Leffa flow view connected: the core records (docs/method.md §4)
+            capture = self.patch.trace.capture_for(layer=key, step=self.call.step, sigma=self.call.sigma,
+                                                   query_hw=self.grid, ref_hw=self.patch.ref_grid)
+            positions = self.patch.garment_index(q.device) if capture is not None else None
         mixed = joint_extended_attention(sub(q), sub(k), sub(v), k_ref, v_ref, region, start, sub(base),
-                                         self.patch.contrast, ref_count=self.patch.ref_tokens)
+                                         self.patch.contrast, ref_count=self.patch.ref_tokens, capture=capture,
+                                         ref_positions=positions)
         self.patch.mea_calls += 1
         return mixed if full else base.index_copy(0, rows, mixed)
 
@@ -219,8 +230,14 @@ class FluxMeaPatch(MeaPatch):
 
     Args: as :class:`~.mea_patch.MeaPatch`, without ``layers``/``attn1_keys``, plus ``blocks``: the selected
     ``("double" | "single", index)`` blocks (``attention/dit.py: parse_flux_blocks``). The reference latent
-    is [1, 16, h, w] (``process_latent_in``-scaled).
+    is [1, 16, h, w] (``process_latent_in``-scaled). ``trace``: the flow view's recorder, as on the UNet;
+    each MEA block call records one :class:`~max4zero.attention.flow.FlowRecord` labelled with its block key
+    (``("double", i)`` / ``("single", j)``), query grid = the target's token grid, reference grid = the
+    reference's token grid.
     """
+
+    #: the node input the no-op report names when no selected layer was reached
+    layer_input = "flux_blocks"
 
     def __init__(self, *, blocks: frozenset, **kwargs: Any) -> None:
         kwargs.setdefault("trace", None)

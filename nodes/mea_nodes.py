@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..attention.dit import DEFAULT_FLUX_BLOCKS, parse_flux_blocks
-from ..attention.flow_view import FLOW_MODES, render_flow_view
+from ..attention.flow_view import FLOW_MODES, no_match_message, render_flow_view, select_for_view
 from ..attention.policy import DEFAULT_LAYERS, FLOW_LAYER_CHOICES, GUIDANCE_MODES, LAYER_CHOICES
 from ..warping import mls as _mls
 from . import convert as cv
@@ -200,14 +200,13 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
         check_mea_masks(node, garment_mask, ref, tm, FLUX_SELECTION, uid)
         trace = _make_trace(cls.hidden)
-        if trace.enabled:
-            warn_on_node(node, "the attention trace (Leffa Flow View) is not recorded on Flux models yet",
-                         node_id=None if uid is None else str(uid))
-        trace = MeaTrace(enabled=False)
+        trace.reference_size = ref.size
+        trace.reference_crop = ref.crop
+        trace.window = (float(start), float(end))
         patch = FluxMeaPatch(
             mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
             blocks=blocks, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx, garment_mask=ref.garment,
-            target_mask=tm, trace=None,
+            target_mask=tm, trace=trace,
         )
         patch.warn = functools.partial(warn_on_node, node, node_id=None if uid is None else str(uid))
         patched = model.clone()
@@ -259,7 +258,8 @@ class FlowViewNode(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="The LATENT sampled with the patched model: connecting it makes "
                                 "this node run after sampling and sets the output size (8x the latent)."),
                 io.Combo.Input("layers", options=list(FLOW_LAYER_CHOICES), default="all MEA layers",
-                               tooltip="Which recorded layers to average, by token grid."),
+                               tooltip="Which recorded layers to average, by token grid (UNet: 1/8, 1/16 or 1/32 "
+                               "of the image; every block of a Flux model is at 1/16)."),
                 io.Float.Input("step_start", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="First recorded MEA evaluation to use, as a fraction (0 = first, 1 = last)."),
                 io.Float.Input("step_end", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -334,8 +334,12 @@ class FlowViewNode(io.ComfyNode):
         mls_flow = None
         if matches is not None:
             mls_flow = mls_flow_from_matches(matches, ref_hw, out_hw, mls_kind, float(mls_alpha))
+        levels = FLOW_LAYER_CHOICES[layers]
+        if levels is not None and not select_for_view(records, latent_hw, levels):
+            problem, fix = no_match_message(records, latent_hw)
+            raise cv.NodeInputError(node, problem, f"Set 'layers' to {fix[len('pick '):]}")
         view = render_flow_view(
-            records, ref, latent_hw, out_hw, levels=FLOW_LAYER_CHOICES[layers], step_start=float(step_start),
+            records, ref, latent_hw, out_hw, levels=levels, step_start=float(step_start),
             step_end=float(step_end), mode=mode, mls_flow=mls_flow,
         )
         if view.epe is not None:

@@ -222,6 +222,9 @@ class MeaPatch:
         self.warn: Callable[[str], None] = lambda text: log.warning("MaX4Zero Masked Extended Attention: %s", text)
         self._loose: Optional[MeaRun] = None  # state of model calls made outside a sampling run
 
+    #: the node input the no-op report names when no selected layer was reached (Flux: ``flux_blocks``)
+    layer_input = "layers"
+
     def __deepcopy__(self, memo: dict) -> "MeaPatch":
         # ModelPatcher.clone() (0.3.64) deep-copies model_options, which hold our post-CFG function: keep one
         # patch (settings, reference latent, trace). Per-run state is not here but in MeaRun.
@@ -294,7 +297,7 @@ class MeaPatch:
         """A run that applied MEA nowhere although the masks are not empty: say why, once, and the fix."""
         if not self.active or run.stats["effective"]:
             return
-        reason = no_op_reason(run.stats, self.start, self.end, sigmas)
+        reason = no_op_reason(run.stats, self.start, self.end, sigmas, self.layer_input)
         self.warn(f"did nothing in this sampling run: {reason[0]}. {reason[1]}")
 
     def post_cfg_function(self, args: dict) -> torch.Tensor:

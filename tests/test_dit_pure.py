@@ -93,3 +93,45 @@ def test_token_grid_blocks_and_reference_ids():
     assert ids.shape == (1, 12, 3)
     assert torch.all(ids[0, :, 0] == dit.REFERENCE_ROPE_INDEX)
     assert ids[0, 7, 1:].tolist() == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("contrast, tau", [(1.0, 1.0), (1.25, 2.0)])
+def test_capture_records_the_region_on_the_image_grid_and_changes_nothing(contrast, tau):
+    """Garment keys at their places on a 4x5 reference grid: the recorded flow is the Leffa flow of the region's
+    queries (reference_flow_from_qk on the same q/k; τ ≠ 1 is Leffa's formula, without the contrast), 0 elsewhere;
+    with contrast (explicit path either way) the output is bit-identical to the call without a capture."""
+    from max4zero.attention.flow import AttentionCapture, reference_flow_from_qk
+
+    q, k, v, k_ref, v_ref, region, txt = make()
+    b, h, _, d = q.shape
+    n_img = region.shape[1]
+    pos = torch.tensor([0, 3, 4, 8, 11, 15, 19])  # 7 garment tokens of the 20
+    base = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, q.shape[2], -1)
+    cap = AttentionCapture(want_entropy=True, tau=tau).set_context(query_hw=(3, 4), ref_hw=(4, 5), layer=("double", 0))
+    out = dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, contrast, ref_count=20, capture=cap,
+                                       ref_positions=pos)
+    plain = dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, contrast, ref_count=20)
+    assert torch.equal(out, plain) if contrast != 1.0 else torch.allclose(out, plain, atol=1e-6)
+    (rec,) = cap.records
+    assert rec.flow.shape == (b, 3, 4, 2) and rec.query_hw == (3, 4) and rec.ref_hw == (4, 5)
+    assert torch.equal(rec.query_mask.reshape(b, n_img), region)
+    flat = lambda x: x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)  # noqa: E731
+    k_full = torch.zeros(1, 20, h * d).index_copy_(1, pos, flat(k_ref))
+    rm = torch.zeros(1, 20, dtype=torch.bool)
+    rm[0, pos] = True
+    img = flat(q)[:, txt:]  # [B, N, H·d] the image queries
+    want = reference_flow_from_qk(img, k_full, rm, h, (4, 5), tau=tau).flow
+    got = rec.flow.reshape(b, n_img, 2)
+    assert torch.allclose(got[region], want[region], atol=1e-5)
+    assert not got[~region].any() and not rec.mass.reshape(b, n_img)[~region].any()
+    assert (rec.mass.reshape(b, n_img)[region] > 0).all()
+
+
+def test_capture_needs_reference_positions():
+    from max4zero.attention.flow import AttentionCapture
+
+    q, k, v, k_ref, v_ref, region, txt = make()
+    base = torch.zeros(q.shape[0], q.shape[2], q.shape[1] * q.shape[3])
+    cap = AttentionCapture().set_context(query_hw=(3, 4), ref_hw=(4, 5))
+    with pytest.raises(ValueError, match="ref_positions"):
+        dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, 1.25, capture=cap)

@@ -84,3 +84,13 @@ def test_no_op_reasons_name_the_cause():
     assert "window" in policy.no_op_reason({"calls": 0}, 0.7, 1.0, torch.tensor([14.6, 0.0]))[0]
     assert "layers" in policy.no_op_reason({"calls": 3, "layers": 0}, 0.0, 1.0, None)[0]
     assert "token grids" in policy.no_op_reason({"calls": 3, "layers": 6, "effective": 0}, 0.0, 1.0, None)[0]
+
+
+def test_no_op_reason_names_the_layer_input_of_the_model():
+    unet = policy.no_op_reason({"calls": 3, "layers": 0}, 0.0, 1.0, None)
+    assert "'layers'" in unet[1] and "flux_blocks" not in " ".join(unet)
+    flux = policy.no_op_reason({"calls": 3, "layers": 0}, 0.0, 1.0, None, "flux_blocks")
+    assert "Flux blocks" in flux[0] and "'flux_blocks'" in flux[1] and "'layers'" not in flux[1]
+    # the other reasons do not depend on it
+    for stats in ({"calls": 0}, {"calls": 3, "layers": 6, "effective": 0}):
+        assert policy.no_op_reason(stats, 0.7, 1.0, None) == policy.no_op_reason(stats, 0.7, 1.0, None, "flux_blocks")

@@ -367,3 +367,132 @@ def test_bad_flux_blocks_is_refused_on_the_node(comfy_env):
     g.capture(_mea(g, g.obj(cm.small_flux_model(), "MODEL"), blocks="d7")[0], "patched")
     with pytest.raises(PromptFailed, match="flux_blocks"):
         run_prompt(g)
+
+
+# ------------------------------------------------------------------------------------------------
+# Leffa Flow View from a Flux run (docs/method.md §4)
+# ------------------------------------------------------------------------------------------------
+
+FLOW = "MaX4ZeroFlowView"
+
+
+def _view(g: Graph, mea, samp, *, layers="all MEA layers", tau=1.0):
+    return g.node(FLOW, trace=mea[1], reference=g.obj(_pair()["reference"], "IMAGE"), samples=samp[0],
+                  layers=layers, step_start=0.0, step_end=1.0, tau=tau, mode="absolute")
+
+
+class _Inputs:
+    """Records every joint_extended_attention call's inputs (q, k and the garment K roped, region, capture)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        mf = _mf()
+        real = mf.joint_extended_attention
+
+        def spy(q, k, v, k_ref, v_ref, region, start, base, *a, **kw):
+            self.calls.append(dict(q=q.clone(), k=k.clone(), k_ref=k_ref.clone(), region=region.clone(), start=start,
+                                   positions=kw.get("ref_positions"), capture=kw.get("capture") is not None))
+            return real(q, k, v, k_ref, v_ref, region, start, base, *a, **kw)
+
+        monkeypatch.setattr(mf, "joint_extended_attention", spy)
+
+
+@needs_hook
+def test_flow_view_renders_from_a_flux_run_and_records_the_core_flow(comfy_env, monkeypatch):
+    """Flow View on a Flux MEA run: outputs at 8x the latent, flow/reliance inside the region only, and each
+    record equals the Leffa flow and row mass computed independently from the block's own q and garment k."""
+    from max4zero.attention.flow import reference_flow_from_qk, reference_grid
+
+    spy = _Inputs(monkeypatch)
+    model = cm.small_flux_model()
+    g = Graph()
+    mea = _mea(g, g.obj(model, "MODEL"), contrast=1.0)
+    samp = _sampler(g, mea[0], steps=2)
+    view = _view(g, mea, samp)
+    for i, name in enumerate(("flow", "warped", "reliance", "sharpness", "disagreement")):
+        g.capture(view[i], name)
+    g.capture(_view(g, mea, samp, layers="1/16 grid")[2], "reliance16")
+    res = run_prompt(g)
+    assert res["flow"].shape == (1, SIZE, SIZE, 3) and res["warped"].shape == (1, SIZE, SIZE, 3)
+    for name in ("reliance", "sharpness", "disagreement"):
+        assert res[name].shape == (1, SIZE, SIZE), name
+        assert torch.isfinite(res[name]).all() and res[name].min() >= 0 and res[name].max() <= 1, name
+    assert torch.equal(res["reliance16"], res["reliance"])  # Flux tokens are the 1/16 grid
+    tm = _pair()["target_mask"][0] > 0.5
+    tok = F.interpolate(tm[None, None].float(), size=(SIZE // 16, SIZE // 16), mode="nearest")[0, 0] > 0.5
+    far = F.max_pool2d(tok[None, None].float(), 3, 1, 1)[0, 0] == 0  # tokens with no region token nearby
+    far_px = F.interpolate(far[None, None].float(), size=(SIZE, SIZE), mode="nearest")[0, 0] > 0.5
+    assert float(res["reliance"][0][tm].mean()) > 0 and float(res["flow"][0][tm].amax()) > 0
+    assert far_px.any() and not res["reliance"][0][far_px].any() and not res["flow"][0][far_px].any()
+
+    trace = res.output(mea.id, 1)
+    records = trace.records
+    assert trace.enabled and len(records) == len(spy.calls) == 8  # 4 blocks x 2 steps
+    assert all(c["capture"] for c in spy.calls)
+    assert {r.layer for r in records} == {("double", 0), ("double", 1), ("single", 0), ("single", 1)}
+    assert {r.query_hw for r in records} == {(SIZE // 16, SIZE // 16)}
+    assert {r.ref_hw for r in records} == {(SIZE // 16, SIZE // 16)}
+    grid = reference_grid((SIZE // 16, SIZE // 16), "cpu")
+    for call, rec in zip(spy.calls, records):
+        q, k, kr, pos = call["q"].float(), call["k"].float(), call["k_ref"].float(), call["positions"]
+        idx = call["region"][0].nonzero().flatten()
+        heads, d = q.shape[1], q.shape[-1]
+        qr = q[0, :, idx + call["start"]]  # [H, n, d] the region's image queries (roped)
+        lr = qr @ kr[0].transpose(1, 2) / d**0.5  # [H, n, G] garment logits
+        want_flow = (torch.softmax(lr, -1) @ grid[pos]).mean(0)  # naive Leffa flow, tau 1, head mean
+        lt = qr @ k[0].transpose(1, 2) / d**0.5  # [H, n, L] every key of the block
+        want_mass = torch.softmax(torch.cat([lt, lr], -1), -1)[..., lt.shape[-1]:].sum(-1).mean(0)
+        got_flow = rec.flow[0].reshape(-1, 2)
+        got_mass = rec.mass[0].reshape(-1)
+        assert torch.allclose(got_flow[idx], want_flow, atol=1e-5), float((got_flow[idx] - want_flow).abs().max())
+        assert torch.allclose(got_mass[idx], want_mass, atol=1e-5)
+        outside = torch.ones(got_mass.numel(), dtype=torch.bool)
+        outside[idx] = False
+        assert not got_flow[outside].any() and not got_mass[outside].any()
+        assert torch.equal(rec.query_mask[0].reshape(-1), ~outside)
+        # the core's map-free flow (SDPA with the coordinates as values) on the same q / k agrees too
+        flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], -1)  # noqa: E731  [H, n, d] → [1, n, H·d]
+        k_full = torch.zeros(1, grid.shape[0], heads * d).index_copy_(1, pos, flat(kr[0]))
+        rm = torch.zeros(1, grid.shape[0], dtype=torch.bool)
+        rm[0, pos] = True
+        sdpa = reference_flow_from_qk(flat(qr), k_full, rm, heads, (SIZE // 16, SIZE // 16)).flow[0]
+        assert torch.allclose(got_flow[idx], sdpa, atol=1e-5)
+
+
+@needs_hook
+def test_flux_recording_does_not_change_the_result_and_other_grids_are_refused(comfy_env):
+    model = cm.small_flux_model()
+    g = Graph()
+    m = g.obj(model, "MODEL")
+    mea = _mea(g, m)  # contrast 1.25: the explicit path with or without recording
+    samp = _sampler(g, mea[0], steps=2)
+    g.capture(_view(g, mea, samp, tau=2.0)[0], "flow")
+    quiet = _mea(g, m)
+    g.capture(_sampler(g, quiet[0], steps=2)[0], "quiet")
+    res = run_prompt(g)
+    trace = res.output(mea.id, 1)
+    assert trace.enabled and trace.tau == 2.0 and len(trace.records) == 8
+    assert not res.output(quiet.id, 1).enabled
+    assert torch.equal(res.output(samp.id, 0)["samples"], res["quiet"]["samples"])
+    assert res["flow"].shape == (1, SIZE, SIZE, 3) and res["flow"].max() > 0
+    for layers in ("1/8 grid", "1/32 grid"):
+        g2 = Graph()
+        mea2 = _mea(g2, g2.obj(model, "MODEL"))
+        g2.capture(_view(g2, mea2, _sampler(g2, mea2[0]), layers=layers)[0], "flow")
+        with pytest.raises(PromptFailed, match=r"1/16 grid only \(a Flux model.*'all MEA layers' or '1/16 grid'"):
+            run_prompt(g2)
+
+
+@needs_hook
+def test_no_op_report_on_flux_points_to_flux_blocks(comfy_env):
+    g = Graph()
+    g.capture(_mea(g, g.obj(cm.small_flux_model(), "MODEL"), blocks="d0")[0], "patched")
+    patched = run_prompt(g)["patched"]
+    patch = patched.wrappers["apply_model"]["max4zero_mea"][0].__self__
+    patch.blocks = frozenset({("double", 99)})  # a block this forward never reaches
+    said = []
+    patch.warn = said.append
+    g2 = Graph()
+    g2.capture(_sampler(g2, g2.obj(patched, "MODEL"))[0], "out")
+    run_prompt(g2)
+    assert len(said) == 1 and "Flux blocks" in said[0] and "'flux_blocks'" in said[0] and "'layers'" not in said[0]
