@@ -255,6 +255,40 @@ _FIT_JS = """([scale, pad]) => {
 }"""
 
 
+#: Workflows whose groups also get a close-up each (``<name>-<k>.png``, readable at README width).
+CLOSEUPS = ("maxzero_full_tryon",)
+CLOSEUP_SCALE = 1.0
+
+_GROUP_JS = """([x, y, w, h, s, pad]) => {
+    const app = window.app, canvas = app.canvas, ds = canvas.ds;
+    ds.scale = s;
+    ds.offset = [pad / s - x, pad / s - y];
+    canvas.setDirty(true, true);
+    const r = canvas.canvas.getBoundingClientRect();
+    return {x: r.left, y: r.top, width: w * s + 2 * pad, height: h * s + 2 * pad};
+}"""
+
+
+def group_closeups(page, name: str) -> list[Path]:
+    """One picture per group of the loaded workflow, at :data:`CLOSEUP_SCALE` (node text readable when the README
+    shows it at its own width): ``SCREENSHOT_DIR/<name>-<k>.png``, k = 1, 2, … in the groups' order."""
+    groups = page.evaluate("""() => (window.app.graph.groups || window.app.graph._groups || []).map(g => {
+        const b = g._bounding || g.bounding || [g.pos[0], g.pos[1], g.size[0], g.size[1]];
+        return [b[0], b[1], b[2], b[3]]; })""")
+    shots = []
+    for k, (x, y, w, h) in enumerate(sorted(groups, key=lambda b: b[0]), start=1):
+        page.set_viewport_size({"width": int(min(SHOT_MAX[0], w * CLOSEUP_SCALE + 80)),
+                                "height": int(min(SHOT_MAX[1], h * CLOSEUP_SCALE + 80))})
+        page.wait_for_timeout(300)
+        clip = page.evaluate(_GROUP_JS, [x, y, w, h, CLOSEUP_SCALE, 12])
+        page.wait_for_timeout(500)
+        shot = bs.SCREENSHOT_DIR / f"{name}-{k}.png"
+        page.screenshot(path=str(shot), clip=clip)
+        shots.append(shot)
+    page.set_viewport_size(VIEWPORT)
+    return shots
+
+
 def screenshot(page, name: str, wait_for_images: list[str] | None = None) -> Path:
     """The graph alone (see the module doc), fitted at :data:`SHOT_SCALE`, to ``SCREENSHOT_DIR/<name>.png``.
 
@@ -488,6 +522,9 @@ def test_queues_and_finishes(page, server, object_info, name):
     # The page got the run's images: every node that produced images shows them in the screenshot.
     shown = [nid for nid, out in entry.get("outputs", {}).items() if out.get("images")]
     screenshot(page, name, wait_for_images=shown)
+    if name in CLOSEUPS:
+        shots = group_closeups(page, name)
+        assert len(shots) >= 3 and all(s.stat().st_size > 10_000 for s in shots), shots
 
 
 def test_object_info_check_rejects_bad_prompts(object_info):
