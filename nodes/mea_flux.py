@@ -53,8 +53,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..attention.dit import FLUX_LEVEL, flux_token_grid, joint_extended_attention, reference_token_ids
-from ..attention.policy import LayerSelection, nearest_step, row_mask_index, rows_with_mea
-from .mea_calls import bind_apply_model_args, slice_row
+from ..attention.policy import LayerSelection
+from .mea_calls import slice_row
 from .mea_patch import MEA_PASS_KEY, MeaPatch, MeaRun
 from .mea_replace import CallRows
 
@@ -284,28 +284,14 @@ class FluxMeaPatch(MeaPatch):
 
     def apply_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Reference pass + MEA for calls that need it; every other call passes through untouched."""
-        if not self.active:
+        found = self.mea_call(executor, args, kwargs)
+        if found is None:
             return executor(*args, **kwargs)
-        named, extra = bind_apply_model_args(args, kwargs)
-        to = named["transformer_options"]
-        mea_pass = to.get(MEA_PASS_KEY) == self.id
-        cou = list(to.get("cond_or_uncond") or [0])
-        x, t = named["x"], named["t"]
-        n = int(x.shape[0])
-        rows = rows_with_mea(self.mode, cou, n, mea_pass)
-        if not rows:
-            return executor(*args, **kwargs)
-        base_model = executor.class_obj
-        sigma = float(t.flatten()[0])
-        run = self.run_of(to)
-        if not run.in_window(base_model.model_sampling, sigma):
-            return executor(*args, **kwargs)
-        run.note_call()
-        call = CallRows(rows=rows, mask_index=row_mask_index(rows, n, len(cou), int(self.target_mask.shape[0])),
-                        n_rows=n, sigma=sigma, step=nearest_step(to.get("sample_sigmas"), sigma))
-        store = run.stored(sigma)
+        named, extra, run, call, _ = found
+        base_model, to, x, t = executor.class_obj, named["transformer_options"], named["x"], named["t"]
+        store = run.stored(call.sigma)
         if store is None:
-            store = self._reference(executor, base_model, run, named, extra, rows[0], n)
+            store = self._reference(executor, base_model, run, named, extra, call.rows[0], call.n_rows)
         dm = base_model.diffusion_model
         hooks = FluxAttention(self, run, "use", store, call, flux_token_grid(x.shape[-2:]),
                               lambda device: self.reference_pe(dm, device), to.get("optimized_attention_override"))

@@ -323,35 +323,44 @@ class MeaPatch:
                              args["cond_denoised"])
         return paper_guidance(denoised, base, x0_mea, run.latent_mask(x), self.s_mea)
 
-    def apply_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Reference pass + MEA for calls that need it; every other call passes through untouched."""
+    def mea_call(self, executor: Any, args: Sequence[Any], kwargs: dict) -> Optional[tuple]:
+        """``(named, extra, run, call, cou)`` of a model call that carries MEA (rows chosen by the guidance mode,
+        sigma inside the window), or None: the call passes through untouched. Shared by every host adapter."""
         if not self.active:
-            return executor(*args, **kwargs)
+            return None
         named, extra = bind_apply_model_args(args, kwargs)
         to = named["transformer_options"]
         mea_pass = to.get(MEA_PASS_KEY) == self.id
         cou = list(to.get("cond_or_uncond") or [0])
-        x, t = named["x"], named["t"]
-        n = int(x.shape[0])
+        n = int(named["x"].shape[0])
         rows = rows_with_mea(self.mode, cou, n, mea_pass)
         if not rows:
-            return executor(*args, **kwargs)
-        base_model = executor.class_obj
-        sigma = float(t.flatten()[0])
+            return None
+        sigma = float(named["t"].flatten()[0])
         run = self.run_of(to)
-        if not run.in_window(base_model.model_sampling, sigma):
-            return executor(*args, **kwargs)
+        if not run.in_window(executor.class_obj.model_sampling, sigma):
+            return None
         run.note_call()
-
         call = CallRows(rows=rows, mask_index=row_mask_index(rows, n, len(cou), int(self.target_mask.shape[0])),
                         n_rows=n, sigma=sigma, step=nearest_step(to.get("sample_sigmas"), sigma))
-        store = run.stored(sigma)
+        return named, extra, run, call, cou
+
+    def apply_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Reference pass + MEA for calls that need it; every other call passes through untouched."""
+        found = self.mea_call(executor, args, kwargs)
+        if found is None:
+            return executor(*args, **kwargs)
+        named, extra, run, call, cou = found
+        base_model, n = executor.class_obj, call.n_rows
+        store = run.stored(call.sigma)
         if store is None and self.inline_reference and self.can_inline(named, cou, n):
             return self._inline_call(executor, base_model, run, named, extra, call, cou)
         if store is None:
-            store = self._reference(executor, base_model, run, named, extra, rows[0], n)
-        use_to = self.with_replaces(to, lambda key, prev: Attn1Replace(self, run, key, prev, "use", call, store))
-        return executor(x, t, named["c_concat"], named["c_crossattn"], named["control"], use_to, **extra)
+            store = self._reference(executor, base_model, run, named, extra, call.rows[0], n)
+        use_to = self.with_replaces(named["transformer_options"],
+                                    lambda key, prev: Attn1Replace(self, run, key, prev, "use", call, store))
+        return executor(named["x"], named["t"], named["c_concat"], named["c_crossattn"], named["control"], use_to,
+                        **extra)
 
     # -- the reference ------------------------------------------------------------------------
 
