@@ -28,7 +28,7 @@ DATA = ROOT / "tests" / "data"
 SUPPORTED_COMFYUI = ("0.3.64", "0.33.0")
 
 EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
-            "maxzero_sdxl", "maxzero_masks_core"}
+            "maxzero_sdxl", "maxzero_masks_core", "maxzero_flux_fill_tryon"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -40,12 +40,18 @@ FILE_NAMES = {
     "lora_name": {"garment_detail_lora.safetensors"},
     "control_net_name": {"control_v11p_sd15_openpose_fp16.safetensors"},
     "bg_removal_name": {"birefnet.safetensors"},
+    "unet_name": {"flux1-fill-dev.safetensors"},
+    "clip_name1": {"clip_l.safetensors"},
+    "clip_name2": {"t5xxl_fp16.safetensors"},
+    "vae_name": {"ae.safetensors"},
     "image": {"max4zero_person.png", "max4zero_person_mask.png", "max4zero_garment.png",
               "max4zero_garment_mask.png", "max4zero_pose.png"},
 }
 EXAMPLE_INPUTS = ROOT / "example_inputs"
 #: Workflows that need node types only newer ComfyUI versions have (tools/make_workflows.py MIN_COMFYUI).
-MIN_COMFYUI = {"maxzero_masks_core": "0.33.0"}
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0"}
+WHY_NEWER = {"maxzero_masks_core": "its core segmentation nodes",
+             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook"}
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -271,7 +277,7 @@ def _source(wf: dict, node: dict, input_name: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_the_six_workflows_are_shipped():
+def test_the_seven_workflows_are_shipped():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
 
 
@@ -308,9 +314,9 @@ def test_workflow_is_valid(path, version):
     assert wf["version"] == 0.4
     problems = workflow_problems(wf, version)
     if _version(version) < _version(MIN_COMFYUI.get(path.stem, OLDEST)):
-        # Checked from its minimum version on; before it, it must really need the newer nodes.
-        assert problems and all("unknown node type" in p for p in problems), problems
-        pytest.skip(f"{path.stem} needs ComfyUI {MIN_COMFYUI[path.stem]}+ (its core segmentation nodes)")
+        # Checked from its minimum version on; before it, only nodes it lacks may be what is wrong.
+        assert all("unknown node type" in p for p in problems), problems
+        pytest.skip(f"{path.stem} needs ComfyUI {MIN_COMFYUI[path.stem]}+ ({WHY_NEWER[path.stem]})")
     assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
 
 
@@ -336,7 +342,7 @@ def test_the_sample_inputs_ship_under_the_names_the_workflows_load():
 
 
 
-MODEL_WIDGETS = {"ckpt_name", "lora_name", "control_net_name", "bg_removal_name"}
+MODEL_WIDGETS = {"ckpt_name", "lora_name", "control_net_name", "bg_removal_name", "unet_name", "clip_name1", "clip_name2", "vae_name"}
 
 
 def _newest_with(node_type: str) -> str:
@@ -372,8 +378,9 @@ def test_workflow_has_a_note_naming_models_and_inputs(path):
             assert "stand-in" in text and "bypass" in text and not models
             continue
         # The frontend offers the download of a missing file from properties.models.
-        assert [m["name"] for m in models] == [name], (path.stem, name)
-        url, folder = models[0]["url"], models[0]["directory"]
+        assert name in [m["name"] for m in models], (path.stem, name)  # a loader of two files lists both
+        entry = next(m for m in models if m["name"] == name)
+        url, folder = entry["url"], entry["directory"]
         assert url.startswith("https://huggingface.co/") and url.endswith("/" + name)
         assert url in text and f"models/{folder}/" in text, (path.stem, name)
     if any(n["type"] in ("MaX4ZeroCorrespondence", "MaX4ZeroMaskedExtendedAttention") for n in wf["nodes"]):

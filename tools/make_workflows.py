@@ -716,9 +716,69 @@ def masks_core() -> Workflow:
     return wf
 
 
+# The Flux Fill try-on's model files (Black Forest Labs' FLUX.1 Fill [dev], gated: accept its licence first).
+FLUX_FILL, FLUX_AE = "flux1-fill-dev.safetensors", "ae.safetensors"
+CLIP_L, T5XXL = "clip_l.safetensors", "t5xxl_fp16.safetensors"
+MODEL_URLS.update({
+    FLUX_FILL: ("diffusion_models",
+                "https://huggingface.co/black-forest-labs/FLUX.1-Fill-dev/resolve/main/" + FLUX_FILL),
+    FLUX_AE: ("vae", "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/" + FLUX_AE),
+    CLIP_L: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + CLIP_L),
+    T5XXL: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + T5XXL),
+})
+# Masked Extended Attention on Flux needs the attention hook of Flux blocks, which ComfyUI has from 0.33 on.
+MIN_COMFYUI["maxzero_flux_fill_tryon"] = "0.33.0"
+
+
+def flux_fill_tryon() -> Workflow:
+    """Masked Extended Attention on FLUX.1 Fill: one sampler, the whole schedule, guidance-distilled paper mode."""
+    wf = Workflow("maxzero_flux_fill_tryon", [
+        ("inputs", "1 · Inputs: FLUX.1 Fill, text encoders, photos, masks, crops", "inputs"),
+        ("mea", "2 · Masked Extended Attention on Flux (one sampler, cfg 1)", "stage2"),
+        ("output", "3 · Output", "output"),
+    ])
+    wf.note(
+        "MaX4Zero try-on on FLUX.1 Fill [dev], Black Forest Labs' inpainting model (ComfyUI 0.33.0 or newer: Masked Extended Attention uses the "
+        "attention hook of Flux blocks). Training-free, on your own Flux Fill checkpoint.\n\n"
+        f"Model files:\n- {FLUX_FILL} (23.8 GB; gated: accept Black Forest Labs' licence on the page first) from "
+        f"{MODEL_URLS[FLUX_FILL][1]}, in ComfyUI/models/diffusion_models/.\n"
+        f"- {CLIP_L} from {MODEL_URLS[CLIP_L][1]} and {T5XXL} from {MODEL_URLS[T5XXL][1]}, in "
+        "ComfyUI/models/text_encoders/.\n"
+        f"- {FLUX_AE} from {MODEL_URLS[FLUX_AE][1]}, in ComfyUI/models/vae/.\n\n" + INPUTS_TEXT + "\n\n"
+        "Guidance: FLUX.1 is guidance-distilled: the sampler runs at cfg 1 and Flux Guidance (30 for Fill) sets "
+        "the distilled guidance. 'paper' guidance then becomes eps_c + s_mea * M * (eps_MEA - eps_c). s_mea 15 was "
+        "tuned for SD at cfg 12: on Flux start lower (the MEA node's default is kept; try 2-5). Blocks: "
+        "'flux_blocks' = vital (Stable Flow's vital layers of FLUX.1-dev), untuned on Fill. Describe the garment "
+        "in the prompt.\n\nThe registration stage (correspondence, MLS warp, double-mask inpainting) is not "
+        "in this workflow; its nodes work with an SD inpainting model as in maxzero_full_tryon.", box=(400, 820))
+    unet = wf.add("UNETLoader", "inputs", unet_name=FLUX_FILL, weight_dtype="default")
+    clip = wf.add("DualCLIPLoader", "inputs", clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
+    vae = wf.add("VAELoader", "inputs", vae_name=FLUX_AE)
+    person = wf.add("LoadImage", "inputs", box=IMG, image=PERSON)
+    person_mask = wf.add("LoadImageMask", "inputs", box=IMG, image=PERSON_MASK, channel="red")
+    garment = wf.add("LoadImage", "inputs", box=IMG, image=GARMENT)
+    garment_mask = wf.add("LoadImageMask", "inputs", box=IMG, image=GARMENT_MASK, channel="red")
+    text = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=clip)
+    pos = wf.wire(wf.add("FluxGuidance", "inputs", guidance=30.0), conditioning=text)
+    neg = wf.wire(wf.add("ConditioningZeroOut", "inputs"), conditioning=text)
+    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=1024)
+    ic = wf.wire(wf.add("InpaintModelConditioning", "mea", noise_mask=True), positive=pos, negative=neg, vae=vae,
+                 pixels=tgt.out("image"), mask=tgt.out("mask"))
+    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", "mea", guidance="paper", start=0.0, end=1.0),
+                  model=unet, vae=vae, reference=ref.out("image"), garment_mask=ref.out("mask"),
+                  target_mask=tgt.out("mask"), positive=pos)
+    samp = wf.wire(wf.add("KSampler", "mea", seed=SEED, steps=28, cfg=1.0, sampler_name="euler",
+                          scheduler="simple", denoise=1.0),
+                   model=mea.out("model"), positive=ic.out("positive"), negative=ic.out("negative"),
+                   latent_image=ic.out("latent"))
+    dec = wf.wire(wf.add("VAEDecode", "output"), samples=samp, vae=vae)
+    finish(wf, person, tgt, dec, tgt.out("mask"), prefix="MaX4Zero_flux_fill")
+    return wf
+
+
 def all_workflows() -> list[Workflow]:
     return [full_tryon(), reference_only(), reference_only("maxzero_attention_flow", flow_view=True),
-            lora_controlnet(), sdxl(), masks_core()]
+            lora_controlnet(), sdxl(), masks_core(), flux_fill_tryon()]
 
 
 def main() -> None:

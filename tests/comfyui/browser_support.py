@@ -59,7 +59,7 @@ WORKFLOWS_DIR = PACK_ROOT / "workflows"
 SCREENSHOT_DIR = Path(os.environ.get("MAX4ZERO_SCREENSHOT_DIR", "") or PACK_ROOT / "docs" / "screenshots")
 
 # Bump when anything in _build() changes: the cache key.
-MODEL_VERSION = "v2-realnames-sd15small320ckpt-cnet-lora-placeholders"
+MODEL_VERSION = "v3-realnames-sd15small320ckpt-cnet-lora-placeholders-flux"
 CACHE_ROOT = Path(os.environ.get("MAX4ZERO_BROWSER_CACHE", "/tmp/max4zero-browser-models"))
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -81,9 +81,14 @@ MODEL_FILES = {
     CONTROLNET_FILE: "controlnet",
     "sam3.1_multiplex_fp16.safetensors": "checkpoints",
     "birefnet.safetensors": "background_removal",
+    "flux1-fill-dev.safetensors": "diffusion_models",
+    "clip_l.safetensors": "text_encoders",
+    "t5xxl_fp16.safetensors": "text_encoders",
+    "ae.safetensors": "vae",
 }
 # Placeholders: present so the combo lists contain them, never loaded.
-PLACEHOLDER_MODELS = {SDXL_FILE, "sam3.1_multiplex_fp16.safetensors", "birefnet.safetensors"}
+PLACEHOLDER_MODELS = {SDXL_FILE, "sam3.1_multiplex_fp16.safetensors", "birefnet.safetensors",
+                      "flux1-fill-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"}
 
 # The shipped sample inputs (example_inputs/, the names the workflows load), copied into input/ as a user would.
 INPUT_IMAGES = sorted(p.name for p in EXAMPLE_INPUTS.glob("max4zero_*.png"))
@@ -356,6 +361,7 @@ def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Option
         (base / sub).mkdir(parents=True, exist_ok=True)
     for name, folder in MODEL_FILES.items():
         src = Path(sdxl) if (sdxl is not None and name == SDXL_FILE) else Path(model_cache) / name
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base / "models" / folder / name).symlink_to(src)
     for name in INPUT_IMAGES:
         shutil.copyfile(EXAMPLE_INPUTS / name, base / "input" / name)

@@ -75,15 +75,20 @@ WORKFLOWS = (
     "maxzero_lora_controlnet",
     "maxzero_sdxl",
     "maxzero_masks_core",
+    "maxzero_flux_fill_tryon",
 )
 #: Workflows that need node types only newer ComfyUI versions have: name -> oldest version that has them.
-MIN_COMFYUI = {"maxzero_masks_core": "0.33.0"}
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0"}
 # MAX4ZERO_BROWSER_SDXL=1 builds a real (full-size, random) SDXL checkpoint and queues that workflow too.
 RUN_SDXL = os.environ.get("MAX4ZERO_BROWSER_SDXL", "").strip() not in ("", "0")
 NOT_QUEUED = {
     "maxzero_masks_core": "needs the real SAM 3.1 and BiRefNet weights (sam3.1_multiplex_fp16.safetensors, "
                           "birefnet.safetensors; about 1.7 GB, see its Note): its files here are placeholders. "
                           "Loaded, converted and checked against /object_info only.",
+    "maxzero_flux_fill_tryon": "needs the real FLUX.1 Fill [dev] (23.8 GB) and T5-XXL (9.8 GB) files: a random T5-XXL "
+                               "of the real layout is ~10 GB of RAM, too heavy here, and its files here are "
+                               "placeholders. Loaded, converted and checked against /object_info only; Masked "
+                               "Extended Attention on Flux is sampled by tests/comfyui/test_flux_mea.py.",
 }
 if not RUN_SDXL:
     NOT_QUEUED["maxzero_sdxl"] = (

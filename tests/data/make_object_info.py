@@ -41,6 +41,9 @@ MODEL_FILES = {
     "loras": ["garment_detail_lora.safetensors"],
     "controlnet": ["control_v11p_sd15_openpose_fp16.safetensors"],
     "background_removal": ["birefnet.safetensors"],
+    "diffusion_models": ["flux1-fill-dev.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+    "vae": ["ae.safetensors"],
 }
 INPUT_FILES = ["max4zero_person.png", "max4zero_person_mask.png", "max4zero_garment.png",
                "max4zero_garment_mask.png", "max4zero_pose.png"]
@@ -51,7 +54,9 @@ INPUT_FILES = ["max4zero_person.png", "max4zero_person_mask.png", "max4zero_garm
 GENERATOR_TYPES = {"SolidMask", "SetLatentNoiseMask", "MaskComposite", "GrowMask"}
 # The masks workflow's core segmentation nodes exist from ComfyUI 0.33 on (an older ComfyUI simply lacks them:
 # they are left out of its snapshot, and tests/test_workflows.py checks that workflow from 0.33 on).
-GENERATOR_TYPES_0_33 = {"SAM3_Detect", "LoadBackgroundRemovalModel", "RemoveBackground"}
+GENERATOR_TYPES_0_33 = {"SAM3_Detect", "LoadBackgroundRemovalModel", "RemoveBackground",
+                        # the Flux Fill try-on (MEA on Flux needs 0.33's attention hook)
+                        "UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "ConditioningZeroOut"}
 
 
 def used_node_types() -> set[str]:
