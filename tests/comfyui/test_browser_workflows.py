@@ -79,6 +79,8 @@ WORKFLOWS = (
 )
 #: Workflows that need node types only newer ComfyUI versions have: name -> oldest version that has them.
 MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0"}
+WHY_NEWER = {"maxzero_masks_core": "core segmentation nodes",
+             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook"}
 # MAX4ZERO_BROWSER_SDXL=1 builds a real (full-size, random) SDXL checkpoint and queues that workflow too.
 RUN_SDXL = os.environ.get("MAX4ZERO_BROWSER_SDXL", "").strip() not in ("", "0")
 NOT_QUEUED = {
@@ -339,7 +341,7 @@ def _needs_newer(name: str) -> str | None:
     need = MIN_COMFYUI.get(name)
     have = _comfyui_version()
     if need and tuple(int(x) for x in have.split(".")[:3]) < tuple(int(x) for x in need.split(".")):
-        return f"{name} needs ComfyUI {need}+ (core segmentation nodes); this is {have}"
+        return f"{name} needs ComfyUI {need}+ ({WHY_NEWER[name]}); this is {have}"
     return None
 
 
