@@ -681,3 +681,15 @@ def test_the_generator_refuses_a_cycle():
     wf.connect(node.out(0), node, "samples")  # LATENT -> LATENT: a one-node cycle
     with pytest.raises(ValueError, match="cycle"):
         wf.to_json()
+
+
+def test_readme_shows_each_group_at_full_size():
+    """Node text is readable only at full size: every group of every workflow has a close-up in the README."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in WORKFLOWS:
+        groups = _load(path)["groups"]
+        for k, group in enumerate(groups, start=1):
+            pic = f"docs/screenshots/{path.stem}-{k}.png"
+            assert f"![{group['title']}]({pic})" in readme, pic
+            assert (ROOT / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", pic
+        assert not (ROOT / f"docs/screenshots/{path.stem}-{len(groups) + 1}.png").exists(), path.stem

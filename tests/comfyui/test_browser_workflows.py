@@ -263,7 +263,7 @@ _FIT_JS = """([scale, pad]) => {
 
 
 #: Workflows whose groups also get a close-up each (``<name>-<k>.png``, readable at README width).
-CLOSEUPS = ("maxzero_full_tryon",)
+CLOSEUPS = WORKFLOWS
 CLOSEUP_SCALE = 1.0
 
 _GROUP_JS = """([x, y, w, h, s, pad]) => {
@@ -445,6 +445,9 @@ def load_and_convert(page, server, object_info, name: str) -> dict:
     assert sorted(res["loadedTypes"]) == sorted(n["type"] for n in wf["nodes"]), f"{name}: node list changed on load"
 
     shot = screenshot(page, name)
+    if name in CLOSEUPS and name in NOT_QUEUED:  # never queued here: its close-ups are taken as loaded
+        closeups = group_closeups(page, name)
+        assert len(closeups) >= 3 and all(c.stat().st_size > 10_000 for c in closeups), closeups
 
     conv = page.evaluate("async () => { const p = await window.app.graphToPrompt(); return {output: p.output, workflow: p.workflow}; }")
     prompt = conv["output"]
