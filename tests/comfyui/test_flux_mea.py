@@ -496,3 +496,62 @@ def test_no_op_report_on_flux_points_to_flux_blocks(comfy_env):
     g2.capture(_sampler(g2, g2.obj(patched, "MODEL"))[0], "out")
     run_prompt(g2)
     assert len(said) == 1 and "Flux blocks" in said[0] and "'flux_blocks'" in said[0] and "'layers'" not in said[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 1 on FLUX.1 Fill: Double-Mask Inpaint's conditioning and latent through the stock sampler
+# ------------------------------------------------------------------------------------------------
+
+
+def _double_mask_on_fill(target, pair, seen):
+    import comfy.patcher_extension
+
+    def record(executor, x, t, c_concat=None, *args, **kwargs):
+        seen.append((x.detach().clone(), None if c_concat is None else c_concat.detach().clone()))
+        return executor(x, t, c_concat, *args, **kwargs)
+
+    model = cm.small_flux_model().clone()  # the Fill layout: 16 latent + 16 masked-image + 64 mask channels
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "max4zero_test_record", record)
+    tm = pair["target_mask"]
+    wm = torch.zeros_like(tm)
+    wm[:, 56:112, 40:104] = 1.0  # the warp covers the lower part of the target mask only
+    g = Graph()
+    d = g.node("MaX4ZeroDoubleMaskInpaint", positive=g.obj(cm.flux_conditioning(1), "CONDITIONING"),
+               negative=g.obj(cm.flux_conditioning(2), "CONDITIONING"), vae=g.obj(cm.StubFluxVAE(), "VAE"),
+               target_image=g.obj(target, "IMAGE"), target_mask=g.obj(tm, "MASK"),
+               warped_image=g.obj(pair["reference"], "IMAGE"), warped_mask=g.obj(wm, "MASK"), target_dilation=13,
+               fringe_dilation=19)
+    s = g.node("KSamplerAdvanced", model=g.obj(model, "MODEL"), add_noise="enable", noise_seed=3, steps=2, cfg=1.0,
+               sampler_name="euler", scheduler="simple", positive=d[0], negative=d[1], latent_image=d[2],
+               start_at_step=0, end_at_step=2, return_with_leftover_noise="disable")
+    for name, link in (("latent", d[2]), ("D", d[6]), ("out", s[0])):
+        g.capture(link, name)
+    return run_prompt(g)
+
+
+@needs_hook
+def test_double_mask_inpaint_drives_flux_fill_through_the_stock_sampler(comfy_env):
+    """The Fill model reads Double-Mask Inpaint's concat (masked image + the dilated fringe D as its mask channels);
+    inside F the first model input carries nothing of the composite; outside F the composite comes back."""
+    pair = _pair()
+    targets = (pair["target"], (1.0 - pair["target"]).flip(2).contiguous())
+    seen = [[], []]
+    results = [_double_mask_on_fill(t, pair, s) for t, s in zip(targets, seen)]
+    x0s = [s[0][0][:1] for s in seen]
+    concat = seen[0][0][1]
+    assert concat is not None and concat.shape[1] == 16 + 64  # masked-image latent + the 8x8-pixel mask channels
+    d_cells = F.avg_pool2d(results[0]["D"][:, None], 8)  # D at the latent grid, the share of each cell
+    mask_channels = concat[:1, 16:].mean(1, keepdim=True)
+    assert torch.allclose(mask_channels, d_cells, atol=1e-5)  # the model's mask channel is D, not F
+    cells = results[0]["latent"]["noise_mask"]  # F's latent cells (hard)
+    inside = (cells > 0.5).expand(1, 16, -1, -1)
+    assert inside.any() and (~inside).any()
+    assert torch.equal(x0s[0][inside], x0s[1][inside])  # the same for both composites: no composite signal
+    # (a flow model starts at sigma 1, where the first input is noise everywhere; at the next step the blend
+    # brings the noised composite back outside F, so the two composites differ there)
+    x1s = [s[1][0][:1] for s in seen]
+    assert not torch.allclose(x1s[0][~inside], x1s[1][~inside], atol=1e-3)
+    for res in results:
+        out, lat = res["out"]["samples"], res["latent"]["samples"]
+        assert torch.allclose(out[~inside], lat[~inside], atol=1e-4)  # outside F the composite, unchanged
+        assert (out[inside] - lat[inside]).abs().max() > 1e-3  # inside F: generated
