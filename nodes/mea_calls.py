@@ -19,6 +19,7 @@ __all__ = [
     "append_row",
     "pad_control",
     "reference_concat",
+    "reference_context",
     "plain_attention",
     "trace_consumers",
     "latent_output_key",
@@ -190,3 +191,17 @@ def latent_output_key(samples: Any) -> Optional[str]:
 
     dtype = mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else samples.dtype
     return samples_key(samples.detach().to(dtype=dtype))
+
+
+def reference_context(ref_context: Optional[torch.Tensor], ctx_row: Any) -> Any:
+    """The reference pass's text conditioning: the node's own prompt ``[1, L, D]``, cast like the call's row, or
+    the row's when the node gave none. Raises when the widths differ (a prompt encoded for another model family)."""
+    if ref_context is None or not isinstance(ctx_row, torch.Tensor):
+        return ctx_row
+    if ref_context.shape[-1] != ctx_row.shape[-1]:
+        raise ValueError(
+            f"MaX4Zero Masked Extended Attention: its 'positive' conditioning is {ref_context.shape[-1]} wide but "
+            f"this model's text conditioning is {ctx_row.shape[-1]} wide: encode the prompt with the text encoder "
+            "of the same checkpoint"
+        )
+    return ref_context.to(device=ctx_row.device, dtype=ctx_row.dtype)

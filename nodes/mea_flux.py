@@ -54,7 +54,7 @@ import torch
 
 from ..attention.dit import FLUX_LEVEL, flux_token_grid, joint_extended_attention, reference_token_ids
 from ..attention.policy import LayerSelection
-from .mea_calls import slice_row
+from .mea_calls import reference_context, slice_row
 from .mea_patch import MEA_PASS_KEY, MeaPatch, MeaRun
 from .mea_replace import CallRows
 
@@ -319,16 +319,7 @@ class FluxMeaPatch(MeaPatch):
         t_ref = t[row : row + 1] if t.dim() > 0 and t.shape[0] == n else t.reshape(-1)[:1]
         x_ref = base_model.model_sampling.noise_scaling(t_ref.to(x.dtype), noise, lat)
         concat_ref = flux_reference_concat(base_model, lat)
-        ctx_row = slice_row(named["c_crossattn"], n, row)
-        ctx_ref = ctx_row
-        if self.ref_context is not None and isinstance(ctx_row, torch.Tensor):
-            if self.ref_context.shape[-1] != ctx_row.shape[-1]:
-                raise ValueError(
-                    f"MaX4Zero Masked Extended Attention: its 'positive' conditioning is {self.ref_context.shape[-1]} "
-                    f"wide but this model's text conditioning is {ctx_row.shape[-1]} wide: encode the prompt with "
-                    "the text encoder of the same checkpoint"
-                )
-            ctx_ref = self.ref_context.to(device=ctx_row.device, dtype=ctx_row.dtype)
+        ctx_ref = reference_context(self.ref_context, slice_row(named["c_crossattn"], n, row))
         extra_ref = {k: slice_row(v, n, row) for k, v in extra.items() if k not in _NOT_FOR_REFERENCE}
         store: dict[tuple, Any] = {}
         to = dict(named["transformer_options"])

@@ -155,16 +155,8 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             raise cv.NodeInputError(node, f"the UNet has no self-attention in the parts chosen by layers={layers!r}",
                                  "pick another 'layers' choice")
 
-        tm = cv.mask_to_bhw(target_mask, node, "target_mask")
-        ctx = positive_context(positive, node)
-        ref = prepare_reference(node, model, vae, reference, garment_mask, background, reference_seed)
-        uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
-        check_mea_masks(node, garment_mask, ref, tm, selection, uid)
-
-        trace = _make_trace(cls.hidden)
-        trace.reference_size = ref.size
-        trace.reference_crop = ref.crop
-        trace.window = (float(start), float(end))
+        tm, ctx, ref, uid, trace = cls._inputs(model, vae, reference, garment_mask, target_mask, positive, start,
+                                               end, reference_seed, background, selection)
 
         patch = MeaPatch(
             mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
@@ -176,6 +168,23 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         patch.install(patched)
         return io.NodeOutput(patched, trace)
 
+
+    @classmethod
+    def _inputs(cls, model, vae, reference, garment_mask, target_mask, positive, start, end, reference_seed,
+                background, selection) -> tuple:
+        """What both adapters need from the node's inputs, checked: ``(target mask, reference prompt, reference
+        inputs, node id, trace)``."""
+        node = cls.NODE
+        tm = cv.mask_to_bhw(target_mask, node, "target_mask")
+        ctx = positive_context(positive, node)
+        ref = prepare_reference(node, model, vae, reference, garment_mask, background, reference_seed)
+        uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+        check_mea_masks(node, garment_mask, ref, tm, selection, uid)
+        trace = _make_trace(cls.hidden)
+        trace.reference_size = ref.size
+        trace.reference_crop = ref.crop
+        trace.window = (float(start), float(end))
+        return tm, ctx, ref, uid, trace
 
     @classmethod
     def _execute_flux(
@@ -194,15 +203,8 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         except ValueError as e:
             raise cv.NodeInputError(node, str(e), "set 'flux_blocks' to vital, double, single, all or a list like "
                                     "'d0-18, s6'") from None
-        tm = cv.mask_to_bhw(target_mask, node, "target_mask")
-        ctx = positive_context(positive, node)
-        ref = prepare_reference(node, model, vae, reference, garment_mask, background, reference_seed)
-        uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
-        check_mea_masks(node, garment_mask, ref, tm, FLUX_SELECTION, uid)
-        trace = _make_trace(cls.hidden)
-        trace.reference_size = ref.size
-        trace.reference_crop = ref.crop
-        trace.window = (float(start), float(end))
+        tm, ctx, ref, uid, trace = cls._inputs(model, vae, reference, garment_mask, target_mask, positive, start,
+                                               end, reference_seed, background, FLUX_SELECTION)
         patch = FluxMeaPatch(
             mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
             blocks=blocks, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx, garment_mask=ref.garment,

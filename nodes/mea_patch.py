@@ -87,6 +87,7 @@ from .mea_calls import (
     latent_output_key,
     pad_control,
     reference_concat,
+    reference_context,
     slice_row,
 )
 from .mea_replace import Attn1Replace, CallRows
@@ -383,17 +384,7 @@ class MeaPatch:
                     "checkpoint (plain or inpainting)"
                 )
             concat_ref = reference_concat(keys, lat)
-        ctx_row = slice_row(named["c_crossattn"], n, row)
-        if self.ref_context is not None and isinstance(ctx_row, torch.Tensor):
-            if self.ref_context.shape[-1] != ctx_row.shape[-1]:
-                raise ValueError(
-                    f"MaX4Zero Masked Extended Attention: its 'positive' conditioning is {self.ref_context.shape[-1]} "
-                    f"wide but this model's text conditioning is {ctx_row.shape[-1]} wide: encode the prompt with "
-                    "the CLIP of the same checkpoint"
-                )
-            ctx_ref = self.ref_context.to(device=ctx_row.device, dtype=ctx_row.dtype)
-        else:
-            ctx_ref = ctx_row
+        ctx_ref = reference_context(self.ref_context, slice_row(named["c_crossattn"], n, row))
         return {
             "x": x_ref, "t": t_ref, "c_concat": concat_ref, "c_crossattn": ctx_ref,
             "extra": {k: slice_row(v, n, row) for k, v in extra.items()},

@@ -102,6 +102,9 @@ def test_crop_rejects_empty_mask_naming_the_node(comfy_env):
     with pytest.raises(PromptFailed) as e:
         run_prompt(g)
     assert "MaX4Zero Crop To Mask" in e.value.message and "empty" in e.value.message
+    # the UI shows the error's type as the pack's own short name, not the pack's server path
+    assert e.value.exception_type == "MaX4Zero.NodeInputError", e.value.exception_type
+    assert str(cm.PACK_ROOT) not in e.value.exception_type
 
 
 # ------------------------------------------------------------------------------------------------
