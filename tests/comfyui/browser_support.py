@@ -20,10 +20,25 @@ What it does:
   - ``sam3.1_multiplex_fp16.safetensors`` and ``birefnet.safetensors``: PLACEHOLDERS for the masks workflow
     (listed in their combos so that the workflow loads without a missing-model dialog; never loaded: the
     workflow is not queued, it needs the real SAM 3.1 and BiRefNet weights).
+  - ``flux1-fill-dev.safetensors``, ``clip_l.safetensors``, ``t5xxl_fp16.safetensors``, ``ae.safetensors``:
+    PLACEHOLDERS for the Flux Fill workflow, replaced by the real-layout files of :func:`ensure_flux` when
+    that workflow is queued (see there).
   - ``sd_xl_base_1.0_inpainting_0.1.safetensors``: a PLACEHOLDER (not a loadable checkpoint). ``supported_models.SDXL``
     matches ``transformer_depth`` [0, 0, 2, 2, 10, 10] exactly, i.e. the full 2.6 B-parameter UNet
     (plus the 695 M CLIP-G): ~5 GB on disk, ~13 GB of RAM in float32 on CPU. Too heavy for this
     check; the SDXL workflow is loaded, checked and converted in the browser, not queued.
+
+* :func:`ensure_flux` — the Flux Fill workflow's files, random weights, cached like the others:
+
+  - ``flux1-fill-dev.safetensors``: a FLUX.1 Fill diffusion model with the real key layout and a reduced size
+    (hidden 256 = 2 heads of 128, 2 double + 2 single blocks, 384 input channels, T5 width 4096, CLIP-L pooled
+    768, guidance embedding): ``UNETLoader`` detects it as ``FluxInpaint``, as it does the real file.
+  - ``clip_l.safetensors``: a full-size random CLIP-L text model (fp16).
+  - ``t5xxl_fp8_e4m3fn.safetensors``: a full-size random T5-XXL encoder (4.76 B parameters) stored in
+    float8_e4m3fn, the layout of the public ``t5xxl_fp8_e4m3fn.safetensors``: DualCLIPLoader only knows the XXL
+    config for Flux, and fp8 halves the file and the RAM (~5 GB on disk, ~11 GB peak while encoding, ~30 s per
+    prompt on 2 cores). The queued prompt loads it instead of ``t5xxl_fp16.safetensors``.
+  - ``ae.safetensors``: a full-size random Flux VAE (16 latent channels, no quant convs).
 
 * :func:`make_base_dir` — a throwaway ComfyUI ``--base-directory`` (models, input, output, temp,
   user, custom_nodes with a symlink to this pack); nothing is written into the ComfyUI checkout.
@@ -170,6 +185,132 @@ def ensure_models(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: flo
         raise RuntimeError(f"building the random-weight models failed (rc {proc.returncode}):\n"
                            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return cache
+
+
+FLUX_VERSION = "flux-fill-v1-hidden256-t5xxl-fp8"
+#: The Flux Fill workflow's files and their folders (see :func:`ensure_flux`).
+FLUX_T5_FP8 = "t5xxl_fp8_e4m3fn.safetensors"
+FLUX_FILES = {"flux1-fill-dev.safetensors": "diffusion_models", "clip_l.safetensors": "text_encoders",
+              FLUX_T5_FP8: "text_encoders", "ae.safetensors": "vae"}
+#: Reduced FLUX.1 Fill: detection reads hidden size, widths and block counts from the weights (heads of 128).
+FLUX_FILL_PARAMS = {
+    "image_model": "flux", "in_channels": 96, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+    "hidden_size": 256, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+    "txt_ids_dims": [],
+}
+#: RAM the Flux Fill run needs (the fp8 T5-XXL while it encodes), checked before building or queueing.
+FLUX_MIN_AVAILABLE_GB = 13.0
+
+
+def available_ram_gb() -> Optional[float]:
+    """``MemAvailable`` from /proc/meminfo in GiB, or None where there is no such file."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def flux_skip_reason() -> Optional[str]:
+    """Why the Flux Fill workflow cannot be queued here (too little free RAM for the T5-XXL), or None."""
+    free = available_ram_gb()
+    if free is not None and free < FLUX_MIN_AVAILABLE_GB:
+        return (f"queueing the Flux Fill workflow loads a full-size T5-XXL (fp8, ~11 GB peak): "
+                f"{free:.1f} GiB of RAM available, {FLUX_MIN_AVAILABLE_GB:.0f} needed")
+    return None
+
+
+def ensure_flux(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1200) -> Path:
+    """The cache folder holding every file of :data:`FLUX_FILES`; builds it on first use (~1 min, ~6 GB RAM)."""
+    cache = Path(cache_root) / f"{FLUX_VERSION}-comfyui{comfyui_version(comfyui_path)}"
+    done = cache / "DONE.json"
+    if done.is_file():
+        return cache
+    cache.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "build-flux", str(cache)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not done.is_file():
+        raise RuntimeError(f"building the Flux Fill files failed (rc {proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return cache
+
+
+def _build_flux(out: Path) -> None:
+    """Child-process entry: the Flux Fill workflow's four files (see :func:`ensure_flux`), each checked the way
+    its loader detects it."""
+    import torch
+
+    root = os.environ["COMFYUI_PATH"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ldm.models.autoencoder as ae
+    import comfy.model_detection
+    import comfy.ops
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.text_encoders.sd3_clip
+    import comfy.utils
+    from comfy.ldm.flux.model import Flux
+
+    t0 = time.time()
+    log: dict[str, Any] = {}
+
+    def half(sd: dict) -> dict:
+        return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+    # --- the diffusion model: UNETLoader detects FluxInpaint from the keys and widths -------------------
+    dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **FLUX_FILL_PARAMS)
+    _init_random(dm, 31)
+    sd = half(dm.state_dict())
+    detected = comfy.model_detection.model_config_from_unet(sd, "")
+    if type(detected).__name__ != "FluxInpaint":
+        raise RuntimeError(f"the reduced Flux Fill is detected as {type(detected).__name__}")
+    comfy.utils.save_torch_file(sd, str(out / "flux1-fill-dev.safetensors"))
+    log["flux_params"] = sum(v.numel() for v in sd.values())
+
+    # --- CLIP-L (full size) ---------------------------------------------------------------------
+    clip_l = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float16)
+    _init_random(clip_l, 32)
+    comfy.utils.save_torch_file(half(clip_l.transformer.state_dict()), str(out / "clip_l.safetensors"))
+    del clip_l
+
+    # --- T5-XXL (full size, float8_e4m3fn), filled tensor by tensor: no float32 copy of 4.76 B weights ------
+    t5 = comfy.text_encoders.sd3_clip.T5XXLModel(device="cpu", dtype=torch.float8_e4m3fn)
+    g = torch.Generator().manual_seed(33)
+    with torch.no_grad():
+        for name, p in t5.transformer.named_parameters():
+            if p.ndim == 1:  # RMSNorm scales
+                p.copy_(torch.ones(p.shape).to(p.dtype))
+                continue
+            std = 1.0 if ("shared" in name or "relative_attention_bias" in name) else p.shape[-1] ** -0.5
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.dtype))
+    t5_sd = {k: v.contiguous() for k, v in t5.transformer.state_dict().items()}
+    log["t5_params"] = sum(v.numel() for v in t5_sd.values())
+    comfy.utils.save_torch_file(t5_sd, str(out / FLUX_T5_FP8))
+    del t5, t5_sd
+
+    # --- Flux VAE (full size): 16 latent channels, no quant convs ----------------------------------
+    ddconfig = dict(SD_VAE_DDCONFIG, z_channels=16)
+    vae = ae.AutoencodingEngine(
+        regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+        decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    _init_random(vae, 34)
+    vae_sd = half(vae.state_dict())
+    if comfy.sd.VAE(sd=dict(vae_sd)).latent_channels != 16:
+        raise RuntimeError("the random Flux VAE is not read as a 16-channel VAE")
+    comfy.utils.save_torch_file(vae_sd, str(out / "ae.safetensors"))
+
+    log["build_s"] = round(time.time() - t0, 1)
+    (out / "DONE.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(log))
 
 
 SDXL_VERSION = "sdxl-v1-full-random"
@@ -350,10 +491,12 @@ def _build(out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Optional[Path] = None) -> Path:
+def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Optional[Path] = None,
+                  flux: Optional[Path] = None) -> Path:
     """A fresh ``--base-directory``: models (symlinks into the cache), inputs, this pack in custom_nodes.
 
     ``sdxl``: a real SDXL checkpoint (:func:`ensure_sdxl`) to use instead of the placeholder.
+    ``flux``: the folder of :func:`ensure_flux`, whose files replace the Flux placeholders (plus the fp8 T5).
     """
     base = Path(tempfile.mkdtemp(prefix="max4zero-browser-", dir=parent))
     for sub in ("input", "output", "temp", "user", "custom_nodes", "models/checkpoints", "models/loras",
@@ -362,7 +505,11 @@ def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Option
     for name, folder in MODEL_FILES.items():
         src = Path(sdxl) if (sdxl is not None and name == SDXL_FILE) else Path(model_cache) / name
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        if flux is not None and name in FLUX_FILES:
+            src = Path(flux) / name
         (base / "models" / folder / name).symlink_to(src)
+    if flux is not None:
+        (base / "models" / "text_encoders" / FLUX_T5_FP8).symlink_to(Path(flux) / FLUX_T5_FP8)
     for name in INPUT_IMAGES:
         shutil.copyfile(EXAMPLE_INPUTS / name, base / "input" / name)
     (base / "custom_nodes" / "max4zero-tryon").symlink_to(PACK_ROOT, target_is_directory=True)
@@ -481,6 +628,8 @@ if __name__ == "__main__":
         _build(Path(sys.argv[2]))
     elif len(sys.argv) == 3 and sys.argv[1] == "build-sdxl":
         _build_sdxl(Path(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "build-flux":
+        _build_flux(Path(sys.argv[2]))
     else:
         print("usage: COMFYUI_PATH=... python browser_support.py build OUT_DIR", file=sys.stderr)
         sys.exit(2)

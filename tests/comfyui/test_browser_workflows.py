@@ -38,7 +38,14 @@ frontend produced, never to the workflow files:
 * sampler ``steps`` → at most 4, ``start_at_step`` / ``end_at_step`` scaled by the same factor so the
   70 % / 30 % split of the two-stage try-on keeps its shape (50: 0→35, 35→50 becomes 4: 0→3, 3→4);
 * ``MaX4ZeroCropToMask.size`` → 128 (working size; the workflows use 512, SDXL 1024);
-* ``MaX4ZeroCorrespondence.ensemble`` → 1 (feature-extraction passes per image).
+* ``MaX4ZeroCorrespondence.ensemble`` → 1 (feature-extraction passes per image);
+* ``DualCLIPLoader.clip_name2`` → ``t5xxl_fp8_e4m3fn.safetensors`` (Flux Fill: the public fp8 T5-XXL, half the
+  RAM of the fp16 file; still the full-size encoder).
+
+The Flux Fill workflow is queued with real-layout random files (``browser_support.ensure_flux``: a reduced
+FLUX.1 Fill that ComfyUI detects as ``FluxInpaint``, full-size CLIP-L, T5-XXL and Flux VAE) on ComfyUI 0.33+,
+when the machine has the RAM for the T5-XXL (:data:`browser_support.FLUX_MIN_AVAILABLE_GB`); otherwise it is
+loaded, converted and checked, and the skip says why.
 
 The sample inputs (``example_inputs/``, 512×512, the pose image included) are used as they are.
 
@@ -87,11 +94,13 @@ NOT_QUEUED = {
     "maxzero_masks_core": "needs the real SAM 3.1 and BiRefNet weights (sam3.1_multiplex_fp16.safetensors, "
                           "birefnet.safetensors; about 1.7 GB, see its Note): its files here are placeholders. "
                           "Loaded, converted and checked against /object_info only.",
-    "maxzero_flux_fill_tryon": "needs the real FLUX.1 Fill [dev] (23.8 GB) and T5-XXL (9.8 GB) files: a random T5-XXL "
-                               "of the real layout is ~10 GB of RAM, too heavy here, and its files here are "
-                               "placeholders. Loaded, converted and checked against /object_info only; Masked "
-                               "Extended Attention on Flux is sampled by tests/comfyui/test_flux_mea.py.",
 }
+FLUX_WORKFLOW = "maxzero_flux_fill_tryon"
+# Queued with the real-layout files of bs.ensure_flux when the machine has the RAM for a full-size T5-XXL.
+FLUX_NOT_QUEUED = bs.flux_skip_reason()
+if FLUX_NOT_QUEUED:
+    NOT_QUEUED[FLUX_WORKFLOW] = (FLUX_NOT_QUEUED + ". Loaded, converted and checked against /object_info only; "
+                                 "Masked Extended Attention on Flux is sampled by tests/comfyui/test_flux_mea.py.")
 if not RUN_SDXL:
     NOT_QUEUED["maxzero_sdxl"] = (
         "SDXL is detected only from the full 2.6 B-parameter UNet (supported_models.SDXL matches "
@@ -100,7 +109,9 @@ if not RUN_SDXL:
         "MAX4ZERO_BROWSER_SDXL=1 to build it and queue this workflow too.")
 PACK_DIR = "max4zero-tryon"
 MAX_STEPS = 4
-REDUCE = {"MaX4ZeroCropToMask": {"size": 128}, "MaX4ZeroCorrespondence": {"ensemble": 1}}
+REDUCE = {"MaX4ZeroCropToMask": {"size": 128}, "MaX4ZeroCorrespondence": {"ensemble": 1},
+          # the public fp8 T5-XXL instead of the fp16 one: half the RAM (see browser_support.ensure_flux)
+          "DualCLIPLoader": {"clip_name2": bs.FLUX_T5_FP8}}
 RUN_TIMEOUT_S = 300
 VIEWPORT = {"width": 2560, "height": 1440}
 
@@ -128,7 +139,8 @@ SHOT_MAX = (4800, 2600)  # viewport cap (CSS px)
 def server():
     root = os.environ["COMFYUI_PATH"]
     cache = bs.ensure_models(root)
-    base = bs.make_base_dir(cache, sdxl=bs.ensure_sdxl(root) if RUN_SDXL else None)
+    flux = None if (FLUX_WORKFLOW in NOT_QUEUED or _needs_newer(FLUX_WORKFLOW)) else bs.ensure_flux(root)
+    base = bs.make_base_dir(cache, sdxl=bs.ensure_sdxl(root) if RUN_SDXL else None, flux=flux)
     (base / "user" / "default").mkdir(parents=True, exist_ok=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     srv = bs.ComfyServer(root, base).start()
@@ -412,8 +424,9 @@ def reduce_prompt(prompt: dict, object_info: dict) -> tuple[dict, list[str]]:
                     changes.append(f"{nid}: {k} {v}->{inputs[k]}")
         for k, v in REDUCE.get(node.get("class_type"), {}).items():
             if k in inputs and not _is_link(inputs[k]) and inputs[k] != v:
-                opts = object_info[node["class_type"]]["input"]["required"].get(k, [None, {}])[1]
-                v2 = max(v, opts.get("min", v))
+                spec = object_info[node["class_type"]]["input"]["required"].get(k, [None, {}])
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                v2 = max(v, opts.get("min", v)) if isinstance(v, (int, float)) else v
                 changes.append(f"{nid} {node['class_type']}: {k} {inputs[k]}->{v2}")
                 inputs[k] = v2
     return out, changes
@@ -511,6 +524,7 @@ def test_queues_and_finishes(page, server, object_info, name):
     code, _ = server.post_json("/free", {"free_memory": True})
     assert code == 200
     time.sleep(2.0)  # the worker applies the flag when it next wakes; give it that moment
+    log_start = len(server.log_text())
     t0 = time.time()
     code, body = server.post_json("/prompt", {"prompt": prompt, "client_id": client_id,
                                               "extra_data": {"extra_pnginfo": {"workflow": conv["workflow"]}}})
@@ -529,6 +543,9 @@ def test_queues_and_finishes(page, server, object_info, name):
     for img in saved:
         assert (server.base / "output" / img.get("subfolder", "") / img["filename"]).is_file()
     print(f"{name}: ran in {time.time() - t0:.1f} s, {len(images)} images")
+    # Every shipped MEA node has masks that are not empty: MEA must have acted (the patch says so otherwise).
+    run_log = server.log_text()[log_start:]
+    assert "did nothing in this sampling run" not in run_log, f"{name}: MEA was a no-op:\n{run_log[-3000:]}"
     # The page got the run's images: every node that produced images shows them in the screenshot.
     shown = [nid for nid, out in entry.get("outputs", {}).items() if out.get("images")]
     screenshot(page, name, wait_for_images=shown)
