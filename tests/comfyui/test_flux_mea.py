@@ -336,6 +336,94 @@ def test_chains_with_another_attn1_patch_in_either_order(comfy_env, monkeypatch)
     spy.check_outside_unchanged()
 
 
+class _HalfAttention:
+    """Another pack's ``optimized_attention_override`` (e.g. a faster attention): calls the attention it is given,
+    halves the result, counts its calls. Set on a clone, as packs do."""
+
+    def __init__(self):
+        self.calls = 0
+        self.outputs = []
+
+    def __call__(self, func, *args, **kwargs):
+        self.calls += 1
+        out = func(*args, **kwargs) * 0.5
+        self.outputs.append(out.clone())
+        return out
+
+    def returned(self, t: torch.Tensor) -> bool:
+        return any(o.shape == t.shape and torch.equal(o, t) for o in self.outputs)
+
+    def on(self, model):
+        m = model.clone()
+        m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = self
+        return m
+
+
+@needs_hook
+def test_chains_with_another_attention_override_in_either_order(comfy_env, monkeypatch):
+    """Another pack's attention override set before or after the MEA node is called, never dropped; the region's
+    image queries are MEA's, every other row is what that override returned (bit for bit)."""
+    spy = _Blocks(monkeypatch)
+    model = cm.small_flux_model()
+    g0 = Graph()
+    g0.capture(_sampler(g0, _mea(g0, g0.obj(model, "MODEL"))[0], steps=2)[0], "mea_only")
+    mea_model = _mea(g0, g0.obj(model, "MODEL"))[0]
+    g0.capture(mea_model, "mea_model")
+    res0 = run_prompt(g0)
+    results = {}
+    for order, other in (("before", _HalfAttention()), ("after", _HalfAttention())):
+        spy.calls.clear()
+        g = Graph()
+        if order == "before":  # the other pack's node, then MaX4Zero's
+            link = _mea(g, g.obj(other.on(model), "MODEL"))[0]
+        else:  # MaX4Zero's node, then the other pack's
+            link = g.obj(other.on(res0.captured["mea_model"]), "MODEL")
+        g.capture(_sampler(g, link, steps=2)[0], order)
+        results[order] = run_prompt(g)[order]["samples"]
+        assert other.calls > 0, f"{order}: the other pack's override was dropped"
+        spy.check_outside_unchanged()
+        # MEA's base (every row outside the region) is the other override's result
+        assert all(other.returned(c["base"]) for c in spy.calls), order
+    assert torch.equal(results["before"], results["after"])
+    assert not torch.equal(results["before"], res0["mea_only"]["samples"])  # the override took effect
+
+
+def _scale_block_replace(model):
+    """Another pack's whole-block replacement of double block 0 (runs the original block, scales its image
+    stream), set on a clone with ComfyUI's own ``patches_replace["dit"]`` API."""
+    m = model.clone()
+
+    def replace(args, extra):
+        out = extra["original_block"](args)
+        return {**out, "img": out["img"] * 0.9}
+
+    m.set_model_patch_replace(replace, "dit", "double_block", 0)
+    return m
+
+
+@needs_hook
+def test_chains_with_another_block_replacement_in_either_order(comfy_env, monkeypatch):
+    """A ``patches_replace["dit"]`` block wrapper from another pack stays in place, and MEA still acts inside the
+    block it wraps (the original block runs the attention hook)."""
+    spy = _Blocks(monkeypatch)
+    model = cm.small_flux_model()
+    g = Graph()
+    g.capture(_sampler(g, _mea(g, g.obj(_scale_block_replace(model), "MODEL"), blocks="d0")[0], steps=2)[0], "a")
+    g.capture(_sampler(g, _mea(g, g.obj(model, "MODEL"), blocks="d0")[0], steps=2)[0], "mea_only")
+    mea_model = _mea(g, g.obj(model, "MODEL"), blocks="d0")[0]
+    g.capture(mea_model, "mea_model")
+    res = run_prompt(g)
+    assert not res.captured["mea_model"].model_options.get("transformer_options", {}).get(
+        "patches_replace", {}).get("dit"), "MEA itself replaces no block"
+    g2 = Graph()
+    g2.capture(_sampler(g2, g2.obj(_scale_block_replace(res.captured["mea_model"]), "MODEL"), steps=2)[0], "b")
+    res2 = run_prompt(g2)
+    assert torch.equal(res["a"]["samples"], res2["b"]["samples"])
+    assert not torch.equal(res["a"]["samples"], res["mea_only"]["samples"])  # the replacement took effect
+    assert spy.calls and all(c["start"] > 0 for c in spy.calls)
+    spy.check_outside_unchanged()
+
+
 # ------------------------------------------------------------------------------------------------
 # node inputs and reference
 # ------------------------------------------------------------------------------------------------
