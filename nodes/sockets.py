@@ -1,10 +1,14 @@
-"""The pack's own socket types, declared once (V3 ``io.Custom``). Their names are saved in workflows: final."""
+"""The pack's own socket types (V3 ``io.Custom``) and node category, declared once. Their names are saved in
+workflows or shown in the node menu: final."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-__all__ = ["MATCHES", "CROP", "TRACE"]
+__all__ = ["CATEGORY", "MATCHES", "CROP", "TRACE"]
+
+#: the node menu's folder of every MaX4Zero node
+CATEGORY = "MaX4Zero"
 
 #: control-point pairs (``nodes/matches.py: Matches``): Correspondence → MLS Warp, Double-Mask Inpaint, Flow View
 MATCHES = io.Custom("MAX4ZERO_MATCHES")

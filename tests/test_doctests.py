@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules that import ComfyUI at import time are covered by tests/comfyui instead.
-NEEDS_COMFY = {"nodes.features", "nodes.registration_nodes", "nodes.mea_nodes", "nodes.extension", "nodes.sockets"}
+NEEDS_COMFY = {"nodes.features", "nodes.registration_nodes", "nodes.correspondence_node", "nodes.warp_nodes",
+               "nodes.crop_nodes", "nodes.mea_nodes", "nodes.extension", "nodes.sockets"}
 MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts)
     for folder in ("attention", "warping", "nodes", "adapters")

@@ -1,0 +1,70 @@
+"""Checks shared by the stage-1 nodes: one image pair, the eroded garment, inverted masks, the region left after
+protection, and the widget checks run at queue time (V3 ``validate_inputs``) and again in ``execute``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..warping import masks as _masks
+from . import convert as cv
+from .notify import warn_on_node
+
+__all__ = ["single_item", "eroded_garment", "warn_if_inverted", "check_region_left", "WidgetChecks"]
+
+
+def single_item(node: str, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` [1, ...] as it is; a batch of several is refused (these nodes register one image pair)."""
+    if x.shape[0] != 1:
+        raise cv.NodeInputError(node, f"{name} is a batch of {x.shape[0]}, this node works on one image pair",
+                                "pick one image with 'Image From Batch' (or run the workflow once per pair)")
+    return x
+
+
+def eroded_garment(node: str, gm: torch.Tensor) -> torch.Tensor:
+    """Garment mask [B, H, W] eroded by ``GARMENT_EROSION`` (float); refused when nothing is left of it."""
+    er = _masks.erode(gm > 0.5, _masks.GARMENT_EROSION)
+    if not bool(er.any()):
+        raise cv.NodeInputError(node, "garment_mask vanishes after the 1-pixel erosion (it is only a thin line)",
+                                "connect a mask that covers the whole garment")
+    return er.float()
+
+
+def warn_if_inverted(node: str, name: str, mask: torch.Tensor) -> None:
+    """A mask that looks inverted (background white) is legal but almost never meant: say so."""
+    problem = _masks.inverted_mask_problem(mask, name)
+    if problem:
+        warn_on_node(node, problem)
+
+
+class WidgetChecks:
+    """Checks that need only widget values run at queue time (V3 ``validate_inputs``) and again in ``execute``.
+
+    ``WIDGETS`` names the inputs checked. ComfyUI skips its own min/max/combo checks for the inputs a
+    ``validate_inputs`` declares, so :func:`convert.check_widgets` redoes them from the schema; ``_rules`` adds
+    the node's own (odd kernels, multiples of 8, parsable points). A widget turned into a link arrives as None
+    at queue time and is checked when the node runs.
+    """
+
+    NODE = ""
+    WIDGETS: tuple = ()
+
+    @classmethod
+    def check_widget_values(cls, **values) -> None:
+        values = {k: v for k, v in values.items() if k in cls.WIDGETS and v is not None}
+        cv.check_widgets(cls.NODE, cls.define_schema().inputs, values)
+        cls._rules(values)
+
+    @classmethod
+    def _rules(cls, values: dict) -> None:
+        pass
+
+
+def check_region_left(node: str, processed: torch.Tensor) -> None:
+    """Refuse, before any sampling, a protect_mask that removes the whole try-on region."""
+    if not bool((processed > 0.5).any()):
+        raise cv.NodeInputError(
+            node, "protect_mask covers the whole target_mask: nothing is left to repaint, so the result would be "
+            "the input photo unchanged", "protect_mask should cover only what must be kept inside the region (hands, "
+            "hair, objects), white = keep; check that it is not inverted, or disconnect it")
+
