@@ -726,6 +726,8 @@ MODEL_URLS.update({
     CLIP_L: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + CLIP_L),
     T5XXL: ("text_encoders", "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/" + T5XXL),
 })
+# Paper guidance at cfg 1 (guidance-distilled): no text-CFG term for s_mea to weigh against; untuned, mid-range.
+FLUX_S_MEA = 3.0
 # Masked Extended Attention on Flux needs the attention hook of Flux blocks, which ComfyUI has from 0.33 on.
 MIN_COMFYUI["maxzero_flux_fill_tryon"] = "0.33.0"
 
@@ -748,8 +750,10 @@ def flux_fill_tryon() -> Workflow:
         "works in its place: pick it in Load CLIP (Dual)'s clip_name2.\n"
         f"- {FLUX_AE} from {MODEL_URLS[FLUX_AE][1]}, in ComfyUI/models/vae/.\n\n" + INPUTS_TEXT + "\n\n"
         "Guidance: FLUX.1 is guidance-distilled: the sampler runs at cfg 1 and Flux Guidance (30 for Fill) sets "
-        "the distilled guidance. 'paper' guidance then becomes eps_c + s_mea * M * (eps_MEA - eps_c). s_mea 15 was "
-        "tuned for SD at cfg 12: on Flux start lower (the MEA node's default is kept; try 2-5). Blocks: "
+        "the distilled guidance. 'paper' guidance then becomes eps_c + s_mea * M * (eps_MEA - eps_c). The node's "
+        f"default s_mea 15 was tuned for SD at cfg 12, where it weighs against 12 x the text direction; at cfg 1 "
+        f"that would amplify the MEA difference 15 times, so this workflow uses s_mea {FLUX_S_MEA:g} (try 2-5; "
+        "untuned). Blocks: "
         "'flux_blocks' = vital (Stable Flow's vital layers of FLUX.1-dev), untuned on Fill. Describe the garment "
         "in the prompt.\n\nThe registration stage (correspondence, MLS warp, double-mask inpainting) is not "
         "in this workflow; its nodes work with an SD inpainting model as in maxzero_full_tryon.", box=(400, 820))
@@ -766,7 +770,8 @@ def flux_fill_tryon() -> Workflow:
     tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=1024)
     ic = wf.wire(wf.add("InpaintModelConditioning", "mea", noise_mask=True), positive=pos, negative=neg, vae=vae,
                  pixels=tgt.out("image"), mask=tgt.out("mask"))
-    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", "mea", guidance="paper", start=0.0, end=1.0),
+    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", "mea", guidance="paper", s_mea=FLUX_S_MEA, start=0.0,
+                         end=1.0),
                   model=unet, vae=vae, reference=ref.out("image"), garment_mask=ref.out("mask"),
                   target_mask=tgt.out("mask"), positive=pos)
     samp = wf.wire(wf.add("KSampler", "mea", seed=SEED, steps=28, cfg=1.0, sampler_name="euler",
