@@ -72,9 +72,9 @@ import torch
 from ..attention.policy import (
     GUIDANCE_MODES,
     LayerSelection,
+    check_reference_every,
     guidance_base,
     in_window,
-    check_reference_every,
     nearest_step,
     no_op_reason,
     paper_guidance,
