@@ -17,6 +17,10 @@ or with a separate reference pass (``mode="recorded"``)::
         unet(ref_latents, t, ref_emb)          # stores K, V of every selected layer
     eps = unet(tgt_latents, t, tgt_emb).sample  # target reads the stored K, V
 
+The stored K, V stay until the next recording, so how often to record is the caller's loop: recording only
+every N-th step and reusing them in between is what the ComfyUI node's ``reference_every`` does (the rule is
+``attention/policy.py: reuse_reference``), an approximation of the paper, which records at every step.
+
 Which layers
     Candidates are chosen by processor name (``layers``: ``"decoder"`` = self-attention under
     ``up_blocks``, the paper's choice; ``"all"``; or names/prefixes). Among candidates, a layer

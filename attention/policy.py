@@ -14,6 +14,7 @@ chunks of a batched model call in order, 0 = positive, 1 = negative (ComfyUI's c
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -40,6 +41,8 @@ __all__ = [
     "guidance_base",
     "guided",
     "nearest_step",
+    "check_reference_every",
+    "reuse_reference",
     "no_op_reason",
 ]
 
@@ -288,6 +291,46 @@ def nearest_step(sample_sigmas: Optional[torch.Tensor], sigma: float) -> Optiona
     if sample_sigmas is None or not isinstance(sample_sigmas, torch.Tensor) or sample_sigmas.numel() == 0:
         return None
     return int(torch.argmin((sample_sigmas.detach().float().cpu() - float(sigma)).abs()))
+
+
+def check_reference_every(every: Any) -> int:
+    """How many sampler steps one recorded reference K/V serves, as an int; raises unless it is a whole number ≥ 1.
+
+    1 = the paper: a reference pass at every step (docs/method.md §3b, §3c).
+
+    >>> check_reference_every(2)
+    2
+    """
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"reference_every must be a whole number ≥ 1 (1 = a reference pass at every step, as in "
+                         f"the paper), got {every!r}")
+    return int(every)
+
+
+def reuse_reference(stored_step: Optional[int], stored_sigma: Optional[float], step: Optional[int], sigma: float,
+                    every: int) -> bool:
+    """Whether a model call at ``sigma`` (schedule index ``step``) reuses the reference K/V recorded at
+    ``stored_sigma`` (index ``stored_step``) instead of running a new reference pass.
+
+    The same sigma always reuses: cond and uncond split into separate calls, or the paper's extra pass, at
+    one step compute the reference once; that is all the paper allows (``every`` = 1). With ``every`` = N > 1
+    a recording also serves the next N − 1 steps (``0 ≤ step − stored_step < N``), so the garment K/V those
+    steps read were recorded at an earlier, noisier sigma: an approximation of the paper that saves the
+    reference pass. Without both step indices (no schedule known) only the exact sigma reuses. ``stored_sigma``
+    None means nothing is stored.
+
+    >>> reuse_reference(3, 0.5, 3, 0.5, 1), reuse_reference(3, 0.5, 4, 0.4, 1)
+    (True, False)
+    >>> [reuse_reference(3, 0.5, s, 0.1, 2) for s in (2, 3, 4, 5)], reuse_reference(None, 0.5, 4, 0.4, 2)
+    ([False, True, True, False], False)
+    """
+    if stored_sigma is None:
+        return False
+    if stored_sigma == sigma:
+        return True
+    if every <= 1 or stored_step is None or step is None:
+        return False
+    return 0 <= step - stored_step < every
 
 
 def no_op_reason(stats: dict, start: float, end: float, sigmas: Any, layer_input: str = "layers") -> tuple[str, str]:

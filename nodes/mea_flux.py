@@ -28,7 +28,8 @@ per block call.
 Both are put into a COPY of the call's ``transformer_options``, only for calls that carry MEA (as the UNet
 adapter does); every other call is untouched.
 
-Reference pass: a separate batch-1 call per sigma (cached for the cond/uncond/MEA passes at that sigma): the
+Reference pass: a separate batch-1 call per sigma (cached for the cond/uncond/MEA passes at that sigma; with
+``reference_every`` = N > 1 also reused for the next N − 1 sampler steps, an approximation of the paper): the
 reference latent noised to the current sigma with the fixed seeded noise, the node's positive text, the
 guidance and pooled inputs of a positive row, no ControlNet, no Kontext reference latents, no attention mask.
 FLUX.1 Fill gets an all-zero inpaint mask and the reference itself as masked image, so it reconstructs itself.
@@ -289,9 +290,9 @@ class FluxMeaPatch(MeaPatch):
             return executor(*args, **kwargs)
         named, extra, run, call, _ = found
         base_model, to, x, t = executor.class_obj, named["transformer_options"], named["x"], named["t"]
-        store = run.stored(call.sigma)
+        store = run.stored(call.sigma, call.step)  # same sigma, or within reference_every steps: no reference pass
         if store is None:
-            store = self._reference(executor, base_model, run, named, extra, call.rows[0], call.n_rows)
+            store = self._reference(executor, base_model, run, named, extra, call)
         dm = base_model.diffusion_model
         hooks = FluxAttention(self, run, "use", store, call, flux_token_grid(x.shape[-2:]),
                               lambda device: self.reference_pe(dm, device), to.get("optimized_attention_override"))
@@ -309,11 +310,12 @@ class FluxMeaPatch(MeaPatch):
             new_to["optimized_attention_override"] = hooks.override
         return new_to
 
-    def _reference(self, executor: Any, base_model: Any, run: MeaRun, named: dict, extra: dict, row: int,
-                   n: int) -> dict:
-        """Separate reference pass (batch 1) recording the garment tokens' K/V of the selected blocks."""
+    def _reference(self, executor: Any, base_model: Any, run: MeaRun, named: dict, extra: dict,
+                   call: CallRows) -> dict:
+        """Separate reference pass (batch 1, inputs from the call's first MEA row) recording the garment tokens'
+        K/V of the selected blocks; kept in the run with the call's sigma and step."""
         x, t = named["x"], named["t"]
-        sigma = float(t.flatten()[0])
+        row, n = call.rows[0], call.n_rows
         lat = self.ref_latent.to(device=x.device, dtype=x.dtype)
         noise = self.ref_noise.to(device=x.device, dtype=x.dtype)
         t_ref = t[row : row + 1] if t.dim() > 0 and t.shape[0] == n else t.reshape(-1)[:1]
@@ -330,5 +332,5 @@ class FluxMeaPatch(MeaPatch):
         ref_to = self.with_hooks(to, FluxAttention(self, run, "record", store))
         executor(x_ref, t_ref, concat_ref, ctx_ref, None, ref_to, **extra_ref)
         self.reference_passes += 1
-        run.keep(store, sigma)
+        run.keep(store, call.sigma, call.step)
         return store

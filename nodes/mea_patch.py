@@ -16,7 +16,9 @@ How it hooks into ComfyUI (0.3.64 and 0.33.0):
      K/V in the same forward (one UNet call instead of two: a one-row call costs ~0.6 of a two-row
      one). Otherwise a separate batch-1 reference pass runs first with the attn1 replaces in *record*
      mode. Either way the reference K/V are kept per sigma, so cond and uncond split into separate
-     calls never compute them twice.
+     calls never compute them twice. With ``reference_every`` = N > 1 (opt-in, not the paper) they also
+     serve the next N − 1 sampler steps, which then run no reference at all (``attention/policy.py:
+     reuse_reference``).
   2. runs the real call with the attn1 replaces in *use* mode (:mod:`.mea_replace`).
 
   The attn1 replaces are put into a COPY of the call's ``transformer_options`` only for such calls.
@@ -70,11 +72,13 @@ import torch
 from ..attention.policy import (
     GUIDANCE_MODES,
     LayerSelection,
+    check_reference_every,
     guidance_base,
     in_window,
     nearest_step,
     no_op_reason,
     paper_guidance,
+    reuse_reference,
     row_mask_index,
     rows_with_mea,
     token_mask,
@@ -103,23 +107,31 @@ BACKGROUND_CHOICES = ("kept", "neutralised")
 
 
 class MeaRun:
-    """What one sampling run of a patched model knows: the reference K/V at the current sigma, the masks at
-    each token grid and device, the window in sigma, and what MEA did (for the no-op report)."""
+    """What one sampling run of a patched model knows: the last recorded reference K/V with the sigma and
+    schedule step it was recorded at, the masks at each token grid and device, the window in sigma, and what
+    MEA did (for the no-op report)."""
 
     def __init__(self, patch: "MeaPatch") -> None:
         self.patch = patch
         self.store: dict[tuple, Any] = {}
         self.store_sigma: Optional[float] = None
+        self.store_step: Optional[int] = None
         self.stats = {"calls": 0, "layers": 0, "effective": 0}
         self._masks: dict[tuple, torch.Tensor] = {}
         self._windows: dict[int, tuple[float, float]] = {}
 
-    def stored(self, sigma: float) -> Optional[dict]:
-        """The reference K/V recorded at ``sigma`` in this run, or None."""
-        return self.store if (self.store_sigma == sigma and self.store) else None
+    def stored(self, sigma: float, step: Optional[int] = None) -> Optional[dict]:
+        """The recorded reference K/V a call at ``sigma`` (schedule index ``step``) may use, or None (run a new
+        reference pass): those recorded at ``sigma``, or, with the patch's ``reference_every`` > 1, those
+        recorded fewer than that many steps ago (``attention/policy.py: reuse_reference``)."""
+        if not self.store:
+            return None
+        reuse = reuse_reference(self.store_step, self.store_sigma, step, sigma, self.patch.reference_every)
+        return self.store if reuse else None
 
-    def keep(self, store: dict, sigma: float) -> None:
-        self.store, self.store_sigma = store, sigma
+    def keep(self, store: dict, sigma: float, step: Optional[int] = None) -> None:
+        """Remember the reference K/V just recorded at ``sigma`` (schedule index ``step``, None if unknown)."""
+        self.store, self.store_sigma, self.store_step = store, sigma, step
 
     def in_window(self, model_sampling: Any, sigma: float) -> bool:
         key = id(model_sampling)
@@ -171,6 +183,9 @@ class MeaPatch:
         garment_mask: [1, H, W] bool garment pixels of the reference (after erosion), any resolution.
         target_mask: [B or 1, H, W] float try-on region of the target, any resolution of the same aspect.
         trace: a :class:`~max4zero.nodes.trace.MeaTrace` to record attention into, or None.
+        reference_every: a reference pass at the first MEA step, then once at least this many sampler steps
+            have passed since the last one; the steps between reuse its K/V (recorded at an earlier, noisier
+            sigma). 1 (default) = the paper, every step. ``attention/policy.py: reuse_reference``.
     """
 
     def __init__(
@@ -189,6 +204,7 @@ class MeaPatch:
         garment_mask: torch.Tensor,
         target_mask: torch.Tensor,
         trace: Any = None,
+        reference_every: int = 1,
     ) -> None:
         if mode not in GUIDANCE_MODES:
             raise ValueError(f"mode must be one of {GUIDANCE_MODES}, got {mode!r}")
@@ -207,6 +223,7 @@ class MeaPatch:
         self.garment_mask = garment_mask.bool()
         self.target_mask = target_mask.float()
         self.trace = trace
+        self.reference_every = check_reference_every(reference_every)
         self.id = uuid.uuid4().hex
         self.ref_uuid = uuid.uuid4()
         #: transformer_options key of this patch's per-run state
@@ -353,11 +370,13 @@ class MeaPatch:
             return executor(*args, **kwargs)
         named, extra, run, call, cou = found
         base_model, n = executor.class_obj, call.n_rows
-        store = run.stored(call.sigma)
+        store = run.stored(call.sigma, call.step)
+        # Without usable K/V the reference runs (as an extra row of this call when the layout allows); with
+        # them (same sigma, or reused within reference_every steps) this call has no reference row at all.
         if store is None and self.inline_reference and self.can_inline(named, cou, n):
             return self._inline_call(executor, base_model, run, named, extra, call, cou)
         if store is None:
-            store = self._reference(executor, base_model, run, named, extra, call.rows[0], n)
+            store = self._reference(executor, base_model, run, named, extra, call)
         use_to = self.with_replaces(named["transformer_options"],
                                     lambda key, prev: Attn1Replace(self, run, key, prev, "use", call, store))
         return executor(named["x"], named["t"], named["c_concat"], named["c_crossattn"], named["control"], use_to,
@@ -390,11 +409,11 @@ class MeaPatch:
             "extra": {k: slice_row(v, n, row) for k, v in extra.items()},
         }
 
-    def _reference(self, executor: Any, base_model: Any, run: MeaRun, named: dict, extra: dict, row: int,
-                   n: int) -> dict:
-        """Separate reference pass (batch 1) recording K/V of the selected layers; kept in the run per sigma."""
-        sigma = float(named["t"].flatten()[0])
-        ref = self._reference_inputs(base_model, named, extra, row, n)
+    def _reference(self, executor: Any, base_model: Any, run: MeaRun, named: dict, extra: dict,
+                   call: CallRows) -> dict:
+        """Separate reference pass (batch 1, inputs from the call's first MEA row) recording K/V of the selected
+        layers; kept in the run with the call's sigma and step."""
+        ref = self._reference_inputs(base_model, named, extra, call.rows[0], call.n_rows)
         store: dict[tuple, Any] = {}
         to = dict(named["transformer_options"])
         to.pop(MEA_PASS_KEY, None)
@@ -404,7 +423,7 @@ class MeaPatch:
         ref_to = self.with_replaces(to, lambda key, prev: Attn1Replace(self, run, key, prev, "record", store=store))
         executor(ref["x"], ref["t"], ref["c_concat"], ref["c_crossattn"], None, ref_to, **ref["extra"])
         self.reference_passes += 1
-        run.keep(store, sigma)
+        run.keep(store, call.sigma, call.step)
         return store
 
     def can_inline(self, named: dict, cou: list, n: int) -> bool:
@@ -454,7 +473,7 @@ class MeaPatch:
         use_to = self.with_replaces(to, lambda key, prev: Attn1Replace(self, run, key, prev, "inline", inline, store))
         out = executor(x2, t2, concat2, ctx2, control2, use_to, **extra2)
         self.reference_passes += 1
-        run.keep(store, call.sigma)  # later calls at this sigma reuse the recorded K/V
+        run.keep(store, call.sigma, call.step)  # later calls at this sigma (or within reference_every) reuse it
         return out[:n]
 
     def with_replaces(self, to: dict, make: Callable[[tuple, Optional[Callable]], Callable]) -> dict:

@@ -298,6 +298,28 @@ def test_patch_is_inactive_when_it_cannot_change_anything():
         _patch(start=0.9, end=0.5)
 
 
+def test_a_run_serves_its_reference_by_the_patch_s_reference_every():
+    """MeaRun.stored: the recorded K/V at the same sigma (every 1 = the paper), or within reference_every steps."""
+    store = {("output", 9, 0): "kv"}
+    for every, reused_steps in ((1, []), (2, [4]), (3, [4, 5])):
+        run = mp.MeaRun(_patch(reference_every=every))
+        assert run.stored(0.5, 3) is None  # nothing recorded yet
+        run.keep(store, 0.5, 3)
+        assert run.stored(0.5, 3) is store and run.stored(0.5, None) is store  # the same sigma, always
+        assert [s for s in range(2, 8) if s != 3 and run.stored(3.0 / (s + 3), s) is store] == reused_steps, every
+        assert run.stored(0.4, None) is None  # no schedule: only the exact sigma
+    run = mp.MeaRun(_patch(reference_every=5))
+    run.keep({}, 0.5, 3)
+    assert run.stored(0.5, 3) is None  # an empty recording (no layer reached) is never served
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, None])
+def test_the_patch_refuses_a_bad_reference_every(bad):
+    with pytest.raises(ValueError, match="reference_every"):
+        _patch(reference_every=bad)
+    assert _patch().reference_every == 1  # the paper's, by default
+
+
 def test_latent_mask_for_paper_guidance():
     tm = torch.zeros(2, 16, 16)
     tm[0, :8] = 1

@@ -94,3 +94,38 @@ def test_no_op_reason_names_the_layer_input_of_the_model():
     # the other reasons do not depend on it
     for stats in ({"calls": 0}, {"calls": 3, "layers": 6, "effective": 0}):
         assert policy.no_op_reason(stats, 0.7, 1.0, None) == policy.no_op_reason(stats, 0.7, 1.0, None, "flux_blocks")
+
+
+# reference_every: when a call reuses the recorded reference K/V (stored at step 3, sigma 0.5)
+@pytest.mark.parametrize("every, step, sigma, reuse", [
+    (1, 3, 0.5, True),  # the same sigma: cond and uncond in separate calls share one reference pass (paper)
+    (1, 4, 0.4, False),  # every 1 = the paper: any other sigma records anew
+    (1, 3, 0.45, False),  # ... even at the same step index (a second call per step, e.g. Heun)
+    (2, 4, 0.4, True),  # every 2: the next step reuses
+    (2, 5, 0.3, False),  # ... the one after records anew
+    (2, 3, 0.45, True),  # same step index, other sigma: within the span
+    (2, 2, 0.6, False),  # an earlier step never reuses a later recording
+    (3, 5, 0.3, True),
+    (3, 6, 0.2, False),
+])
+def test_reference_is_reused_only_at_the_same_sigma_or_within_every_steps(every, step, sigma, reuse):
+    assert policy.reuse_reference(3, 0.5, step, sigma, every) is reuse
+
+
+def test_reference_reuse_needs_both_steps_and_a_recording():
+    assert policy.reuse_reference(None, 0.5, 4, 0.4, 2) is False  # recording's step unknown
+    assert policy.reuse_reference(3, 0.5, None, 0.4, 2) is False  # call's step unknown (no schedule)
+    assert policy.reuse_reference(None, 0.5, None, 0.5, 2) is True  # the exact sigma needs no step
+    assert policy.reuse_reference(None, None, 3, 0.5, 5) is False  # nothing recorded yet
+    assert policy.reuse_reference(0, None, 0, 0.5, 5) is False
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, 2.0, "2", None, True])
+def test_reference_every_must_be_a_whole_number_of_steps(bad):
+    with pytest.raises(ValueError, match="reference_every must be a whole number"):
+        policy.check_reference_every(bad)
+
+
+def test_reference_every_accepts_whole_numbers():
+    assert policy.check_reference_every(1) == 1 and policy.check_reference_every(50) == 50
+    assert type(policy.check_reference_every(torch.tensor(3).item())) is int

@@ -725,3 +725,50 @@ class StubFluxVAE:
         x = image[..., :3].movedim(-1, 1).float()
         x = torch.nn.functional.avg_pool2d(x, 8)
         return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)
+
+
+class ReferenceLog:
+    """Which recorded reference K/V each MEA call of either adapter reads (``reference_every`` tests).
+
+    Spies on ``MeaRun.keep`` (every recording: the sigma and schedule step it was made at) and on the
+    constructor of the adapter's per-call attention object in ``use`` mode (``Attn1Replace`` for a UNet,
+    ``FluxAttention`` for Flux), which is handed the store the call reads. ``recorded``: ``[(sigma, step)]``
+    in order; ``uses``: ``{(call sigma, call step, recorded sigma, recorded step)}``.
+    """
+
+    def __init__(self, monkeypatch: Any) -> None:
+        import inspect
+
+        self.recorded: list[tuple[float, Optional[int]]] = []
+        self.uses: set[tuple] = set()
+        self._stores: dict[int, tuple[Any, float, Optional[int]]] = {}  # the stores stay alive: ids stay unique
+        run_cls = pack_module("nodes.mea_patch").MeaRun
+        real_keep = run_cls.keep
+
+        def keep(run, store, sigma, step=None):
+            self.recorded.append((sigma, step))
+            self._stores[id(store)] = (store, sigma, step)
+            return real_keep(run, store, sigma, step)
+
+        monkeypatch.setattr(run_cls, "keep", keep)
+        for cls in (pack_module("nodes.mea_replace").Attn1Replace, pack_module("nodes.mea_flux").FluxAttention):
+            real_init = cls.__init__
+            sig = inspect.signature(real_init)
+
+            def init(obj, *args, _real=real_init, _sig=sig, **kwargs):
+                bound = _sig.bind(obj, *args, **kwargs).arguments
+                if bound["mode"] == "use":
+                    call = bound.get("rows") or bound.get("call")
+                    _, sigma, step = self._stores[id(bound["store"])]
+                    self.uses.add((call.sigma, call.step, sigma, step))
+                _real(obj, *args, **kwargs)
+
+            monkeypatch.setattr(cls, "__init__", init)
+
+    def recorded_steps(self) -> list[Optional[int]]:
+        return [step for _, step in self.recorded]
+
+    def clear(self) -> None:
+        self.recorded.clear()
+        self.uses.clear()
+        self._stores.clear()

@@ -41,8 +41,9 @@ def _pair():
 
 
 def _mea(g: Graph, model_link, *, target_mask=None, guidance="fused", blocks="all", contrast=1.25, start=0.0,
-         end=1.0, reference=None):
+         end=1.0, reference=None, reference_every=None):
     pair = _pair()
+    over = {} if reference_every is None else {"reference_every": reference_every}  # None: the input absent
     return g.node(
         MEA, model=model_link, vae=g.obj(cm.StubFluxVAE(), "VAE"),
         reference=g.obj(pair["reference"] if reference is None else reference, "IMAGE"),
@@ -50,7 +51,7 @@ def _mea(g: Graph, model_link, *, target_mask=None, guidance="fused", blocks="al
         target_mask=g.obj(pair["target_mask"] if target_mask is None else target_mask, "MASK"),
         positive=g.obj(cm.flux_conditioning(3), "CONDITIONING"), guidance=guidance, s_mea=S_MEA, contrast=contrast,
         start=start, end=end, layers="decoder 1/16 + 1/8 (paper)", reference_seed=0, background="kept",
-        flux_blocks=blocks,
+        flux_blocks=blocks, **over,
     )
 
 
@@ -422,6 +423,39 @@ def test_chains_with_another_block_replacement_in_either_order(comfy_env, monkey
     assert not torch.equal(res["a"]["samples"], res["mea_only"]["samples"])  # the replacement took effect
     assert spy.calls and all(c["start"] > 0 for c in spy.calls)
     spy.check_outside_unchanged()
+
+
+# ------------------------------------------------------------------------------------------------
+# reference_every: a reference pass every N-th step, its K/V reused in between
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_hook
+@pytest.mark.parametrize("guidance", ["fused", "paper"])
+def test_reference_every_runs_the_reference_pass_every_nth_step(comfy_env, monkeypatch, guidance):
+    """cfg 1 (guidance-distilled): fused = cond pass with MEA, paper = cond pass + MEA pass; 5 steps, window = all."""
+    steps = 5
+    log = cm.ReferenceLog(monkeypatch)
+    model = cm.small_flux_model()
+    latents = {}
+    for every in (None, 1, 2, 3):
+        log.clear()
+        g = Graph()
+        node = _mea(g, g.obj(model, "MODEL"), guidance=guidance, reference_every=every)
+        g.capture(_sampler(g, node[0], steps=steps)[0], "x")
+        res = run_prompt(g)
+        patch = res.output(node.id, 0).wrappers["apply_model"]["max4zero_mea"][0].__self__
+        latents[every] = res["x"]["samples"]
+        n = every or 1
+        assert patch.reference_passes == -(-steps // n), every  # ceil(K / N)
+        assert log.recorded_steps() == list(range(0, steps, n)), every
+        assert {call_step for _, call_step, _, _ in log.uses} == set(range(steps))  # MEA at every step
+        for call_sigma, call_step, sigma, step in log.uses:
+            assert step <= call_step < step + n, (every, call_step, step)
+            # a reused step reads K/V recorded at an earlier, noisier sigma; every 1 only ever its own sigma
+            assert sigma == call_sigma if call_step == step else sigma > call_sigma
+    assert torch.equal(latents[1], latents[None])  # 1 = today's behaviour, the paper's
+    assert not torch.equal(latents[2], latents[1])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ def test_target_mask_that_does_not_fit_the_latent_is_refused_before_the_first_st
     (dict(start=0.9, end=0.5), "start=0.9 is after end=0.5"),
     (dict(guidance="nonsense"), "guidance='nonsense' is not one of"),
     (dict(layers="decoder 1/3"), "layers='decoder 1/3' is not one of"),
+    (dict(reference_every=0), "reference_every=0 is outside 1..50"),
+    (dict(reference_every=51), "reference_every=51 is outside 1..50"),
 ])
 def test_widget_errors_are_found_at_queue_time(comfy_env, small_sd15_model, small_vae, pair, over, needle):
     """Before: start > end and a bad combo were accepted at /prompt (0.3.64) and failed only when the node ran."""

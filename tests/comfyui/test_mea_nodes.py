@@ -347,6 +347,96 @@ def test_reference_as_extra_row_equals_separate_reference_pass(comfy_env, small_
 
 
 # ------------------------------------------------------------------------------------------------
+# reference_every: a reference pass every N-th step, its K/V reused in between
+# ------------------------------------------------------------------------------------------------
+
+EVERY_STEPS = 5  # euler, "normal": sigmas 14.6, 4.09, 1.62, 0.695, 0.029, 0
+
+
+def _sample_every(g_model, vae, pair, log, every, *, guidance="fused", batch=1, start=0.0):
+    """(patch, latent, recorded steps, uses) of one sampling run of EVERY_STEPS steps; ``every`` None = the
+    input absent (a workflow saved before it existed)."""
+    log.clear()
+    g = Graph()
+    over = {} if every is None else {"reference_every": every}
+    node = _mea(g, g.obj(g_model, "MODEL"), vae, pair, guidance=guidance, start=start, **over)
+    g.capture(_sampler(g, node[0], steps=EVERY_STEPS, batch=batch)[0], "x")
+    res = run_prompt(g)
+    return _patch_of(res.output(node.id, 0)), _latent(res, "x"), log.recorded_steps(), set(log.uses)
+
+
+@pytest.mark.parametrize("guidance, batch", [
+    ("fused", 1),  # the reference rides inline (one-row chunks) when it runs
+    ("fused", 2),  # a separate reference pass
+    ("paper", 1),  # the extra MEA pass carries it
+])
+def test_reference_every_runs_the_reference_pass_every_nth_step(comfy_env, small_sd15_model, small_vae, pair,
+                                                                 monkeypatch, guidance, batch):
+    log = cm.ReferenceLog(monkeypatch)
+    model = small_sd15_model()
+    absent = _sample_every(model, small_vae, pair, log, None, guidance=guidance, batch=batch)
+    latents = {}
+    for every in (1, 2, 3):
+        patch, latents[every], recorded, uses = _sample_every(model, small_vae, pair, log, every, guidance=guidance,
+                                                              batch=batch)
+        assert patch.reference_passes == -(-EVERY_STEPS // every), every  # ceil(K / N)
+        assert recorded == list(range(0, EVERY_STEPS, every)), every
+        for call_sigma, call_step, sigma, step in uses:
+            assert step <= call_step < step + every, (every, call_step, step)
+            # a reused step reads K/V recorded at an earlier, noisier sigma; every 1 only ever its own sigma
+            assert sigma == call_sigma if call_step == step else sigma > call_sigma
+        if every > 1:
+            assert any(call_step > step for _, call_step, _, step in uses), every
+        assert patch.mea_calls > 0
+    assert torch.equal(latents[1], absent[1]) and absent[0].reference_passes == EVERY_STEPS  # 1 = today, the paper
+    assert not torch.equal(latents[2], latents[1])
+
+
+def test_reference_every_counts_from_the_first_step_of_the_window(comfy_env, small_sd15_model, small_vae, pair,
+                                                                   monkeypatch):
+    """start 0.2 (sigma 5.09): the window holds steps 1-4; the reference runs at its first step, not at multiples
+    of N from step 0."""
+    log = cm.ReferenceLog(monkeypatch)
+    model = small_sd15_model()
+    for every, want in ((1, [1, 2, 3, 4]), (2, [1, 3]), (3, [1, 4])):
+        patch, _, recorded, _ = _sample_every(model, small_vae, pair, log, every, start=0.2)
+        assert recorded == want and patch.reference_passes == len(want), every
+
+
+def test_a_reused_step_computes_with_the_earlier_reference(comfy_env, small_sd15_model, small_vae, pair):
+    """Step 1 with reference_every 2 is exactly step 1 with reference_every 1 given step 0's K/V: nothing else
+    (the target's own attention, the masks, the re-noising) depends on which K/V are reused."""
+    model = small_sd15_model()
+    g = Graph()
+    g.capture(_mea(g, g.obj(model, "MODEL"), small_vae, pair, reference_every=2)[0], "every2")
+    g.capture(_mea(g, g.obj(model, "MODEL"), small_vae, pair, reference_every=1)[0], "every1")
+    res = run_prompt(g)
+    two, one = _patch_of(res["every2"]), _patch_of(res["every1"])
+    schedule = torch.tensor([2.5, 1.5, 0.5, 0.0])
+    gen = torch.Generator().manual_seed(8)
+    x0, x1 = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(2))
+    ctx = torch.cat([cm.conditioning(2)[0][0], cm.conditioning(1)[0][0]])
+
+    def step(patched, x, i):
+        return _direct_call(patched, x, schedule[i : i + 1], ctx, [1, 0], sample_sigmas=schedule)
+
+    with torch.inference_mode():
+        for patched in (res["every2"], res["every1"]):
+            step(patched, x0, 0)
+        store0 = one.run_of({}).store
+        reused = step(res["every2"], x1, 1)
+        assert two.reference_passes == 1  # step 1 ran no reference (and no inline reference row)
+        fresh = step(res["every1"], x1, 1)
+        assert one.reference_passes == 2
+        one.run_of({}).keep(store0, float(schedule[1]), 1)  # step 0's K/V, filed under step 1's sigma
+        forced = step(res["every1"], x1, 1)
+        assert one.reference_passes == 2
+    assert torch.equal(reused, forced)
+    assert (reused[1] - fresh[1]).abs().max() > 1e-5  # the reference's sigma matters: it was really reused
+    assert torch.equal(reused[0], fresh[0])  # the negative row never reads the reference
+
+
+# ------------------------------------------------------------------------------------------------
 # reference background
 # ------------------------------------------------------------------------------------------------
 
