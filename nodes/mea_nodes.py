@@ -33,14 +33,13 @@ from .mea_inputs import check_mea_masks, positive_context, prepare_reference
 from .notify import warn_on_node
 from .mea_flux import FLUX_SELECTION, FluxMeaPatch, flux_hook_problem, is_flux
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
-from .sockets import MATCHES, TRACE
+from .sockets import CATEGORY, MATCHES, TRACE
 from .trace import MeaTrace, find_traced_run, mls_flow_from_matches, samples_key
 
 __all__ = ["MaskedExtendedAttentionNode", "FlowViewNode", "NODE_CLASSES"]
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "MaX4Zero"
 FLOW_ID = "MaX4ZeroFlowView"
 TRACE_OUTPUT_INDEX = 1
 
