@@ -441,12 +441,23 @@ def preview(wf: Workflow, src, group: str, mask: bool = False):
     return wf.wire(wf.add("PreviewImage", group, box=PREVIEW), images=src)
 
 
+#: The paper's schedule (SD, eps): DDIM 50 steps at cfg 12, stage 1 = steps 0→35, MEA for 35→50 (window 0.7→1).
+SD_PLAN = {"steps": 50, "split": 35, "cfg": 12.0, "sampler_name": "ddim", "scheduler": "ddim_uniform",
+           "mea": {"guidance": "paper", "start": 0.7, "end": 1.0}}
+
+
 def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt, ref, size: int,
-                    previews: bool = True, layers: str | None = None):
-    """Correspondence → MLS warp → double mask → KSamplerAdvanced 0→35 → MEA → KSamplerAdvanced 35→50 →
-    decode, in the groups registration / stage1 / stage2 / output. Returns the nodes the callers still need."""
+                    previews: bool = True, layers: str | None = None, plan: dict = SD_PLAN,
+                    corr_src: tuple | None = None):
+    """Correspondence → MLS warp → double mask → KSamplerAdvanced 0→split → MEA → KSamplerAdvanced split→steps →
+    decode, in the groups registration / stage1 / stage2 / output. Returns the nodes the callers still need.
+
+    ``plan``: the samplers' schedule and the MEA node's widgets (:data:`SD_PLAN`). ``corr_src``: (MODEL, VAE,
+    positive) Correspondence reads features with, when that is another model than the one that samples (a Flux
+    workflow's SD UNet); by default the sampling model's."""
+    c_model, c_vae, c_pos = corr_src or (model_src, vae_src, pos)
     corr = wf.wire(wf.add("MaX4ZeroCorrespondence", "registration", mode="paper", seed=SEED),
-                   model=model_src, vae=vae_src, positive=pos, reference_image=ref.out("image"),
+                   model=c_model, vae=c_vae, positive=c_pos, reference_image=ref.out("image"),
                    garment_mask=ref.out("mask"), target_image=tgt.out("image"), target_mask=tgt.out("mask"))
     warp = wf.wire(wf.add("MaX4ZeroMLSWarp", "registration"), reference_image=ref.out("image"),
                    garment_mask=ref.out("mask"), target_image=tgt.out("image"), matches=corr.out("matches"))
@@ -457,9 +468,9 @@ def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt,
                  target_image=tgt.out("image"), target_mask=tgt.out("mask"),
                  warped_image=warp.out("warped_image"), warped_mask=warp.out("warped_mask"),
                  matches=corr.out("matches"))
-    s1 = wf.wire(wf.add("KSamplerAdvanced", "stage1", add_noise="enable", noise_seed=SEED, steps=50, cfg=12.0,
-                        sampler_name="ddim", scheduler="ddim_uniform", start_at_step=0, end_at_step=35,
-                        return_with_leftover_noise="enable"),
+    sampling = {k: plan[k] for k in ("steps", "cfg", "sampler_name", "scheduler")}
+    s1 = wf.wire(wf.add("KSamplerAdvanced", "stage1", add_noise="enable", noise_seed=SEED, **sampling,
+                        start_at_step=0, end_at_step=plan["split"], return_with_leftover_noise="enable"),
                  model=model_src, positive=dm.out("positive"), negative=dm.out("negative"),
                  latent_image=dm.out("latent"))
     if previews:
@@ -467,7 +478,7 @@ def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt,
     # stage 2 (docs/method.md §3b): the inpaint mask becomes the whole (processed) target mask, over the composite
     ic = wf.wire(wf.add("InpaintModelConditioning", "stage2", noise_mask=True), positive=pos, negative=neg,
                  vae=vae_src, pixels=dm.out("composite"), mask=dm.out("target_mask"))
-    mea_widgets = {"guidance": "paper", "start": 0.7, "end": 1.0}
+    mea_widgets = dict(plan["mea"])
     if layers:
         mea_widgets["layers"] = layers
     mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", "stage2", **mea_widgets), model=model_src, vae=vae_src,
@@ -478,9 +489,8 @@ def two_stage_tryon(wf: Workflow, *, model_src, vae_src, pos, neg, mea_pos, tgt,
     # still carries the noise of step 35, at every step; Paste Back restores the outside in pixels instead.
     whole = wf.add("SolidMask", "stage2", value=1.0, width=size, height=size)
     lat2 = wf.wire(wf.add("SetLatentNoiseMask", "stage2"), samples=s1, mask=whole)
-    s2 = wf.wire(wf.add("KSamplerAdvanced", "stage2", add_noise="disable", noise_seed=SEED, steps=50, cfg=12.0,
-                        sampler_name="ddim", scheduler="ddim_uniform", start_at_step=35, end_at_step=50,
-                        return_with_leftover_noise="disable"),
+    s2 = wf.wire(wf.add("KSamplerAdvanced", "stage2", add_noise="disable", noise_seed=SEED, **sampling,
+                        start_at_step=plan["split"], end_at_step=plan["steps"], return_with_leftover_noise="disable"),
                  model=mea.out("model"), positive=ic.out("positive"), negative=ic.out("negative"),
                  latent_image=lat2)
     dec = wf.wire(wf.add("VAEDecode", "output"), samples=s2, vae=vae_src)
@@ -732,54 +742,64 @@ FLUX_S_MEA = 3.0
 MIN_COMFYUI["maxzero_flux_fill_tryon"] = "0.33.0"
 
 
+#: FLUX.1 Fill's schedule: euler 28 steps at cfg 1 (guidance-distilled), the paper's 70 % / 30 % split; the MEA
+#: model only drives the stage-2 sampler, so its window is that sampler's whole run.
+FLUX_PLAN = {"steps": 28, "split": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+             "mea": {"guidance": "paper", "s_mea": FLUX_S_MEA, "start": 0.0, "end": 1.0}}
+
+
 def flux_fill_tryon() -> Workflow:
-    """Masked Extended Attention on FLUX.1 Fill: one sampler, the whole schedule, guidance-distilled paper mode."""
+    """The whole method on FLUX.1 Fill: Correspondence on an SD1.5 inpainting UNet, the fringe phase and Masked
+    Extended Attention on Flux, guidance-distilled paper mode."""
     wf = Workflow("maxzero_flux_fill_tryon", [
-        ("inputs", "1 · Inputs: FLUX.1 Fill, text encoders, photos, masks, crops", "inputs"),
-        ("mea", "2 · Masked Extended Attention on Flux (one sampler, cfg 1)", "stage2"),
-        ("output", "3 · Output", "output"),
+        ("inputs", "1 · Inputs: FLUX.1 Fill, text encoders, SD1.5 for matching, photos, masks, crops", "inputs"),
+        ("registration", "2 · Registration on SD1.5: match, MLS warp", "registration"),
+        ("stage1", f"3 · Stage 1 on Flux Fill: fringe inpainting (steps 0→{FLUX_PLAN['split']})", "stage1"),
+        ("stage2", f"4 · Stage 2: Masked Extended Attention on Flux (steps {FLUX_PLAN['split']}→"
+                   f"{FLUX_PLAN['steps']}, cfg 1)", "stage2"),
+        ("output", "5 · Output", "output"),
     ])
     wf.note(
-        "MaX4Zero try-on on FLUX.1 Fill [dev], Black Forest Labs' inpainting model (ComfyUI 0.33.0 or newer: Masked Extended Attention uses the "
-        "attention hook of Flux blocks). Training-free, on your own Flux Fill checkpoint.\n\n"
+        "MaX4Zero try-on on FLUX.1 Fill [dev], Black Forest Labs' inpainting model (ComfyUI 0.33.0 or newer: Masked "
+        "Extended Attention uses the attention hook of Flux blocks). Training-free, on your own Flux Fill "
+        "checkpoint. Quality on Flux is untuned.\n\n"
         f"Model files:\n- {FLUX_FILL} (23.8 GB; gated: accept Black Forest Labs' licence on the page first) from "
         f"{MODEL_URLS[FLUX_FILL][1]}, in ComfyUI/models/diffusion_models/.\n"
         f"- {CLIP_L} from {MODEL_URLS[CLIP_L][1]} and {T5XXL} from {MODEL_URLS[T5XXL][1]}, in "
         "ComfyUI/models/text_encoders/. Less RAM: t5xxl_fp8_e4m3fn.safetensors (4.9 GB, same place, from "
         "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn.safetensors) "
         "works in its place: pick it in Load CLIP (Dual)'s clip_name2.\n"
-        f"- {FLUX_AE} from {MODEL_URLS[FLUX_AE][1]}, in ComfyUI/models/vae/.\n\n" + INPUTS_TEXT + "\n\n"
-        "Guidance: FLUX.1 is guidance-distilled: the sampler runs at cfg 1 and Flux Guidance (30 for Fill) sets "
+        f"- {FLUX_AE} from {MODEL_URLS[FLUX_AE][1]}, in ComfyUI/models/vae/.\n"
+        f"- For the matching only: {SD15} (4.3 GB) from {MODEL_URLS[SD15][1]}, in ComfyUI/models/checkpoints/. "
+        "Correspondence reads the deep features of an SD UNet (any SD1.5 inpainting fine-tune, or mode 'dift' with "
+        "any SD UNet); the nodes are separate, so the matches drive the Flux stages as they are.\n\n"
+        + INPUTS_TEXT + "\n\n"
+        f"Steps: 1 crop both photos around their masks (1024) -> 2 correspondence on SD1.5 -> MLS warp -> 3 double-"
+        f"mask inpaint with the Flux VAE and prompt -> KSampler (Advanced) on Flux Fill, steps 0-{FLUX_PLAN['split']} "
+        f"of {FLUX_PLAN['steps']} -> 4 Masked Extended Attention on the Flux model -> KSampler (Advanced) steps "
+        f"{FLUX_PLAN['split']}-{FLUX_PLAN['steps']} (its window 0-1 = every step that sampler runs) -> 5 decode -> "
+        "paste back.\n\n"
+        "Guidance: FLUX.1 is guidance-distilled: the samplers run at cfg 1 and Flux Guidance (30 for Fill) sets "
         "the distilled guidance. 'paper' guidance then becomes eps_c + s_mea * M * (eps_MEA - eps_c). The node's "
-        f"default s_mea 15 was tuned for SD at cfg 12, where it weighs against 12 x the text direction; at cfg 1 "
+        "default s_mea 15 was tuned for SD at cfg 12, where it weighs against 12 x the text direction; at cfg 1 "
         f"that would amplify the MEA difference 15 times, so this workflow uses s_mea {FLUX_S_MEA:g} (try 2-5; "
-        "untuned). Blocks: "
-        "'flux_blocks' = vital (Stable Flow's vital layers of FLUX.1-dev), untuned on Fill. Describe the garment "
-        "in the prompt.\n\nThe registration stage (correspondence, MLS warp, double-mask inpainting) is not "
-        "in this workflow; its nodes work with an SD inpainting model as in maxzero_full_tryon.", box=(400, 820))
+        "untuned). Blocks: 'flux_blocks' = vital (Stable Flow's vital layers of FLUX.1-dev), untuned on Fill. "
+        "Slow? 'reference_every' 2 or 3 runs the reference pass every 2nd / 3rd step (about 2x -> 1.5x a plain "
+        "step; an approximation of the paper). Describe the garment in both prompts.\n\n" + STAGE2_TEXT,
+        box=(400, 980))
     unet = wf.add("UNETLoader", "inputs", unet_name=FLUX_FILL, weight_dtype="default")
     clip = wf.add("DualCLIPLoader", "inputs", clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
     vae = wf.add("VAELoader", "inputs", vae_name=FLUX_AE)
-    person = wf.add("LoadImage", "inputs", box=IMG, image=PERSON)
-    person_mask = wf.add("LoadImageMask", "inputs", box=IMG, image=PERSON_MASK, channel="red")
-    garment = wf.add("LoadImage", "inputs", box=IMG, image=GARMENT)
-    garment_mask = wf.add("LoadImageMask", "inputs", box=IMG, image=GARMENT_MASK, channel="red")
+    sd, person, person_mask, garment, garment_mask = loaders(wf, SD15)
     text = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=clip)
     pos = wf.wire(wf.add("FluxGuidance", "inputs", guidance=30.0), conditioning=text)
     neg = wf.wire(wf.add("ConditioningZeroOut", "inputs"), conditioning=text)
+    sd_pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=sd.out("CLIP"))
     tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=1024)
-    ic = wf.wire(wf.add("InpaintModelConditioning", "mea", noise_mask=True), positive=pos, negative=neg, vae=vae,
-                 pixels=tgt.out("image"), mask=tgt.out("mask"))
-    mea = wf.wire(wf.add("MaX4ZeroMaskedExtendedAttention", "mea", guidance="paper", s_mea=FLUX_S_MEA, start=0.0,
-                         end=1.0),
-                  model=unet, vae=vae, reference=ref.out("image"), garment_mask=ref.out("mask"),
-                  target_mask=tgt.out("mask"), positive=pos)
-    samp = wf.wire(wf.add("KSampler", "mea", seed=SEED, steps=28, cfg=1.0, sampler_name="euler",
-                          scheduler="simple", denoise=1.0),
-                   model=mea.out("model"), positive=ic.out("positive"), negative=ic.out("negative"),
-                   latent_image=ic.out("latent"))
-    dec = wf.wire(wf.add("VAEDecode", "output"), samples=samp, vae=vae)
-    finish(wf, person, tgt, dec, tgt.out("mask"), prefix="MaX4Zero_flux_fill")
+    r = two_stage_tryon(wf, model_src=unet, vae_src=vae, pos=pos, neg=neg, mea_pos=pos, tgt=tgt, ref=ref,
+                        size=1024, plan=FLUX_PLAN, corr_src=(sd.out("MODEL"), sd.out("VAE"), sd_pos))
+    preview(wf, r["dm"].out("fringe"), "stage1", mask=True)
+    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_flux_fill")
     return wf
 
 

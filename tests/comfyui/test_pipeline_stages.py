@@ -15,12 +15,13 @@ import torch
 import comfy_models as cm
 from comfy_models import Graph, run_prompt
 
-TWO_STAGE = ("maxzero_full_tryon", "maxzero_lora_controlnet", "maxzero_sdxl")
+TWO_STAGE = ("maxzero_full_tryon", "maxzero_lora_controlnet", "maxzero_sdxl", "maxzero_flux_fill_tryon")
+FLUX = {"maxzero_flux_fill_tryon"}  # sampled by a Flux model: 16 latent channels, flow matching, cfg 1
 LATENT = 8  # 64 px
 
 
 def _workflow(name: str) -> dict:
-    return json.loads((cm.PACK_ROOT / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    return dict(json.loads((cm.PACK_ROOT / "workflows" / f"{name}.json").read_text(encoding="utf-8")), _name=name)
 
 
 def _samplers(wf: dict) -> tuple[dict, dict]:
@@ -45,11 +46,15 @@ def _stage_two_mask(wf: dict) -> torch.Tensor:
     return torch.full((1, height, width), float(value))
 
 
-def _x0_stub(x0: torch.Tensor):
-    """A clone of the small SD1.5 model whose prediction is always ``x0`` (internal latent space)."""
+def _base_model(flux: bool):
+    return cm.small_flux_model() if flux else cm.small_sd15_model()
+
+
+def _x0_stub(x0: torch.Tensor, flux: bool = False):
+    """A clone of the small SD1.5 (or Flux) model whose prediction is always ``x0`` (internal latent space)."""
     import comfy.patcher_extension
 
-    patcher = cm.small_sd15_model().clone()
+    patcher = _base_model(flux).clone()
 
     def predict_x0(executor, x, *args, **kwargs):
         return x0.to(x).expand_as(x).clone()
@@ -61,16 +66,19 @@ def _x0_stub(x0: torch.Tensor):
 def _run_chain(wf: dict, stage_two_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 1 (noise mask = a thin fringe) → SetLatentNoiseMask(stage_two_mask) → stage 2. Returns
     (final LATENT samples, the x0 the stub predicts, as a LATENT)."""
+    flux = wf_name(wf) in FLUX
+    ch = 16 if flux else 4
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, 4, LATENT, LATENT, generator=g)
-    model = _x0_stub(x0)
-    composite = torch.randn(1, 4, LATENT, LATENT, generator=g) / 0.18215
+    x0 = torch.randn(1, ch, LATENT, LATENT, generator=g)
+    model = _x0_stub(x0, flux)
+    composite = _base_model(flux).model.process_latent_out(torch.randn(1, ch, LATENT, LATENT, generator=g))
+    conditioning = cm.flux_conditioning if flux else cm.conditioning
     fringe = torch.zeros(1, 1, LATENT * 8, LATENT * 8)
     fringe[..., 24:40, 16:48] = 1.0  # the thin fringe F (stage 1 regenerates only this)
     s1w, s2w = _samplers(wf)
     graph = Graph()
     m = graph.obj(model, "MODEL")
-    pos, neg = graph.obj(cm.conditioning(1), "CONDITIONING"), graph.obj(cm.conditioning(2), "CONDITIONING")
+    pos, neg = graph.obj(conditioning(1), "CONDITIONING"), graph.obj(conditioning(2), "CONDITIONING")
     s1 = graph.node("KSamplerAdvanced", model=m, positive=pos, negative=neg,
                     latent_image=graph.obj({"samples": composite, "noise_mask": fringe}, "LATENT"), **s1w)
     lat2 = graph.node("SetLatentNoiseMask", samples=s1[0], mask=graph.obj(stage_two_mask, "MASK"))
@@ -78,8 +86,13 @@ def _run_chain(wf: dict, stage_two_mask: torch.Tensor) -> tuple[torch.Tensor, to
     graph.capture(s1[0], "stage1")
     graph.capture(s2[0], "final")
     res = run_prompt(graph)
-    x0_latent = cm.small_sd15_model().model.process_latent_out(x0)
+    x0_latent = _base_model(flux).model.process_latent_out(x0)
     return res["final"]["samples"], x0_latent
+
+
+def wf_name(wf: dict) -> str:
+    """The shipped workflow's name (its file stem), as :func:`_workflow` recorded it."""
+    return wf["_name"]
 
 
 @pytest.mark.parametrize("name", TWO_STAGE)
@@ -102,3 +115,18 @@ def test_a_target_region_noise_mask_in_stage_two_would_leave_noise(comfy_env):
     final, x0 = _run_chain(wf, region)
     outside = region[:, ::8, ::8].expand(4, -1, -1)[None] < 0.5
     assert (final - x0)[outside].std() > 0.3
+
+
+def test_flux_chain_is_the_sd_chain_on_a_flow_schedule(comfy_env):
+    """The Flux workflow keeps the method's split on its own schedule (euler 28 at cfg 1, 70 % / 30 %), and the
+    same wrong stage-2 mask leaves Flux noise too (the Flux check above can fail)."""
+    wf = _workflow("maxzero_flux_fill_tryon")
+    s1w, s2w = _samplers(wf)
+    assert (s1w["sampler_name"], s1w["scheduler"], s1w["cfg"], s1w["steps"]) == ("euler", "simple", 1.0, 28)
+    assert s1w["end_at_step"] == 20  # 70 % of 28, rounded
+    region = torch.zeros(1, LATENT * 8, LATENT * 8)
+    region[:, 16:56, 8:56] = 1.0
+    final, x0 = _run_chain(wf, region)
+    outside = region[:, ::8, ::8].expand(16, -1, -1)[None] < 0.5
+    print("flux, wrong stage-2 mask: std of the leftover outside", float((final - x0)[outside].std()))
+    assert (final - x0)[outside].std() > 0.1
