@@ -169,22 +169,26 @@ def comfyui_version(comfyui_path: str) -> str:
     return found.group(1) if found else "unknown"
 
 
-def ensure_models(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 900) -> Path:
-    """The cache folder holding every file of :data:`MODEL_FILES`; builds it on first use."""
-    cache = Path(cache_root) / f"{MODEL_VERSION}-comfyui{comfyui_version(comfyui_path)}"
+def _built(comfyui_path: str, cache_root: Path, version: str, command: str, what: str, timeout: float) -> Path:
+    """``cache_root/<version>-comfyui<x.y.z>``, built on first use by ``python browser_support.py <command> DIR``
+    in a child process (which writes ``DONE.json`` last)."""
+    cache = Path(cache_root) / f"{version}-comfyui{comfyui_version(comfyui_path)}"
     done = cache / "DONE.json"
     if done.is_file():
         return cache
     cache.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "build", str(cache)],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), command, str(cache)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not done.is_file():
-        raise RuntimeError(f"building the random-weight models failed (rc {proc.returncode}):\n"
+        raise RuntimeError(f"building {what} failed (rc {proc.returncode}):\n"
                            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return cache
+
+
+def ensure_models(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 900) -> Path:
+    """The cache folder holding every file of :data:`MODEL_FILES`; builds it on first use."""
+    return _built(comfyui_path, cache_root, MODEL_VERSION, "build", "the random-weight models", timeout)
 
 
 FLUX_VERSION = "flux-fill-v1-hidden256-t5xxl-fp8"
@@ -225,18 +229,7 @@ def flux_skip_reason() -> Optional[str]:
 
 def ensure_flux(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1200) -> Path:
     """The cache folder holding every file of :data:`FLUX_FILES`; builds it on first use (~1 min, ~6 GB RAM)."""
-    cache = Path(cache_root) / f"{FLUX_VERSION}-comfyui{comfyui_version(comfyui_path)}"
-    done = cache / "DONE.json"
-    if done.is_file():
-        return cache
-    cache.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "build-flux", str(cache)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 or not done.is_file():
-        raise RuntimeError(f"building the Flux Fill files failed (rc {proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return cache
+    return _built(comfyui_path, cache_root, FLUX_VERSION, "build-flux", "the Flux Fill files", timeout)
 
 
 def _build_flux(out: Path) -> None:
