@@ -255,13 +255,10 @@ def _build_flux(out: Path) -> None:
     t0 = time.time()
     log: dict[str, Any] = {}
 
-    def half(sd: dict) -> dict:
-        return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-
     # --- the diffusion model: UNETLoader detects FluxInpaint from the keys and widths -------------------
     dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **FLUX_FILL_PARAMS)
     _init_random(dm, 31)
-    sd = half(dm.state_dict())
+    sd = _half(dm.state_dict())
     detected = comfy.model_detection.model_config_from_unet(sd, "")
     if type(detected).__name__ != "FluxInpaint":
         raise RuntimeError(f"the reduced Flux Fill is detected as {type(detected).__name__}")
@@ -271,7 +268,7 @@ def _build_flux(out: Path) -> None:
     # --- CLIP-L (full size) ---------------------------------------------------------------------
     clip_l = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float16)
     _init_random(clip_l, 32)
-    comfy.utils.save_torch_file(half(clip_l.transformer.state_dict()), str(out / "clip_l.safetensors"))
+    comfy.utils.save_torch_file(_half(clip_l.transformer.state_dict()), str(out / "clip_l.safetensors"))
     del clip_l
 
     # --- T5-XXL (full size, float8_e4m3fn), filled tensor by tensor: no float32 copy of 4.76 B weights ------
@@ -296,7 +293,7 @@ def _build_flux(out: Path) -> None:
         encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
         decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
     _init_random(vae, 34)
-    vae_sd = half(vae.state_dict())
+    vae_sd = _half(vae.state_dict())
     if comfy.sd.VAE(sd=dict(vae_sd)).latent_channels != 16:
         raise RuntimeError("the random Flux VAE is not read as a 16-channel VAE")
     comfy.utils.save_torch_file(vae_sd, str(out / "ae.safetensors"))
@@ -368,12 +365,17 @@ def _build_sdxl(out: Path) -> None:
     detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     if type(detected).__name__ != "SDXL" or not detected.inpaint_model():
         raise RuntimeError(f"the random SDXL inpainting UNet is detected as {type(detected).__name__}")
-    sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    sd = _half(sd)
     comfy.utils.save_torch_file(sd, str(out / SDXL_FILE))
 
 
 SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
                    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+
+
+def _half(sd: dict) -> dict:
+    """A state dict with its float tensors in float16 (the files are saved half size), contiguous."""
+    return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
 
 def _init_random(module: Any, seed: int) -> None:
@@ -410,9 +412,6 @@ def _build(out: Path) -> None:
 
     init_random = _init_random
 
-    def half(sd: dict) -> dict:
-        return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-
     t0 = time.time()
     log: dict[str, Any] = {}
 
@@ -435,7 +434,7 @@ def _build(out: Path) -> None:
     if type(detected).__name__ != "SD15" or not detected.inpaint_model():
         raise RuntimeError(f"the small SD1.5 inpainting UNet is detected as {type(detected).__name__}")
     # A .ckpt: ComfyUI reads it with torch.load (weights only) and takes its "state_dict", like the real file.
-    torch.save({"state_dict": half(sd)}, str(out / SD15_FILE))
+    torch.save({"state_dict": _half(sd)}, str(out / SD15_FILE))
     log["sd15_unet_params"] = sum(p.numel() for p in model.diffusion_model.parameters())
 
     # --- LoRA on real layers of that UNet ------------------------------------------------------
@@ -456,7 +455,7 @@ def _build(out: Path) -> None:
         lora[f"{k}.lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.01
         lora[f"{k}.lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.01
         lora[f"{k}.alpha"] = torch.tensor(float(rank))
-    comfy.utils.save_torch_file(half(lora), str(out / LORA_FILE))
+    comfy.utils.save_torch_file(_half(lora), str(out / LORA_FILE))
     log["lora_keys"] = wanted
 
     # --- ControlNet with the same reduced layout -----------------------------------------------
@@ -467,7 +466,7 @@ def _build(out: Path) -> None:
                   device="cpu", operations=comfy.ops.disable_weight_init)
     cn = comfy.cldm.cldm.ControlNet(**cn_cfg)
     init_random(cn, 5)
-    comfy.utils.save_torch_file(half(cn.state_dict()), str(out / CONTROLNET_FILE))
+    comfy.utils.save_torch_file(_half(cn.state_dict()), str(out / CONTROLNET_FILE))
 
     # --- placeholders (SDXL, SAM 3.1, BiRefNet) --------------------------------------------------
     for name in sorted(PLACEHOLDER_MODELS):
