@@ -53,14 +53,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention.dit import FLUX_LEVEL, flux_token_grid, joint_extended_attention, reference_token_ids
+from ..attention.dit import FLUX_LEVEL, FLUX_PATCH, flux_token_grid, joint_extended_attention, reference_token_ids
 from ..attention.policy import LayerSelection
 from .mea_calls import reference_context, slice_row
 from .mea_patch import MEA_PASS_KEY, MeaPatch, MeaRun
 from .mea_replace import CallRows
 
 __all__ = ["FLUX_SELECTION", "FluxMeaPatch", "FluxAttention", "FluxRefEntry", "flux_hook_problem", "is_flux",
-           "flux_reference_concat"]
+           "flux_layout_problem", "flux_reference_concat"]
 
 #: What the mask checks shared with the UNet adapter see: Flux tokens are the latent grid halved once.
 FLUX_SELECTION = LayerSelection(frozenset({"flux"}), frozenset({FLUX_LEVEL}))
@@ -76,6 +76,27 @@ def is_flux(diffusion_model: Any) -> bool:
     except ImportError:
         return False
     return isinstance(diffusion_model, Flux)
+
+
+def flux_layout_problem(base_model: Any) -> Optional[str]:
+    """None for a FLUX.1-layout model (2×2 patches of a 16-channel latent), else why this adapter would be wrong.
+
+    FLUX.2 runs on the same ``comfy.ldm.flux.model.Flux`` class but packs 1×1 patches of a 128-channel latent,
+    pads its text to 512 tokens in ``extra_conds``, places references with ``ref_index_scale`` and has other
+    block counts: the token grid, reference pass and block choices here are FLUX.1's, so it is refused until
+    they are made for it rather than run with the wrong image tokens.
+    """
+    dm = base_model.diffusion_model
+    unet_config = getattr(getattr(base_model, "model_config", None), "unet_config", {}) or {}
+    family = unet_config.get("image_model", "flux")
+    patch = int(getattr(dm, "patch_size", FLUX_PATCH))
+    channels = int(unet_config.get("out_channels", 16))
+    if family == "flux" and patch == FLUX_PATCH and channels == 16:
+        return None
+    name = "FLUX.2" if family == "flux2" else f"this Flux-family model ({family!r})"
+    return (f"{name} is not supported yet: it packs {patch}x{patch} patches of a {channels}-channel latent, "
+            "while Masked Extended Attention on Flux is built for FLUX.1's 2x2 patches of 16 channels (token grid, "
+            "reference pass and block choices); on it the garment would be read into the wrong image tokens")
 
 
 def flux_hook_problem() -> Optional[str]:

@@ -31,7 +31,7 @@ from .features import check_unet
 from .mea_calls import attn1_slots, trace_consumers
 from .mea_inputs import check_mea_masks, positive_context, prepare_reference
 from .notify import warn_on_node
-from .mea_flux import FLUX_SELECTION, FluxMeaPatch, flux_hook_problem, is_flux
+from .mea_flux import FLUX_SELECTION, FluxMeaPatch, flux_hook_problem, flux_layout_problem, is_flux
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
 from .sockets import CATEGORY, MATCHES, TRACE
 from .trace import MeaTrace, find_traced_run, mls_flow_from_matches, samples_key
@@ -66,8 +66,8 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5/SD2/SDXL UNet to patch (an inpainting model for try-on; "
-                               "LoRAs and ControlNets applied to it keep working), or a Flux-family model (FLUX.1 "
-                               "Fill or dev; ComfyUI 0.33.0 or newer; see 'flux_blocks')."),
+                               "LoRAs and ControlNets applied to it keep working), or a FLUX.1 model (Fill or dev; "
+                               "ComfyUI 0.33.0 or newer; see 'flux_blocks'). FLUX.2 is refused for now."),
                 io.Vae.Input("vae", tooltip="The VAE of that model; it encodes the reference image."),
                 io.Image.Input("reference", tooltip="The garment photo (one image; any size, cropped to a multiple "
                                "of 8 like VAE Encode does)."),
@@ -221,6 +221,9 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         if problem := flux_hook_problem():
             raise cv.NodeInputError(node, problem, "update ComfyUI to 0.33.0 or newer (its Flux blocks call "
                                     "attention patches), or use an SD1.5/SD2/SDXL checkpoint")
+        if problem := flux_layout_problem(model.model):
+            raise cv.NodeInputError(node, problem, "use a FLUX.1 Fill or FLUX.1 dev model, or an SD1.5/SD2/SDXL "
+                                    "inpainting checkpoint")
         dm = model.model.diffusion_model
         try:
             blocks = parse_flux_blocks(flux_blocks if flux_blocks is not None else DEFAULT_FLUX_BLOCKS,

@@ -704,6 +704,48 @@ def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bo
     return patcher
 
 
+#: FluxParams of a tiny FLUX.2 of the real layout (ComfyUI 0.33 detects it as ``Flux2``): hidden 256, 2 heads of
+#: 128 (RoPE axes 32 × 4), 2 double + 2 single blocks, 1×1 patches of a 128-channel latent, shared modulation.
+TINY_FLUX2_PARAMS = {
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 64,
+    "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+    "txt_ids_dims": [3], "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+    "default_ref_method": "index", "ref_index_scale": 10.0,
+}
+
+
+def small_flux2_model(seed: int = 0, variant: str = "dev"):
+    """A ``ModelPatcher`` around a random-weight FLUX.2 (``"dev"``: guidance embedding; ``"klein"``: none),
+    detected by ComfyUI's own ``model_detection`` from the state dict (``Flux2``; 0.33 and newer only)."""
+    key = ("flux2", int(seed), variant)
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+
+    from comfy.ldm.flux.model import Flux
+
+    params = dict(TINY_FLUX2_PARAMS, guidance_embed=variant == "dev")
+    dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **params)
+    init_random(dm, seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in dm.state_dict().items()}
+    cfg = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    if cfg is None or type(cfg).__name__ != "Flux2":
+        raise RuntimeError(f"ComfyUI did not detect the tiny FLUX.2 state dict as Flux2 (got {cfg!r})")
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model(sd, "model.diffusion_model.", device=mm.unet_offload_device())
+    model.diffusion_model.load_state_dict(dm.state_dict(), strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+    patcher.detected_config = type(cfg).__name__
+    _MODEL_CACHE[key] = patcher
+    return patcher
+
+
 def flux_conditioning(seed: int = 0, tokens: int = 8, guidance: float = 3.5) -> list:
     """CLIP/T5-free Flux CONDITIONING for the tiny Flux: text [1, tokens, 64], pooled [1, 32], guidance."""
     g = torch.Generator().manual_seed(seed)
