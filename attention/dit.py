@@ -28,11 +28,11 @@ tokens (+ extra keys for k, v); the block's attention output ``base`` [B, L_q, h
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
-from .masked_extended import CaptureProtocol, masked_extended_attention
+from .masked_extended import CaptureProtocol, capture_list, masked_extended_attention
 
 __all__ = [
     "FLUX_PATCH",
@@ -166,7 +166,7 @@ def joint_extended_attention(
     contrast: float = 1.0,
     ref_count: Optional[int] = None,
     *,
-    capture: Optional[CaptureProtocol] = None,
+    capture: Union[None, CaptureProtocol, Sequence[CaptureProtocol]] = None,
     ref_positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The block's attention output with the region's image queries redone as Masked Extended Attention.
@@ -186,7 +186,8 @@ def joint_extended_attention(
             reference's). The core records the flow/mass/entropy of the region's queries (its explicit path,
             in query chunks: never the heads × queries × keys map); they are written back onto the target's
             image grid ([B, N], 0 and ``query_mask`` False outside the region) and handed to ``capture.add``
-            once per call.
+            once per call. A sequence of recorders (one per τ) gets one description each; recording never
+            changes the result.
         ref_positions: with a capture: long [G], where each garment key sits on the reference's token grid
             (row-major, increasing), so the flow points at reference coordinates. The garment keys are then
             laid out on the full reference grid (``ref_count`` = h_ref·w_ref tokens) with the other tokens
@@ -207,7 +208,10 @@ def joint_extended_attention(
     g = k_ref.shape[2]
     reg = region.expand(b, -1) if region.shape[0] == 1 else region
     to_flat = lambda x: x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)  # noqa: E731  [B,H,L,d] → [B,L,H·d]
-    rec = None if capture is None else _GridRecorder(capture, b, n_img, q.device)
+    recs = [_GridRecorder(c, b, n_img, q.device) for c in capture_list(capture)]
+    rec = recs[0] if recs else None
+    if any(r.t_ref != rec.t_ref for r in recs):
+        raise ValueError("the captures of one call must share the reference grid (ref_hw)")
     key_mask = None
     if rec is not None and g:
         if ref_positions is None or ref_positions.numel() != g:
@@ -237,10 +241,10 @@ def joint_extended_attention(
             kr = kr.new_zeros(1, rec.t_ref, kr.shape[-1]).index_copy_(1, pos, kr)
             vr = vr.new_zeros(1, rec.t_ref, vr.shape[-1]).index_copy_(1, pos, vr)
         mea = masked_extended_attention(q_b, k_b, v_b, kr, vr, ones_k, ones_q, heads, contrast,
-                                        None if rec is None else rec.row(bi, idx), ref_count=ref_count)
+                                        [r.row(bi, idx) for r in recs], ref_count=ref_count)
         out[bi].index_copy_(0, qi, mea[0].to(out.dtype))
-    if rec is not None:
-        rec.flush()
+    for r in recs:
+        r.flush()
     return out
 
 

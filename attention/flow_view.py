@@ -1,7 +1,8 @@
 """The Leffa flow view's pictures from recorded attention (docs/method.md §4): selection, accumulation, drawing.
 
-Pure: records in (:class:`~max4zero.attention.flow.FlowRecord`, filled while sampling), pictures out. The
-ComfyUI node (``nodes/mea_nodes.py``) only finds the run's records and converts layouts.
+Pure: records in (:class:`~max4zero.attention.flow.FlowRecord`, filled while sampling), pictures out, and the
+comparison with the registration stage's MLS warp (:func:`mls_flow`, :func:`disagreement`). The ComfyUI node
+(``nodes/mea_nodes.py``) only finds the run's records and converts layouts.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from . import flow as _flow
 from .flow import FlowRecord
 from .policy import grid_level
 
-__all__ = ["FLOW_MODES", "FlowView", "select_for_view", "no_match_message", "render_flow_view"]
+__all__ = ["FLOW_MODES", "FlowView", "select_for_view", "no_match_message", "render_flow_view", "mls_flow",
+           "disagreement"]
 
 FLOW_MODES = ("absolute", "displacement")
 
@@ -146,3 +148,39 @@ def render_flow_view(
         sharpness=sharp.contiguous(), epe=None if epe is None else epe.contiguous(), flow=flow_up,
         covered=covered, n_records=len(chosen),
     )
+
+
+def mls_flow(
+    target_points: torch.Tensor, reference_points: torch.Tensor, ref_hw: Sequence[int], out_hw: Sequence[int],
+    kind: str = "affine", alpha: float = 0.1, stride: int = 4,
+) -> torch.Tensor:
+    """The registration stage's MLS backward map as a normalised flow [H, W, 2] at ``out_hw`` (docs/method.md §4).
+
+    Points are (x, y) pixels: ``target_points`` [N, 2] at ``out_hw``, ``reference_points`` [N, 2] at ``ref_hw``.
+    Same construction as the MLS warp (target points → reference points), so the end-point error is measured
+    against the warp that built the composite.
+    """
+    from ..warping.mls import backward_map
+
+    if int(target_points.shape[0]) == 0:
+        raise ValueError("the matches hold no control point; run the correspondence node with looser filters")
+    pix = backward_map(target_points, reference_points, int(out_hw[0]), int(out_hw[1]), kind, alpha, stride)
+    return _flow.pixel_map_to_flow(pix, tuple(ref_hw))
+
+
+def disagreement(view: FlowView, epe_scale_px: float, mls_warped: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Where attention and registration disagree, [B, H, W] in 0..1 (docs/method.md §4).
+
+    With an MLS flow in the view: the end-point error in reference pixels / ``epe_scale_px`` (1 = that many
+    pixels or more). Else with the MLS-warped reference ``mls_warped`` [B, C ≥ 3, H', W'] (any size, resized): the mean
+    colour difference to the attention-warped reference where MEA read the garment. Else zeros.
+    """
+    if view.epe is not None:
+        return (view.epe / float(epe_scale_px)).clamp(0.0, 1.0)
+    if mls_warped is None:
+        return torch.zeros_like(view.reliance)
+    mw = mls_warped[:, :3].float()
+    out_hw = tuple(view.warped.shape[1:3])
+    if tuple(mw.shape[-2:]) != out_hw:
+        mw = torch.nn.functional.interpolate(mw, size=out_hw, mode="bilinear", align_corners=False)
+    return (view.warped - mw.permute(0, 2, 3, 1)).abs().mean(-1) * view.covered

@@ -30,16 +30,21 @@ the plain result O_t and the reference half, given lse_t, the log-sum-exp of the
     cost ≈ (1 + region·garment) × plain;
   - otherwise (CUDA, autograd, ``USE_KERNEL_LSE = False``) SDPA over the compacted
     [K ; K_ref[garment]] for the gathered region queries: cost ≈ (1 + region·(1 + garment)) × plain.
-* Explicit path (contrast ≠ 1 or a capture): the reference half is written out in float32, in query
-  chunks whose buffers plus the gathered garment keys/values stay under ``chunk_bytes`` (64 MB)
-  whatever the resolution; lse_t comes from the kernel or, without one, from a chunked log-sum-exp
-  of the target logits (then the [heads, chunk, T] logits count in the budget too).
+* Explicit path (contrast ≠ 1): the reference half is written out in float32, in query chunks whose
+  buffers plus the gathered garment keys/values stay under ``chunk_bytes`` (48 MB) whatever the
+  resolution; lse_t comes from the kernel or, without one, from a chunked log-sum-exp of the target
+  logits (then the [heads, chunk, T] logits count in the budget too).
+
+Recording (a ``capture``, the Leffa flow view) never changes the result: the output is computed by the
+path that runs without it, with the same query chunks, and the reference half is described either in the
+same explicit pass or, on the fast path, in a pass of its own that writes nothing. Several captures (one
+per Leffa temperature τ) share the output; each gets its own description.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Protocol, Tuple, runtime_checkable
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +54,7 @@ from .policy import check_contrast
 
 __all__ = [
     "masked_extended_attention",
+    "capture_list",
     "plain_attention",
     "CaptureProtocol",
     "DEFAULT_CHUNK_BYTES",
@@ -271,7 +277,7 @@ def masked_extended_attention(
     query_mask: torch.Tensor,
     heads: int,
     contrast: float = 1.0,
-    capture: Optional[CaptureProtocol] = None,
+    capture: Union[None, CaptureProtocol, Sequence[CaptureProtocol]] = None,
     *,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     force_explicit: bool = False,
@@ -296,7 +302,8 @@ def masked_extended_attention(
     Args:
         heads: number of attention heads (ComfyUI ``extra_options["n_heads"]``).
         contrast: attention contrast factor c (1.0 = off, paper 1.25), ≥ 0.
-        capture: optional recorder (:class:`CaptureProtocol`); forces the explicit path.
+        capture: optional recorder (:class:`CaptureProtocol`), or a sequence of them (e.g. one per τ); the
+            result is bit-identical to the one without.
         chunk_bytes: extra-memory budget of the explicit path (query chunks plus float32 copies of
             the gathered garment keys/values); at least one query row is processed per chunk.
         force_explicit: use the explicit path even when the fast path applies (tests, benchmarks).
@@ -321,9 +328,10 @@ def masked_extended_attention(
     rm = ref_key_mask.expand(b, -1)
     active = qm.any(1) & rm.any(1)  # batch elements that need extended attention
 
+    captures = capture_list(capture)
     if not bool(active.any()):
-        if capture is not None:
-            _capture_empty(capture, b, t, qm, q.device)
+        for cap in captures:
+            _capture_empty(cap, b, t, qm, q.device)
         return _merge_heads(F.scaled_dot_product_attention(qh, kh, vh))
 
     plain, lse = plain_with_lse(qh, kh, vh)
@@ -331,13 +339,27 @@ def masked_extended_attention(
     # overwriting region rows touches only those rows, and it is the result's layout
     out = plain.transpose(1, 2).contiguous()
     del plain
-    explicit = force_explicit or capture is not None or contrast != 1.0
+    explicit = force_explicit or contrast != 1.0
     if not explicit and lse is None:
         _fast_concat(q, k, v, k_ref, v_ref, rm, qm, active, heads, out)
     else:
-        _region_path(q, k, k_ref, v_ref, rm, qm, active, heads, out, lse, float(contrast), capture, chunk_bytes, explicit,
-                     ref_count)
+        _region_path(q, k, k_ref, v_ref, rm, qm, active, heads, out, lse, float(contrast),
+                     captures[0] if (explicit and captures) else None, chunk_bytes, explicit, ref_count)
+    # captures the output pass did not describe: a pass each that reads lse_t and the garment logits and
+    # writes nothing, so recording can never move the result
+    for cap in captures[1 if explicit else 0:]:
+        _region_path(q, k, k_ref, v_ref, rm, qm, active, heads, out, lse, float(contrast), cap, chunk_bytes, True,
+                     ref_count, write=False)
     return out.view(b, t, -1)
+
+
+def capture_list(capture: Union[None, CaptureProtocol, Sequence[CaptureProtocol]]) -> list:
+    """``capture`` as a list: [] for None, [capture] for one recorder, the recorders of a sequence."""
+    if capture is None:
+        return []
+    if isinstance(capture, (list, tuple)):
+        return [c for c in capture if c is not None]
+    return [capture]
 
 
 def _rows(x: torch.Tensor, idx: torch.Tensor, heads: int) -> torch.Tensor:
@@ -481,8 +503,11 @@ def _region_path(
     chunk_bytes: int,
     explicit: bool,
     ref_count: Optional[int] = None,
+    write: bool = True,
 ) -> None:
     """Redo the region queries of ``out`` [B, T, H, dv] (holding the plain result) in place.
+
+    ``write=False`` (explicit only): describe the reference half to ``capture`` and leave ``out`` as it is.
 
     Per head and region query, with lse_t the log-sum-exp of the target logits, the extended
     softmax splits exactly into the plain result O_t and the reference half::
@@ -547,11 +572,11 @@ def _region_path(
         fixed = (k_r32.numel() + v_r32.numel()) * 4
         if k_t32 is not None and k.dtype != f32:
             fixed += k_t32.numel() * 4
-        # per query row: one [H, n_k] float32 buffer for the reference half (plus one for a τ
-        # softmax or a pre-contrast copy, half of one for capture temporaries), the row's
-        # q/O_t/out in float32, and without a kernel LSE the target logits
-        n_ref_buf = 1.0 + (1 if tau != 1.0 else 0) + (1 if (before and contrast != 1.0) else 0) + (0.5 if want_cap else 0)
-        per_row = int(h * n_k * 4 * n_ref_buf) + h * (d + 3 * dv) * 4
+        # per query row: one [H, n_k] float32 buffer for the reference half, the row's q/O_t/out in float32,
+        # and without a kernel LSE the target logits. A capture's temporaries (a τ softmax, a pre-contrast
+        # copy) come on top: the chunks must be the ones a run without a capture uses, or recording would
+        # move the result by float rounding.
+        per_row = h * n_k * 4 + h * (d + 3 * dv) * 4
         if lse is None:
             per_row += h * t_k * 4
         budget = max(chunk_bytes - fixed, chunk_bytes // 4)
@@ -578,10 +603,11 @@ def _region_path(
             if contrast != 1.0:
                 mean = lr.sum(-1, keepdim=True) / t_ref
                 lr.sub_(mean).mul_(contrast).add_(mean).clamp_(0.0, 1.0)
-            o_t = out_b.index_select(0, rows).transpose(0, 1).to(f32)  # [H, c, dv]
-            o = torch.baddbmm(o_t.mul_(w_t), lr, v_r32)
-            out_b.index_copy_(0, rows, o.transpose(0, 1).to(out.dtype))
-            del o, o_t
+            if write:
+                o_t = out_b.index_select(0, rows).transpose(0, 1).to(f32)  # [H, c, dv]
+                o = torch.baddbmm(o_t.mul_(w_t), lr, v_r32)
+                out_b.index_copy_(0, rows, o.transpose(0, 1).to(out.dtype))
+                del o, o_t
             if want_cap:
                 _capture_chunk(
                     p_before if p_before is not None else lr, r_tau, g_r, bi, rows,

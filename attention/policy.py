@@ -43,7 +43,9 @@ __all__ = [
     "nearest_step",
     "check_reference_every",
     "reuse_reference",
-    "no_op_reason",
+    "NO_OP_CAUSES",
+    "no_op_cause",
+    "keeps_negative_pass_at_cfg1",
 ]
 
 #: paper: three branches (the normal passes without MEA, one extra positive pass with it);
@@ -238,8 +240,8 @@ def row_mask_index(rows: Sequence[int], n_rows: int, n_chunks: int, mask_batch: 
         return [0] * len(rows)
     if mask_batch != per:
         raise ValueError(
-            f"MaX4Zero Masked Extended Attention: the target mask has {mask_batch} items but the latent batch "
-            f"has {per}: give the target mask batch 1 (shared) or one mask per latent"
+            f"the target mask has {mask_batch} items but the latent batch has {per}: give the target mask batch 1 "
+            "(shared) or one mask per latent"
         )
     return [r % per for r in rows]
 
@@ -249,8 +251,8 @@ def row_mask_index(rows: Sequence[int], n_rows: int, n_chunks: int, mask_batch: 
 
 
 def guidance_base(uncond: Optional[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
-    """The base of the paper's MEA term: the negative prediction (ε_u); the positive one only when a host ran
-    no negative pass at all (a ComfyUI host keeps the negative pass at cfg 1 for this)."""
+    """The base of the paper's MEA term: the negative prediction (ε_u); the positive one when the host ran no
+    negative pass (cfg 1 on a distilled model: :func:`keeps_negative_pass_at_cfg1`)."""
     return cond if uncond is None else uncond
 
 
@@ -333,35 +335,38 @@ def reuse_reference(stored_step: Optional[int], stored_sigma: Optional[float], s
     return 0 <= step - stored_step < every
 
 
-def no_op_reason(stats: dict, start: float, end: float, sigmas: Any, layer_input: str = "layers") -> tuple[str, str]:
-    """(reason, fix) for a sampling run in which MEA changed nothing although its masks are not empty.
+#: Why a sampling run applied MEA nowhere although its masks are not empty (:func:`no_op_cause`).
+NO_OP_CAUSES = ("window", "layers", "masks")
 
-    ``stats`` counts the run's model calls that wanted MEA (``calls``), the chosen layers reached
-    (``layers``) and the layer calls where a query inside the target mask read garment tokens
-    (``effective``). ``layer_input`` names the node input that chose the layers: ``"layers"`` (UNet) or
-    ``"flux_blocks"`` (Flux-family DiT), so the fix points at the input that matters for this model.
 
-    >>> no_op_reason({"calls": 0, "layers": 0, "effective": 0}, 0.7, 1.0, None)[0]
-    'no step of this run lies in the MEA window (start=0.7, end=1.0)'
+def no_op_cause(stats: dict) -> Optional[str]:
+    """Why a run in which MEA changed nothing did nothing, from its counters (:data:`~.run.STAT_KEYS`), or None
+    when it did act: ``"window"`` (no model call in the MEA window), ``"layers"`` (no chosen layer reached),
+    ``"masks"`` (layers reached, but no region query read a garment token: a mask vanished at those grids).
+
+    >>> no_op_cause({"calls": 0, "layers": 0, "effective": 0}), no_op_cause({"calls": 2, "layers": 4, "effective": 1})
+    ('window', None)
     """
+    if stats.get("effective", 0):
+        return None
     if stats.get("calls", 0) == 0:
-        span = ""
-        if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
-            span = f"; the sampler ran from sigma {float(sigmas[0]):.3g} to {float(sigmas[-1]):.3g}"
-        return (f"no step of this run lies in the MEA window (start={start}, end={end}){span}",
-                "Set start/end so the window covers steps this sampler runs (for a KSampler (Advanced) that "
-                "starts at step 35 of 50, start 0.7 covers it), or connect the patched model to the sampler "
-                "that runs those steps")
+        return "window"
     if stats.get("layers", 0) == 0:
-        if layer_input == "flux_blocks":
-            return ("none of the chosen Flux blocks was reached in this model's forward pass (another model layout, "
-                    "or a ComfyUI version whose Flux attention calls the patch cannot hook)",
-                    "Set 'flux_blocks' to another choice ('all' reaches every double and single block); if none "
-                    "works, update ComfyUI and report the model and ComfyUI version")
-        return ("none of the chosen self-attention layers was reached in this model's forward pass (another model "
-                "layout, or a ComfyUI version whose attention calls the patch cannot hook)",
-                f"Pick another '{layer_input}' choice; if none works, update ComfyUI and report the model and ComfyUI "
-                "version")
-    return ("the target mask or the garment mask has no pixel left at the token grids of the chosen layers "
-            "(a thin or soft mask vanishes when it is shrunk to 1/8 or 1/16 of the image)",
-            "Use a larger or harder (white = 1) mask, or work at a larger size (MaX4Zero Crop To Mask 'size')")
+        return "layers"
+    return "masks"
+
+
+def keeps_negative_pass_at_cfg1(distilled: bool) -> bool:
+    """Whether a host runs the negative pass at cfg 1 so that paper guidance has its base (docs/method.md §3b).
+
+    The paper's third branch is ``s_mea·M⊙(ε_MEA − ε_u)``. A sampler at cfg 1 skips the negative pass; a model
+    sampled with real CFG (an SD UNet) still has a meaningful ε_u there, so the host keeps that pass and the
+    base stays ε_u (one more model pass per MEA step). A guidance- or timestep-distilled model (FLUX.1 dev,
+    Fill, schnell: sampled at cfg 1 by design) has no meaningful ε_u: the base is ε_c and ``s_mea`` weighs
+    ``ε_MEA − ε_c``, which has no text term beside it. So the same ``s_mea`` is a different strength on the two
+    (the paper's 15 is for a UNet; about 3 on FLUX.1, docs/method.md §3c).
+
+    >>> keeps_negative_pass_at_cfg1(distilled=False), keeps_negative_pass_at_cfg1(distilled=True)
+    (True, False)
+    """
+    return not distilled

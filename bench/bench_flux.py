@@ -61,11 +61,13 @@ def _patched(cm, model, mode: str, size: int, garment_frac: float, reference_eve
     tm = torch.zeros(1, size, size)
     tm[:, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1.0
     dm = model.model.diffusion_model
-    patch = mf.FluxMeaPatch(
-        mode=mode, s_mea=3.0, contrast=1.25, start=0.0, end=1.0,
-        blocks=dit.parse_flux_blocks("all", len(dm.double_blocks), len(dm.single_blocks)),
+    settings = cm.pack_module("attention.run").MeaSettings(
+        mode=mode, s_mea=3.0, contrast=1.25, start=0.0, end=1.0, reference_every=reference_every,
         ref_latent=ref, ref_noise=torch.randn(ref.shape, generator=g), ref_context=None, garment_mask=gm,
-        target_mask=tm, reference_every=reference_every,
+        target_mask=tm,
+    )
+    patch = mf.FluxMeaPatch(
+        blocks=dit.parse_flux_blocks("all", len(dm.double_blocks), len(dm.single_blocks)), settings=settings,
     )
     m = model.clone()
     patch.install(m)
@@ -128,7 +130,7 @@ def main() -> None:
     # memory: the reference K/V actually stored at a 4096-token image (1024 px), garment = 25 % of the reference
     size = 1024
     m, patch = _patched(cm, model, "fused", size, 0.25)
-    mea_run = cm.pack_module("nodes.mea_patch").MeaRun
+    mea_run = cm.pack_module("attention.run").WorkerState
     kept = {}
     real_keep = mea_run.keep
 
@@ -147,7 +149,7 @@ def main() -> None:
         m_every, _ = _patched(cm, model, "fused", size, 0.25, every)
         bigs.append(f"{_label('fused', every)} {_sample_seconds(cm, m_every, size, args.steps, 1) / big_base:.2f}x")
     store = kept["store"]
-    g_tok = int(patch.garment_index("cpu").numel())
+    g_tok = int(cm.pack_module("attention.policy").token_mask(patch.settings.garment_mask, patch.ref_grid).sum())
     stored = sum(e.k.numel() * e.k.element_size() + e.v.numel() * e.v.element_size() for e in store.values())
     per_block = stored / max(1, len(store))
     print(f"at 4096 image tokens (1024 px), vs vanilla ({big_base * 1e3:.0f} ms/step): {', '.join(bigs)}; "

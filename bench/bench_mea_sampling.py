@@ -135,20 +135,27 @@ def main() -> None:
     sel = policy.LAYER_CHOICES[policy.DEFAULT_LAYERS]
     keys = mea_calls.attn1_slots(patcher.model.diffusion_model, sel.parts)
 
-    from max4zero.nodes.trace import MeaTrace
+    from max4zero.attention.run import MeaSettings
+    from max4zero.nodes.trace import MeaTrace, RunRegistry
+
+    class SeparateReference(mp.MeaPatch):
+        inline_reference = False  # the reference as a pass of its own, never one more row of the call
 
     def variant(mode: str | None, contrast: float, inline: bool = True, record: bool = False, every: int = 1):
         if mode is None:
             return patcher, None
         m = patcher.clone()
-        patch = mp.MeaPatch(
-            mode=mode, s_mea=15.0, contrast=contrast, start=0.0, end=1.0, layers=sel, attn1_keys=keys,
+        settings = MeaSettings(
+            mode=mode, s_mea=15.0, contrast=contrast, start=0.0, end=1.0, reference_every=every,
             ref_latent=ref_latent, ref_noise=ref_noise, ref_context=pos[0][0], garment_mask=garment[None],
-            target_mask=target[None].float(), trace=MeaTrace(enabled=record), reference_every=every,
+            target_mask=target[None].float(),
         )
-        patch.inline_reference = inline
+        registry = RunRegistry(keep_older=1000)
+        trace = MeaTrace(node_key="bench", taus=(1.0,) if record else (), registry=registry)
+        patch = (mp.MeaPatch if inline else SeparateReference)(settings=settings, layers=sel, attn1_keys=keys,
+                                                                  trace=trace)
         patch.install(m)
-        return m, patch
+        return m, registry
 
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
@@ -185,10 +192,11 @@ def main() -> None:
             for _ in range(args.repeats - 1):
                 times.append(run(model))
             extra = ""
-            if patch is not None:
-                runs = args.repeats + 1
-                extra = (f"  ({patch.reference_passes / runs:.0f} reference passes and "
-                         f"{patch.mea_calls / runs / args.steps:.0f} MEA layer calls per run / step)")
+            if patch is not None:  # the variant's run registry: every sampling run's counters
+                runs = patch.runs()
+                passes = sum(r.stats["reference_passes"] for r in runs) / len(runs)
+                calls = sum(r.stats["mea_calls"] for r in runs) / len(runs) / args.steps
+                extra = f"  ({passes:.0f} reference passes and {calls:.0f} MEA layer calls per run / step)"
             results[name] = (statistics.median(times), peak.mb)
             print(f"  measured {name:10s} {statistics.median(times):8.3f} s/step{extra}")
     base = results["vanilla"][0]

@@ -12,18 +12,25 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 __all__ = [
+    "MEA_PASS_KEY",
+    "REFERENCE_PASS_KEY",
+    "RUN_KEY_PREFIX",
     "attn1_slots",
     "is_unet",
     "bind_apply_model_args",
-    "slice_row",
-    "append_row",
     "pad_control",
-    "reference_concat",
-    "reference_context",
     "plain_attention",
     "trace_consumers",
     "latent_output_key",
 ]
+
+#: transformer_options key that marks the paper mode's extra MEA pass (value: the patch's id).
+MEA_PASS_KEY = "max4zero_mea_pass"
+#: transformer_options key that marks a reference pass (value: the id of the patch that runs it): every other
+#: MEA patch of a chain leaves such a call, and its attention, untouched.
+REFERENCE_PASS_KEY = "max4zero_reference_pass"
+#: transformer_options key prefix of a patch's per-run state (``MeaPatch.run_key``).
+RUN_KEY_PREFIX = "max4zero_mea_run:"
 
 
 def attn1_slots(diffusion_model: Any, parts: Iterable[str]) -> list[tuple[str, int, int]]:
@@ -79,22 +86,6 @@ def bind_apply_model_args(args: Sequence[Any], kwargs: dict) -> tuple[dict, dict
     return named, extra
 
 
-def slice_row(value: Any, n_rows: int, row: int) -> Any:
-    """Row ``row`` (kept as a batch of 1) of a per-row model input; anything else unchanged."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_rows:
-        return value[row : row + 1]
-    if isinstance(value, list):
-        return [slice_row(v, n_rows, row) for v in value]
-    return value
-
-
-def append_row(value: Any, ref_value: Any, n_rows: int) -> Any:
-    """A per-row model input with the reference row's value appended (others unchanged)."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n_rows:
-        return torch.cat([value, ref_value.to(value)])
-    if isinstance(value, list):
-        return [append_row(v, r, n_rows) for v, r in zip(value, ref_value)]
-    return value
 
 
 def pad_control(control: Any, n_rows: int) -> Any:
@@ -116,28 +107,6 @@ def pad_control(control: Any, n_rows: int) -> Any:
 
     return pad(control)
 
-
-def reference_concat(concat_keys: Sequence[str], ref_latent: torch.Tensor) -> torch.Tensor:
-    """``c_concat`` for the reference pass in the model's own layout (``BaseModel.concat_keys``).
-
-    The reference reconstructs itself: inpaint mask all zero ("keep everything"), masked image = the
-    reference latent (already ``process_latent_in``-scaled, as ComfyUI passes it).
-    """
-    parts = []
-    b, _, h, w = ref_latent.shape
-    for key in concat_keys:
-        if key == "mask":
-            parts.append(ref_latent.new_zeros(b, 1, h, w))
-        elif key == "mask_inverted":
-            parts.append(ref_latent.new_ones(b, 1, h, w))
-        elif key in ("masked_image", "concat_image"):
-            parts.append(ref_latent)
-        else:
-            raise ValueError(
-                f"MaX4Zero Masked Extended Attention: this model's conditioning has a '{key}' input the "
-                "reference pass cannot build; use an SD1.5/SD2/SDXL (inpainting) checkpoint"
-            )
-    return torch.cat(parts, dim=1)
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -192,16 +161,3 @@ def latent_output_key(samples: Any) -> Optional[str]:
     dtype = mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else samples.dtype
     return samples_key(samples.detach().to(dtype=dtype))
 
-
-def reference_context(ref_context: Optional[torch.Tensor], ctx_row: Any) -> Any:
-    """The reference pass's text conditioning: the node's own prompt ``[1, L, D]``, cast like the call's row, or
-    the row's when the node gave none. Raises when the widths differ (a prompt encoded for another model family)."""
-    if ref_context is None or not isinstance(ctx_row, torch.Tensor):
-        return ctx_row
-    if ref_context.shape[-1] != ctx_row.shape[-1]:
-        raise ValueError(
-            f"MaX4Zero Masked Extended Attention: its 'positive' conditioning is {ref_context.shape[-1]} wide but "
-            f"this model's text conditioning is {ctx_row.shape[-1]} wide: encode the prompt with the text encoder "
-            "of the same checkpoint"
-        )
-    return ref_context.to(device=ctx_row.device, dtype=ctx_row.dtype)

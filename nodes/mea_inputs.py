@@ -24,13 +24,15 @@ __all__ = ["ReferenceInputs", "prepare_reference", "positive_context", "check_me
 @dataclass
 class ReferenceInputs:
     """latent/noise [1, C, h, w] (``process_latent_in``-scaled, float32, CPU); garment bool [1, H', W'] at the
-    encoded size, eroded; size (H, W) of the given reference; crop (top, left, H', W') of the encoded part."""
+    encoded size, eroded; size (H, W) of the given reference; crop (top, left, H', W') of the encoded part;
+    vae_ratio: pixels per latent cell of the VAE that encoded it."""
 
     latent: torch.Tensor
     noise: torch.Tensor
     garment: torch.Tensor
     size: tuple[int, int]
     crop: tuple[int, int, int, int]
+    vae_ratio: int = 8
 
 
 def prepare_reference(node: str, model: Any, vae: Any, reference: torch.Tensor, garment_mask: torch.Tensor,
@@ -67,7 +69,7 @@ def prepare_reference(node: str, model: Any, vae: Any, reference: torch.Tensor, 
     gen = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32)
     garment = _masks.erode(gm_c > 0.5, _masks.GARMENT_EROSION)
-    return ReferenceInputs(latent=lat, noise=noise, garment=garment, size=(H, W), crop=crop)
+    return ReferenceInputs(latent=lat, noise=noise, garment=garment, size=(H, W), crop=crop, vae_ratio=ratio)
 
 
 def positive_context(positive: Any, node: str) -> torch.Tensor:

@@ -12,29 +12,41 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from comfy_api.latest import io, ui
 
 from ..attention.dit import DEFAULT_FLUX_BLOCKS, parse_flux_blocks
-from ..attention.flow_view import FLOW_MODES, no_match_message, render_flow_view, select_for_view
+from ..attention.flow_view import (
+    FLOW_MODES,
+    disagreement,
+    mls_flow,
+    no_match_message,
+    render_flow_view,
+    select_for_view,
+)
 from ..attention.policy import (
     DEFAULT_LAYERS,
     FLOW_LAYER_CHOICES,
     GUIDANCE_MODES,
     LAYER_CHOICES,
+    LayerSelection,
     check_reference_every,
 )
+from ..attention.run import MeaSettings
 from ..warping import mls as _mls
 from . import convert as cv
 from .features import check_unet
 from .mea_calls import attn1_slots, trace_consumers
-from .mea_inputs import check_mea_masks, positive_context, prepare_reference
+from .mea_inputs import ReferenceInputs, check_mea_masks, positive_context, prepare_reference
 from .notify import warn_on_node
 from .mea_flux import FLUX_SELECTION, FluxMeaPatch, flux_hook_problem, flux_layout_problem, is_flux
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
 from .sockets import CATEGORY, MATCHES, TRACE
-from .trace import MeaTrace, find_traced_run, mls_flow_from_matches, samples_key
+from .trace import MeaTrace, find_traced_run, samples_key
 
 __all__ = ["MaskedExtendedAttentionNode", "FlowViewNode", "NODE_CLASSES"]
 
@@ -163,106 +175,127 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
         layers, reference_seed, background, flux_blocks=DEFAULT_FLUX_BLOCKS, reference_every=1,
     ) -> io.NodeOutput:
-        node = cls.NODE
         reference_every = 1 if reference_every is None else reference_every  # optional: absent in older workflows
         cls._check_widgets(dict(guidance=guidance, layers=layers, background=background, start=start, end=end,
                                 reference_every=reference_every))
-        if is_flux(getattr(getattr(model, "model", None), "diffusion_model", None)):
-            return cls._execute_flux(
-                model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
-                reference_seed, background, flux_blocks, reference_every)
-        dm = check_unet(model, node)
-        if problem := cv.conditioning_problem(positive, model, "positive"):
-            raise cv.NodeInputError(node, problem)
-        selection = LAYER_CHOICES[layers]
-        keys = attn1_slots(dm, selection.parts)
-        if not keys:
-            raise cv.NodeInputError(node, f"the UNet has no self-attention in the parts chosen by layers={layers!r}",
-                                 "pick another 'layers' choice")
-
-        tm, ctx, ref, uid, trace = cls._inputs(model, vae, reference, garment_mask, target_mask, positive, start,
-                                               end, reference_seed, background, selection)
-
-        patch = MeaPatch(
-            mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
-            layers=selection, attn1_keys=keys, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx,
-            garment_mask=ref.garment, target_mask=tm, trace=trace, reference_every=reference_every,
-        )
-        patch.warn = functools.partial(warn_on_node, node, node_id=None if uid is None else str(uid))
+        args = MeaArgs(model=model, vae=vae, reference=reference, garment_mask=garment_mask,
+                       target_mask=target_mask, positive=positive, guidance=guidance, s_mea=float(s_mea),
+                       contrast=float(contrast), start=float(start), end=float(end), layers=layers,
+                       reference_seed=reference_seed, background=background,
+                       flux_blocks=DEFAULT_FLUX_BLOCKS if flux_blocks is None else flux_blocks,
+                       reference_every=reference_every)
+        patch = cls._flux_patch(args) if is_flux(getattr(getattr(model, "model", None), "diffusion_model", None)) \
+            else cls._unet_patch(args)
         patched = model.clone()
         patch.install(patched)
-        return io.NodeOutput(patched, trace)
-
+        return io.NodeOutput(patched, patch.trace)
 
     @classmethod
-    def _inputs(cls, model, vae, reference, garment_mask, target_mask, positive, start, end, reference_seed,
-                background, selection) -> tuple:
-        """What both adapters need from the node's inputs, checked: ``(target mask, reference prompt, reference
-        inputs, node id, trace)``."""
+    def _unet_patch(cls, args: "MeaArgs") -> MeaPatch:
         node = cls.NODE
-        tm = cv.mask_to_bhw(target_mask, node, "target_mask")
-        ctx = positive_context(positive, node)
-        ref = prepare_reference(node, model, vae, reference, garment_mask, background, reference_seed)
-        uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
-        check_mea_masks(node, garment_mask, ref, tm, selection, uid)
-        trace = _make_trace(cls.hidden)
-        trace.reference_size = ref.size
-        trace.reference_crop = ref.crop
-        trace.window = (float(start), float(end))
-        return tm, ctx, ref, uid, trace
+        dm = check_unet(args.model, node)
+        if problem := cv.conditioning_problem(args.positive, args.model, "positive"):
+            raise cv.NodeInputError(node, problem)
+        selection = LAYER_CHOICES[args.layers]
+        keys = attn1_slots(dm, selection.parts)
+        if not keys:
+            raise cv.NodeInputError(node, f"the UNet has no self-attention in the parts chosen by layers={args.layers!r}",
+                                    "pick another 'layers' choice")
+        prepared = cls._prepare(args, selection)
+        return MeaPatch(settings=prepared.settings, layers=selection, attn1_keys=keys, trace=prepared.trace,
+                        node_id=prepared.node_id, warn=prepared.warn)
 
     @classmethod
-    def _execute_flux(
-        cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
-        reference_seed, background, flux_blocks, reference_every=1,
-    ) -> io.NodeOutput:
+    def _flux_patch(cls, args: "MeaArgs") -> FluxMeaPatch:
         """The Flux adapter (``nodes/mea_flux.py``, docs/method.md §3c): same inputs, same checks."""
         node = cls.NODE
         if problem := flux_hook_problem():
             raise cv.NodeInputError(node, problem, "update ComfyUI to 0.33.0 or newer (its Flux blocks call "
                                     "attention patches), or use an SD1.5/SD2/SDXL checkpoint")
-        if problem := flux_layout_problem(model.model):
+        if problem := flux_layout_problem(args.model.model):
             raise cv.NodeInputError(node, problem, "use a FLUX.1 Fill or FLUX.1 dev model, or an SD1.5/SD2/SDXL "
                                     "inpainting checkpoint")
-        dm = model.model.diffusion_model
+        dm = args.model.model.diffusion_model
         try:
-            blocks = parse_flux_blocks(flux_blocks if flux_blocks is not None else DEFAULT_FLUX_BLOCKS,
-                                       len(dm.double_blocks), len(dm.single_blocks))
+            blocks = parse_flux_blocks(args.flux_blocks, len(dm.double_blocks), len(dm.single_blocks))
         except ValueError as e:
             raise cv.NodeInputError(node, str(e), "set 'flux_blocks' to vital, double, single, all or a list like "
                                     "'d0-18, s6'") from None
-        tm, ctx, ref, uid, trace = cls._inputs(model, vae, reference, garment_mask, target_mask, positive, start,
-                                               end, reference_seed, background, FLUX_SELECTION)
-        patch = FluxMeaPatch(
-            mode=guidance, s_mea=float(s_mea), contrast=float(contrast), start=float(start), end=float(end),
-            blocks=blocks, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx, garment_mask=ref.garment,
-            target_mask=tm, trace=trace, reference_every=reference_every,
+        prepared = cls._prepare(args, FLUX_SELECTION)
+        return FluxMeaPatch(blocks=blocks, settings=prepared.settings, trace=prepared.trace,
+                            node_id=prepared.node_id, warn=prepared.warn)
+
+    @classmethod
+    def _prepare(cls, args: "MeaArgs", selection: LayerSelection) -> "PreparedMea":
+        """What both adapters need from the node's inputs, checked (docs/method.md §3b)."""
+        node = cls.NODE
+        tm = cv.mask_to_bhw(args.target_mask, node, "target_mask")
+        ctx = positive_context(args.positive, node)
+        ref = prepare_reference(node, args.model, args.vae, args.reference, args.garment_mask, args.background,
+                                args.reference_seed)
+        uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
+        node_id = None if uid is None else str(uid)
+        check_mea_masks(node, args.garment_mask, ref, tm, selection, uid)
+        settings = MeaSettings(
+            mode=args.guidance, s_mea=args.s_mea, contrast=args.contrast, start=args.start, end=args.end,
+            reference_every=args.reference_every, ref_latent=ref.latent, ref_noise=ref.noise, ref_context=ctx,
+            garment_mask=ref.garment, target_mask=tm,
         )
-        patch.warn = functools.partial(warn_on_node, node, node_id=None if uid is None else str(uid))
-        patched = model.clone()
-        patch.install(patched)
-        return io.NodeOutput(patched, trace)
+        trace = _make_trace(cls.hidden, node_id, ref, args.reference, (args.start, args.end))
+        return PreparedMea(settings=settings, trace=trace, node_id=node_id,
+                           warn=functools.partial(warn_on_node, node, node_id=node_id))
 
 
-def _make_trace(hidden) -> MeaTrace:
-    """A recording trace when a node of the queued prompt consumes our trace output, else a disabled one."""
+@dataclass(frozen=True)
+class MeaArgs:
+    """The MEA node's inputs as ComfyUI passed them (widgets already checked)."""
+
+    model: Any
+    vae: Any
+    reference: torch.Tensor
+    garment_mask: torch.Tensor
+    target_mask: torch.Tensor
+    positive: Any
+    guidance: str
+    s_mea: float
+    contrast: float
+    start: float
+    end: float
+    layers: str
+    reference_seed: int
+    background: str
+    flux_blocks: str
+    reference_every: int
+
+
+@dataclass(frozen=True)
+class PreparedMea:
+    """What both adapters build their patch from: settings, trace, the node's id and where its warnings go."""
+
+    settings: MeaSettings
+    trace: MeaTrace
+    node_id: Optional[str]
+    warn: Any
+
+
+def _make_trace(hidden, node_id: Optional[str], ref: ReferenceInputs, reference: torch.Tensor,
+                window: tuple) -> MeaTrace:
+    """The node's trace: the τ of every Flow View the queued prompt connects to its trace output (none: recording
+    off unless a view requests it later), and where the reference crop lies."""
     prompt = getattr(hidden, "prompt", None) if hidden is not None else None
-    uid = getattr(hidden, "unique_id", None) if hidden is not None else None
-    consumers = trace_consumers(prompt, uid, TRACE_OUTPUT_INDEX)
-    if not consumers:
-        return MeaTrace(enabled=False)
     taus = []
-    for class_type, inputs in consumers:
+    for class_type, inputs in trace_consumers(prompt, node_id, TRACE_OUTPUT_INDEX):
         if class_type == FLOW_ID:
             t = inputs.get("tau", 1.0)
-            if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 and t == t:
                 taus.append(float(t))
-    tau = taus[0] if taus else 1.0
-    if len(set(taus)) > 1:
-        log.warning("%s: connected flow views ask for different tau %s; recording at tau=%s",
-                    MaskedExtendedAttentionNode.NODE,
-                    sorted(set(taus)), tau)
-    return MeaTrace(enabled=True, tau=tau)
+            elif isinstance(t, list):  # tau from another node's output: known only when the view runs
+                pass
+    return MeaTrace(
+        node_key=node_id if node_id is not None else f"anon-{uuid.uuid4().hex}", node_id=node_id, taus=taus,
+        reference_size=ref.size, reference_key=samples_key(reference), reference_crop=ref.crop, window=window,
+        vae_ratio=ref.vae_ratio,
+    )
 
 
 class FlowViewNode(io.ComfyNode):
@@ -338,54 +371,52 @@ class FlowViewNode(io.ComfyNode):
         cv.check_choice(node, "layers", layers, list(FLOW_LAYER_CHOICES))
         cv.check_choice(node, "mode", mode, FLOW_MODES)
         cv.check_choice(node, "mls_kind", mls_kind, _mls.KINDS)
-        if not all(hasattr(trace, a) for a in ("enabled", "tau", "arm", "reference_crop")):
+        if not isinstance(trace, MeaTrace):
             raise cv.NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
-                                 "MaX4Zero Masked Extended Attention")
+                                    "MaX4Zero Masked Extended Attention")
         lat = samples.get("samples") if isinstance(samples, dict) else None
         if not isinstance(lat, torch.Tensor) or lat.dim() != 4:
             raise cv.NodeInputError(node, "samples is not an image LATENT", "connect the sampler's LATENT output")
+        ref = cv.image_to_bchw(reference, node, "reference")[:1, :3].float()
+        if trace.reference_key is not None and samples_key(reference) != trace.reference_key:
+            raise cv.NodeInputError(node, f"'reference' is not the image given to {trace.label}'s 'reference' input",
+                                    "connect the same reference image to both nodes")
         run, problem, fix = find_traced_run(trace, samples_key(lat), float(tau))
         if run is None:
             raise cv.NodeInputError(node, problem, fix)
-        records = list(run.records)
+        records = list(run.records[min(run.records, key=lambda t: abs(t - float(tau)))])
         if not records:
             win = trace.window or (None, None)
             raise cv.NodeInputError(node, "nothing was recorded: no sampling step used MEA", f"check the MEA window "
-                                 f"(start={win[0]}, end={win[1]}) against the sampler's steps, and the masks")
+                                    f"(start={win[0]}, end={win[1]}) against the sampler's steps, and the masks")
         latent_hw = (int(lat.shape[-2]), int(lat.shape[-1]))
-        out_hw = (latent_hw[0] * 8, latent_hw[1] * 8)
-
-        ref = cv.image_to_bchw(reference, node, "reference")[:1, :3].float()
+        out_hw = (latent_hw[0] * trace.vae_ratio, latent_hw[1] * trace.vae_ratio)
         if trace.reference_crop is not None and tuple(ref.shape[-2:]) == tuple(trace.reference_size or ()):
             top, left, h, w = trace.reference_crop
             ref = ref[:, :, top : top + h, left : left + w]
         ref_hw = (int(ref.shape[-2]), int(ref.shape[-1]))
 
-        mls_flow = None
+        flow_mls = None
         if matches is not None:
-            mls_flow = mls_flow_from_matches(matches, ref_hw, out_hw, mls_kind, float(mls_alpha))
+            if len(matches) == 0:
+                raise cv.NodeInputError(node, "the matches hold no control point", "run MaX4Zero Correspondence "
+                                        "with looser filters, or disconnect 'matches'")
+            m = matches.rescaled(ref_hw, out_hw)
+            flow_mls = mls_flow(m.target_points, m.reference_points, ref_hw, out_hw, mls_kind, float(mls_alpha))
         levels = FLOW_LAYER_CHOICES[layers]
         if levels is not None and not select_for_view(records, latent_hw, levels):
             problem, fix = no_match_message(records, latent_hw)
             raise cv.NodeInputError(node, problem, f"Set 'layers' to {fix[len('pick '):]}")
         view = render_flow_view(
             records, ref, latent_hw, out_hw, levels=levels, step_start=float(step_start),
-            step_end=float(step_end), mode=mode, mls_flow=mls_flow,
+            step_end=float(step_end), mode=mode, mls_flow=flow_mls,
         )
-        if view.epe is not None:
-            disagreement = (view.epe / float(epe_scale_px)).clamp(0.0, 1.0)
-        elif mls_warped is not None:
-            mw = cv.image_to_bchw(mls_warped, node, "mls_warped")[:, :3].float()
-            if tuple(mw.shape[-2:]) != out_hw:
-                mw = torch.nn.functional.interpolate(mw, size=out_hw, mode="bilinear", align_corners=False)
-            mw = mw.permute(0, 2, 3, 1)
-            disagreement = (view.warped - mw).abs().mean(-1) * view.covered
-        else:
-            disagreement = torch.zeros_like(view.reliance)
+        warped_mls = None if mls_warped is None else cv.image_to_bchw(mls_warped, node, "mls_warped")
+        dis = disagreement(view, float(epe_scale_px), warped_mls)
         gray = lambda m: m.float().clamp(0, 1)[..., None].expand(*m.shape, 3)  # noqa: E731
         preview = torch.cat([view.flow_rgb, view.warped, gray(view.reliance), gray(view.sharpness)], dim=2)
         return io.NodeOutput(
-            view.flow_rgb, view.warped, view.reliance, view.sharpness, disagreement.contiguous(),
+            view.flow_rgb, view.warped, view.reliance, view.sharpness, dis.contiguous(),
             ui=ui.PreviewImage(preview, cls=cls),
         )
 

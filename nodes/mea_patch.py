@@ -1,252 +1,176 @@
-"""Masked Extended Attention as a ComfyUI model patch (docs/method.md §3b): reference pass, attn1 chaining, guidance.
+"""Masked Extended Attention as a ComfyUI model patch (docs/method.md §3b): the UNet adapter and what both
+adapters share (the Flux one, :mod:`.mea_flux`, subclasses :class:`MeaPatch`).
 
-How it hooks into ComfyUI (0.3.64 and 0.33.0):
+The method lives in the core: settings and per-run state in ``attention/run.py``, which passes, rows, window
+and guidance in ``attention/policy.py``, the reference pass's inputs in ``attention/reference.py``, the
+attention itself in ``attention/masked_extended.py``. This module wires them into ComfyUI's hooks:
 
-* **APPLY_MODEL wrapper** (:meth:`MeaPatch.apply_model_wrapper`). It sees the exact noisy batch ``x`` at
-  sigma ``t`` of every model call. When a call needs MEA (sigma inside the window and, in ``fused`` mode,
-  the call holds positive rows; in ``paper`` mode, the call is the extra MEA pass) it
+* **The patch is frozen settings.** :class:`MeaPatch` holds the node's :class:`~max4zero.attention.run.MeaSettings`,
+  the layer choice, the trace settings and the node's name; nothing in it is written after construction
+  (assignment raises), so every clone of a patched MODEL (ComfyUI clones freely, MultiGPU deep-clones one per
+  device) may share it. Whatever sampling writes lives in a :class:`~max4zero.attention.run.MeaRun`, made by the
+  OUTER_SAMPLE wrapper, carried in that run's ``transformer_options`` (as ``comfy_extras/nodes_easycache.py``
+  does) and split into one worker state per thread and device: MultiGPU CFG Split's threads never share one.
+* **APPLY_MODEL wrapper** (:meth:`MeaPatch.apply_model_wrapper`): it sees the exact noisy batch ``x`` at sigma
+  ``t`` of every model call. When a call needs MEA (sigma inside the window and, in ``fused`` mode, the call
+  holds positive rows; in ``paper`` mode, the call is this patch's extra MEA pass) it runs the reference pass
+  (or reuses its K/V: same sigma, or within ``reference_every`` steps) and then the call with the attn1
+  replaces in *use* mode (:mod:`.mea_replace`). When ComfyUI's chunk layout allows it and no other MEA patch
+  takes part in the run, the UNet reference rides in the same call as one extra row (the paper's
+  [target ; reference] batch, one UNet call instead of two). Every other call gets the untouched arguments, so
+  the result is bit-identical to unpatched sampling there.
+* **Chaining.** The replaces are installed at run time over whatever ``patches_replace["attn1"]`` holds in that
+  call; an existing replace at the same key (or at ComfyUI's 2-tuple fallback key) is wrapped. Another MEA node
+  in the chain: each node's reference pass is marked (:data:`REFERENCE_PASS_KEY`) and every other MEA patch
+  leaves it untouched, so a reference never reads another node's garment; each node redoes only the queries of
+  its own target region. In fused mode two chained regions must not overlap (refused before the first step:
+  one node would overwrite the other there); in paper mode the MEA terms add up.
+* **Guidance.** ``fused``: MEA inside the positive rows of the normal passes; ComfyUI's own CFG. ``paper``: the
+  normal passes run without MEA; a post-CFG function runs one extra positive pass with it and adds
+  ``s_mea·M⊙(x̂0_MEA − x̂0_base)`` (``attention/policy.py: paper_guidance``); differences of x̂0 are −σ times
+  differences of ε, so the formula holds on ComfyUI's denoised predictions. Whether the negative pass is kept at
+  cfg 1 for the base is the core's rule (``keeps_negative_pass_at_cfg1``): kept on a UNet, not on a distilled DiT.
+* **Layer selection by token grid**: the replaces sit on every attn1 slot of the chosen UNet parts; each call
+  compares the layer's grid with the latent's, so one choice fits SD1.5, SD2 and SDXL.
 
-  1. evaluates the UNet on the *reference*: its latent noised to the CURRENT sigma with fixed seeded
-     noise, the model's own conditioning layout (an inpainting model gets an all-zero mask channel and
-     the reference itself as masked image, so it reconstructs itself), the node's positive text, no
-     ControlNet residuals (those belong to the target image), and every other model input (``y`` …)
-     of a positive row of the call. When ComfyUI's chunk layout allows it (one-row chunks, e.g. batch 1
-     with CFG, or a single chunk, e.g. the paper mode's extra pass) the reference rides in the same
-     call as one extra row — the paper's [target ; reference] batch — and the attn1 replaces read its
-     K/V in the same forward (one UNet call instead of two: a one-row call costs ~0.6 of a two-row
-     one). Otherwise a separate batch-1 reference pass runs first with the attn1 replaces in *record*
-     mode. Either way the reference K/V are kept per sigma, so cond and uncond split into separate
-     calls never compute them twice. With ``reference_every`` = N > 1 (opt-in, not the paper) they also
-     serve the next N − 1 sampler steps, which then run no reference at all (``attention/policy.py:
-     reuse_reference``).
-  2. runs the real call with the attn1 replaces in *use* mode (:mod:`.mea_replace`).
-
-  The attn1 replaces are put into a COPY of the call's ``transformer_options`` only for such calls.
-  Every other call (outside the window, negative-only calls, an empty mask) gets the untouched
-  arguments, so the result is bit-identical to unpatched sampling there.
-* **Chaining.** The replaces are installed at run time over whatever ``patches_replace["attn1"]`` holds
-  in that call (patches from packs applied before or after this node). An existing replace at the same
-  key — or at the 2-tuple ``(block, number)`` key that ComfyUI falls back to, which our 3-tuple key
-  would otherwise shadow — is wrapped: it computes the plain part (rows and queries without MEA, and the
-  reference pass) and MEA replaces only the queries inside the try-on region. Nothing is overwritten:
-  ``model_options`` of the input MODEL are never touched (the node patches a ``clone()``), other
-  wrappers and post-CFG functions are kept (wrappers and post-CFG functions are lists).
-* **Layer selection by token grid**: the replaces are installed on every attn1 slot of the chosen UNet
-  parts; at each call the layer's grid is compared with the latent's (``activations_shape`` vs
-  ``original_shape``), so "decoder at 1/16 and 1/8 of the image" means output blocks 6–11 on SD1.5/SD2
-  and the 1/16 output blocks on SDXL (which has no attention at 1/8), without block numbers.
-* **Guidance.**
-
-  - ``fused``: MEA runs inside the positive rows of the normal pass (``cond_or_uncond`` value 0);
-    ε = ε_u + s_txt·(ε_c,MEA − ε_u) is ComfyUI's own CFG. Cost: one reference row per step.
-  - ``paper`` (three branches): ε = ε_u + s_txt·(ε_c − ε_u) + s_mea·M⊙(ε_MEA − ε_u). The normal cond and
-    uncond passes run WITHOUT MEA; a post-CFG function runs one extra positive pass WITH MEA (flagged in
-    ``transformer_options``) and adds the last term. ComfyUI's CFG works on denoised predictions
-    x̂0 = x − σ·ε (EPS; v-prediction is affine in the model output too, with the same x-dependent offset
-    for every branch). Every branch shares x and σ, so differences of x̂0 are −σ times differences of ε
-    and the same linear formula holds for x̂0: x̂0 = x̂0_cfg + s_mea·M⊙(x̂0_MEA − x̂0_u). With cfg = 1
-    ComfyUI would skip the negative pass; the patch sets ComfyUI's ``disable_cfg1_optimization`` (paper mode,
-    non-empty masks only), so the negative pass runs and the base stays x̂0_u, as the formula says (one more
-    pass per step at cfg 1; cfg 1 with a guidance-distilled model is where that matters).
-
-* **Per-run state.** :class:`MeaPatch` holds the node's settings and is shared by every clone of the
-  patched MODEL. Each sampling run gets its own :class:`MeaRun` (reference K/V per sigma, masks per grid,
-  what MEA did), made by the OUTER_SAMPLE wrapper and carried in that run's ``transformer_options``, as
-  ComfyUI's ``nodes_easycache.py`` does: two samplers (or two devices) using one patched MODEL never share
-  a reference store.
-
-Where things live: the method's policy (layers, rows, window, guidance, masks at token level) is in
-``attention/policy.py``; ComfyUI call plumbing in :mod:`.mea_calls`; the attn1 replace in :mod:`.mea_replace`.
-This module only wires them into ComfyUI's wrappers; it imports ComfyUI lazily, inside the functions that
-run during sampling.
+ComfyUI is imported lazily, inside the functions that run during sampling.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from ..attention.policy import (
-    GUIDANCE_MODES,
     LayerSelection,
-    check_reference_every,
     guidance_base,
-    in_window,
+    keeps_negative_pass_at_cfg1,
     nearest_step,
-    no_op_reason,
+    no_op_cause,
     paper_guidance,
-    reuse_reference,
     row_mask_index,
     rows_with_mea,
     token_mask,
 )
+from ..attention.reference import DROPPED_INPUTS, ReferenceRow, append_row, reference_row
+from ..attention.run import MeaRun, MeaSettings, WorkerState
 from ..warping.masks import token_grids, unusable_mask_problem
 from .convert import NodeInputError, mask_latent_problem
 from .mea_calls import (
-    append_row,
+    MEA_PASS_KEY,
+    REFERENCE_PASS_KEY,
+    RUN_KEY_PREFIX,
     bind_apply_model_args,
     latent_output_key,
     pad_control,
-    reference_concat,
-    reference_context,
-    slice_row,
 )
 from .mea_replace import Attn1Replace, CallRows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MEA_PASS_KEY", "BACKGROUND_CHOICES", "MeaRun", "MeaPatch"]
-
-#: transformer_options key that marks the paper mode's extra MEA pass (value: the patch's id).
-MEA_PASS_KEY = "max4zero_mea_pass"
+__all__ = ["MEA_PASS_KEY", "REFERENCE_PASS_KEY", "RUN_KEY_PREFIX", "BACKGROUND_CHOICES", "MeaCall", "MeaPatch",
+           "no_op_message"]
 
 BACKGROUND_CHOICES = ("kept", "neutralised")
 
+NODE = "MaX4Zero Masked Extended Attention"
 
-class MeaRun:
-    """What one sampling run of a patched model knows: the last recorded reference K/V with the sigma and
-    schedule step it was recorded at, the masks at each token grid and device, the window in sigma, and what
-    MEA did (for the no-op report)."""
 
-    def __init__(self, patch: "MeaPatch") -> None:
-        self.patch = patch
-        self.store: dict[tuple, Any] = {}
-        self.store_sigma: Optional[float] = None
-        self.store_step: Optional[int] = None
-        self.stats = {"calls": 0, "layers": 0, "effective": 0}
-        self._masks: dict[tuple, torch.Tensor] = {}
-        self._windows: dict[int, tuple[float, float]] = {}
+@dataclass(frozen=True)
+class MeaCall:
+    """A model call that carries MEA: the ``apply_model`` arguments by name (``named``) and the extra model
+    inputs (``extra``), this thread's :class:`~max4zero.attention.run.WorkerState`, which rows carry MEA
+    (``rows``) and the call's ``cond_or_uncond``."""
 
-    def stored(self, sigma: float, step: Optional[int] = None) -> Optional[dict]:
-        """The recorded reference K/V a call at ``sigma`` (schedule index ``step``) may use, or None (run a new
-        reference pass): those recorded at ``sigma``, or, with the patch's ``reference_every`` > 1, those
-        recorded fewer than that many steps ago (``attention/policy.py: reuse_reference``)."""
-        if not self.store:
-            return None
-        reuse = reuse_reference(self.store_step, self.store_sigma, step, sigma, self.patch.reference_every)
-        return self.store if reuse else None
+    named: dict
+    extra: dict
+    state: WorkerState
+    rows: CallRows
+    cond_or_uncond: list
 
-    def keep(self, store: dict, sigma: float, step: Optional[int] = None) -> None:
-        """Remember the reference K/V just recorded at ``sigma`` (schedule index ``step``, None if unknown)."""
-        self.store, self.store_sigma, self.store_step = store, sigma, step
 
-    def in_window(self, model_sampling: Any, sigma: float) -> bool:
-        key = id(model_sampling)
-        if key not in self._windows:
-            self._windows[key] = (
-                float(model_sampling.percent_to_sigma(self.patch.start)),
-                float(model_sampling.percent_to_sigma(self.patch.end)),
-            )
-        return in_window(sigma, *self._windows[key])
-
-    def grid_mask(self, which: str, hw: tuple[int, int], device: Any) -> torch.Tensor:
-        """Garment or target mask at a token grid, flattened: [B or 1, h·w] bool on ``device`` (cached)."""
-        key = (which, hw, str(device))
-        m = self._masks.get(key)
-        if m is None:
-            src = self.patch.garment_mask if which == "garment" else self.patch.target_mask
-            m = self._masks[key] = token_mask(src, hw).to(device)
-        return m
-
-    def latent_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Target mask at latent size as float [B or 1, 1, h, w] on x's device (paper guidance M)."""
-        hw = (int(x.shape[-2]), int(x.shape[-1]))
-        m = self.grid_mask("target", hw, x.device).view(-1, 1, *hw)
-        if m.shape[0] not in (1, x.shape[0]):
-            row_mask_index(range(x.shape[0]), x.shape[0], 1, m.shape[0])  # raises the clear error
-        return m.to(x.dtype)
-
-    def note_call(self) -> None:
-        self.stats["calls"] += 1
-
-    def note_layer(self, effective: bool) -> None:
-        self.stats["layers"] += 1
-        self.stats["effective"] += int(effective)
+def no_op_message(cause: str, start: float, end: float, sigmas: Any, layer_input: str) -> tuple[str, str]:
+    """(reason, fix) in ComfyUI's terms for a run that applied MEA nowhere (``attention/policy.py: no_op_cause``)."""
+    if cause == "window":
+        span = ""
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
+            span = f"; the sampler ran from sigma {float(sigmas[0]):.3g} to {float(sigmas[-1]):.3g}"
+        return (f"no step of this run lies in the MEA window (start={start}, end={end}){span}",
+                "Set start/end so the window covers steps this sampler runs (for a KSampler (Advanced) that "
+                "starts at step 35 of 50, start 0.7 covers it), or connect the patched model to the sampler "
+                "that runs those steps")
+    if cause == "layers":
+        if layer_input == "flux_blocks":
+            return ("none of the chosen Flux blocks was reached in this model's forward pass (another model layout, "
+                    "or a ComfyUI version whose Flux attention calls the patch cannot hook)",
+                    "Set 'flux_blocks' to another choice ('all' reaches every double and single block); if none "
+                    "works, update ComfyUI and report the model and ComfyUI version")
+        return ("none of the chosen self-attention layers was reached in this model's forward pass (another model "
+                "layout, or a ComfyUI version whose attention calls the patch cannot hook)",
+                f"Pick another '{layer_input}' choice; if none works, update ComfyUI and report the model and "
+                "ComfyUI version")
+    return ("the target mask or the garment mask has no pixel left at the token grids of the chosen layers "
+            "(a thin or soft mask vanishes when it is shrunk to 1/8 or 1/16 of the image)",
+            "Use a larger or harder (white = 1) mask, or work at a larger size (MaX4Zero Crop To Mask 'size')")
 
 
 class MeaPatch:
-    """One MEA node's patch: its settings and the ComfyUI wrappers; installed on a clone by :meth:`install`.
+    """One MEA node's patch on a UNet: frozen settings plus ComfyUI's wrappers (see the module docstring).
 
     Args:
-        mode: ``"paper"`` or ``"fused"`` (see the module docstring).
-        s_mea: weight of the MEA branch in paper mode (15 in the paper); unused in fused mode.
-        contrast: attention contrast on the reference half (1.25 paper, 1.0 = off).
-        start, end: schedule fractions (``percent_to_sigma``) of the MEA window, 0 ≤ start ≤ end ≤ 1.
-        layers: :class:`~max4zero.attention.policy.LayerSelection`.
+        settings: the node's :class:`~max4zero.attention.run.MeaSettings`.
+        layers: :class:`~max4zero.attention.policy.LayerSelection` (UNet parts × grid levels).
         attn1_keys: the slots to wrap (:func:`~max4zero.nodes.mea_calls.attn1_slots` for ``layers.parts``).
-        ref_latent: [1, C, h, w] reference latent, already ``process_latent_in``-scaled.
-        ref_noise: [1, C, h, w] fixed noise for re-noising it to each sigma.
-        ref_context: [1, L, D] text conditioning of the reference pass, or None (use a positive row's).
-        garment_mask: [1, H, W] bool garment pixels of the reference (after erosion), any resolution.
-        target_mask: [B or 1, H, W] float try-on region of the target, any resolution of the same aspect.
-        trace: a :class:`~max4zero.nodes.trace.MeaTrace` to record attention into, or None.
-        reference_every: a reference pass at the first MEA step, then once at least this many sampler steps
-            have passed since the last one; the steps between reuse its K/V (recorded at an earlier, noisier
-            sigma). 1 (default) = the paper, every step. ``attention/policy.py: reuse_reference``.
+        trace: the node's :class:`~max4zero.nodes.trace.MeaTrace` (what to record for the flow view), or None.
+        node_id: the MEA node's id in the prompt (messages, the run registry), or None.
+        warn: where the no-op report goes, ``fn(text)`` (the node shows it on itself too); default: the log.
     """
-
-    def __init__(
-        self,
-        *,
-        mode: str,
-        s_mea: float,
-        contrast: float,
-        start: float,
-        end: float,
-        layers: LayerSelection,
-        attn1_keys: Sequence[tuple],
-        ref_latent: torch.Tensor,
-        ref_noise: torch.Tensor,
-        ref_context: Optional[torch.Tensor],
-        garment_mask: torch.Tensor,
-        target_mask: torch.Tensor,
-        trace: Any = None,
-        reference_every: int = 1,
-    ) -> None:
-        if mode not in GUIDANCE_MODES:
-            raise ValueError(f"mode must be one of {GUIDANCE_MODES}, got {mode!r}")
-        if not (0.0 <= start <= end <= 1.0):
-            raise ValueError(f"need 0 ≤ start ≤ end ≤ 1, got start={start}, end={end}")
-        self.mode = mode
-        self.s_mea = float(s_mea)
-        self.contrast = float(contrast)
-        self.start = float(start)
-        self.end = float(end)
-        self.layers = layers
-        self.attn1_keys = [tuple(k) for k in attn1_keys]
-        self.ref_latent = ref_latent
-        self.ref_noise = ref_noise
-        self.ref_context = ref_context
-        self.garment_mask = garment_mask.bool()
-        self.target_mask = target_mask.float()
-        self.trace = trace
-        self.reference_every = check_reference_every(reference_every)
-        self.id = uuid.uuid4().hex
-        self.ref_uuid = uuid.uuid4()
-        #: transformer_options key of this patch's per-run state
-        self.run_key = f"max4zero_mea_run:{self.id}"
-        self.active = bool(self.garment_mask.any()) and bool((self.target_mask > 0.5).any())
-        if mode == "paper" and self.s_mea == 0.0:
-            self.active = False
-        #: run the reference as one extra row of the call that needs it when the batch layout allows
-        #: (one UNet call instead of two; same result up to float rounding), else as a separate pass
-        self.inline_reference = True
-        self.reference_passes = 0  # counters for tests and the benchmark
-        self.mea_calls = 0
-        #: where the no-op report goes: ``fn(text)``; the node shows it on itself too (``nodes/notify.py``)
-        self.warn: Callable[[str], None] = lambda text: log.warning("MaX4Zero Masked Extended Attention: %s", text)
-        self._loose: Optional[MeaRun] = None  # state of model calls made outside a sampling run
 
     #: the node input the no-op report names when no selected layer was reached (Flux: ``flux_blocks``)
     layer_input = "layers"
+    #: whether the model is guidance- or timestep-distilled (sampled at cfg 1 without a negative): the cfg-1
+    #: rule of paper guidance (``attention/policy.py: keeps_negative_pass_at_cfg1``)
+    distilled = False
+    #: whether the reference may ride in the target's call as one more row (UNet only)
+    inline_reference = True
+
+    def __init__(self, *, settings: MeaSettings, layers: LayerSelection, attn1_keys: Sequence[tuple],
+                 trace: Any = None, node_id: Optional[str] = None,
+                 warn: Optional[Callable[[str], None]] = None) -> None:
+        self.settings = settings
+        self.layers = layers
+        self.attn1_keys = tuple(tuple(k) for k in attn1_keys)
+        self.trace = trace
+        self.node_id = None if node_id is None else str(node_id)
+        self.warn = warn if warn is not None else (lambda text: log.warning("%s: %s", NODE, text))
+        self.id = uuid.uuid4().hex
+        self.ref_uuid = uuid.uuid4()
+        #: transformer_options key of this patch's per-run state
+        self.run_key = RUN_KEY_PREFIX + self.id
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"{type(self).__name__} is frozen settings: '{name}' cannot be set after "
+                                 "construction (per-run state belongs in MeaRun)")
+        object.__setattr__(self, name, value)
 
     def __deepcopy__(self, memo: dict) -> "MeaPatch":
-        # ModelPatcher.clone() (0.3.64) deep-copies model_options, which hold our post-CFG function: keep one
-        # patch (settings, reference latent, trace). Per-run state is not here but in MeaRun.
+        # ModelPatcher.clone() (0.3.64) and MultiGPU's deep clones copy model_options, which hold our post-CFG
+        # function: nothing here is ever written, so every copy may share this object.
         return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(node={self.node_id}, mode={self.settings.mode!r}, active={self.settings.active})"
+
+    @property
+    def label(self) -> str:
+        """How messages name this node: with its id when known."""
+        return NODE if self.node_id is None else f"{NODE} (node #{self.node_id})"
 
     # -- installation ------------------------------------------------------------------------
 
@@ -256,46 +180,43 @@ class MeaPatch:
 
         patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "max4zero_mea", self.outer_sample_wrapper)
         patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "max4zero_mea", self.apply_model_wrapper)
-        if self.mode == "paper" and self.active:
-            # The third branch is based on eps_u (docs/method.md §3b): at cfg 1 ComfyUI would skip the negative
-            # pass, so keep it.
-            patcher.set_model_sampler_post_cfg_function(self.post_cfg_function, disable_cfg1_optimization=True)
+        if self.settings.mode == "paper" and self.settings.active:
+            patcher.set_model_sampler_post_cfg_function(
+                self.post_cfg_function, disable_cfg1_optimization=keeps_negative_pass_at_cfg1(self.distilled))
         return patcher
 
-    def run_of(self, transformer_options: dict) -> MeaRun:
-        """The sampling run a model call belongs to (outside a run: one state kept until :meth:`reset`)."""
-        run = transformer_options.get(self.run_key)
-        if run is None:
-            if self._loose is None:
-                self._loose = MeaRun(self)
-            run = self._loose
-        return run
+    def new_run(self) -> MeaRun:
+        """A fresh per-run state (recording at the τs the trace asks for)."""
+        taus = self.trace.recording_taus() if self.trace is not None else ()
+        return MeaRun(self.settings, taus)
 
-    def reset(self) -> None:
-        """Forget the state of model calls made outside a sampling run."""
-        self._loose = None
+    def run_of(self, transformer_options: dict) -> MeaRun:
+        """The sampling run a model call belongs to; a call outside any run gets a state of its own (nothing is
+        kept between such calls)."""
+        run = transformer_options.get(self.run_key)
+        return run if run is not None else MeaRun(self.settings)
 
     # -- the wrappers -------------------------------------------------------------------------
 
     def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
-        """Per sampling run: a fresh :class:`MeaRun` in the run's options, the trace started and the run
-        filed under its result, the no-op report; the run's state goes when the run ends."""
+        """Per sampling run: the checks before the first step, a fresh :class:`MeaRun` in the run's options, the
+        run filed for the flow view under its result, the no-op report; the run's state goes when it ends."""
         noise = args[0] if args else kwargs.get("noise")
-        if self.active and isinstance(noise, torch.Tensor) and noise.dim() == 4:
-            self.check_latent(tuple(noise.shape))
         guider = executor.class_obj
-        run = MeaRun(self)
         options = getattr(guider, "model_options", None)
         to = options.setdefault("transformer_options", {}) if isinstance(options, dict) else None
+        if self.settings.active and isinstance(noise, torch.Tensor) and noise.dim() == 4:
+            self.check_latent(tuple(noise.shape))
+            if to is not None:
+                self.check_chain(to, tuple(noise.shape))
+        run = self.new_run()
         if to is not None:
             to[self.run_key] = run
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
-        if self.trace is not None:
-            self.trace.begin_run(sigmas)
         try:
             out = executor(*args, **kwargs)
             if self.trace is not None:
-                self.trace.end_run(latent_output_key(out))
+                self.trace.file_run(run, latent_output_key(out), sigmas)
             self._report_no_op(run, sigmas)
             return out
         finally:
@@ -305,161 +226,203 @@ class MeaPatch:
     def check_latent(self, latent_shape: tuple) -> None:
         """Before the first step: the target mask must fit the latent being sampled (batch, aspect) and keep a
         token at the grids the chosen layers use. The sampler reports it; the message names this node."""
-        problem = mask_latent_problem(tuple(self.target_mask.shape), latent_shape, "target_mask")
+        tm = self.settings.target_mask
+        problem = mask_latent_problem(tuple(tm.shape), latent_shape, "target_mask")
         problem = problem or unusable_mask_problem(
-            self.target_mask, token_grids(latent_shape[-2:], sorted(self.layers.levels), ratio=1), "target_mask")
+            tm, token_grids(latent_shape[-2:], sorted(self.layers.levels), ratio=1), "target_mask")
         if problem:
-            raise NodeInputError("MaX4Zero Masked Extended Attention", problem)
+            raise NodeInputError(self.label, problem)
+
+    def check_chain(self, to: dict, latent_shape: tuple) -> None:
+        """Before the first step: another MEA node's patch in this run (a chain) must not act on the same
+        target tokens in fused mode, where one node would overwrite the other (paper terms add up)."""
+        hw = tuple(int(s) for s in latent_shape[-2:])
+        for key, other in to.items():
+            if not key.startswith(RUN_KEY_PREFIX) or key == self.run_key or not isinstance(other, MeaRun):
+                continue
+            if not (self.settings.mode == "fused" and other.settings.mode == "fused"):
+                continue
+            mine, theirs = token_mask(self.settings.target_mask, hw), token_mask(other.settings.target_mask, hw)
+            if bool((mine & theirs).any()):
+                raise NodeInputError(
+                    self.label, "it is chained with another Masked Extended Attention node in fused guidance and "
+                    "their target masks overlap: in the overlap one node's garment would silently replace the "
+                    "other's", "give the chained nodes target masks that do not overlap (one region per garment), "
+                    "or set guidance to 'paper' on both (their MEA terms add up)")
 
     def _report_no_op(self, run: MeaRun, sigmas: Any) -> None:
         """A run that applied MEA nowhere although the masks are not empty: say why, once, and the fix."""
-        if not self.active or run.stats["effective"]:
+        if not self.settings.active:
             return
-        reason = no_op_reason(run.stats, self.start, self.end, sigmas, self.layer_input)
-        self.warn(f"did nothing in this sampling run: {reason[0]}. {reason[1]}")
+        cause = no_op_cause(run.stats)
+        if cause is None:
+            return
+        s = self.settings
+        reason, fix = no_op_message(cause, s.start, s.end, sigmas, self.layer_input)
+        self.warn(f"did nothing in this sampling run: {reason}. {fix}")
 
     def post_cfg_function(self, args: dict) -> torch.Tensor:
-        """Paper mode: one extra positive pass with MEA; add s_mea·M⊙(x̂0_MEA − x̂0_u)."""
+        """Paper mode: one extra positive pass with MEA; add s_mea·M⊙(x̂0_MEA − x̂0_base)."""
         denoised = args["denoised"]
         cond = args.get("cond")
-        if not self.active or cond is None:
+        if not self.settings.active or cond is None:
             return denoised
         model = args["model"]
         sigma = args["sigma"]
+        x = args["input"]
         options = dict(args["model_options"])
-        run = self.run_of(options.get("transformer_options", {}))
-        if not run.in_window(model.model_sampling, float(sigma.flatten()[0])):
+        state = self.run_of(options.get("transformer_options", {})).worker(x.device)
+        if not state.in_window(model.model_sampling, float(sigma.flatten()[0])):
             return denoised
         import comfy.samplers
 
         to = dict(options.get("transformer_options", {}))
         to[MEA_PASS_KEY] = self.id
         options["transformer_options"] = to
-        x = args["input"]
         (x0_mea,) = comfy.samplers.calc_cond_batch(model, [cond], x, sigma, options)
         base = guidance_base(args.get("uncond_denoised") if args.get("uncond") is not None else None,
                              args["cond_denoised"])
-        return paper_guidance(denoised, base, x0_mea, run.latent_mask(x), self.s_mea)
+        return paper_guidance(denoised, base, x0_mea, state.latent_mask(x), self.settings.s_mea)
 
-    def mea_call(self, executor: Any, args: Sequence[Any], kwargs: dict) -> Optional[tuple]:
-        """``(named, extra, run, call, cou)`` of a model call that carries MEA (rows chosen by the guidance mode,
-        sigma inside the window), or None: the call passes through untouched. Shared by every host adapter."""
-        if not self.active:
+    def mea_call(self, executor: Any, args: Sequence[Any], kwargs: dict) -> Optional[MeaCall]:
+        """The :class:`MeaCall` of a model call that carries MEA (rows chosen by the guidance mode, sigma inside the
+        window, not another patch's reference pass), or None: the call passes through untouched."""
+        if not self.settings.active:
             return None
         named, extra = bind_apply_model_args(args, kwargs)
         to = named["transformer_options"]
+        if to.get(REFERENCE_PASS_KEY) is not None:
+            return None  # a reference pass (another chained node's, or ours): its garment stays its own
         mea_pass = to.get(MEA_PASS_KEY) == self.id
         cou = list(to.get("cond_or_uncond") or [0])
         n = int(named["x"].shape[0])
-        rows = rows_with_mea(self.mode, cou, n, mea_pass)
+        rows = rows_with_mea(self.settings.mode, cou, n, mea_pass)
         if not rows:
             return None
         sigma = float(named["t"].flatten()[0])
-        run = self.run_of(to)
-        if not run.in_window(executor.class_obj.model_sampling, sigma):
+        state = self.run_of(to).worker(to.get("multigpu_thread_device", named["x"].device))
+        if not state.in_window(executor.class_obj.model_sampling, sigma):
             return None
-        run.note_call()
-        call = CallRows(rows=rows, mask_index=row_mask_index(rows, n, len(cou), int(self.target_mask.shape[0])),
-                        n_rows=n, sigma=sigma, step=nearest_step(to.get("sample_sigmas"), sigma))
-        return named, extra, run, call, cou
+        state.count("calls")
+        try:
+            mask_index = row_mask_index(rows, n, len(cou), int(self.settings.target_mask.shape[0]))
+        except ValueError as e:
+            raise NodeInputError(self.label, str(e)) from None
+        call = CallRows(rows=rows, mask_index=mask_index, n_rows=n, sigma=sigma,
+                        step=nearest_step(to.get("sample_sigmas"), sigma))
+        return MeaCall(named=named, extra=extra, state=state, rows=call, cond_or_uncond=cou)
 
     def apply_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Reference pass + MEA for calls that need it; every other call passes through untouched."""
-        found = self.mea_call(executor, args, kwargs)
-        if found is None:
+        call = self.mea_call(executor, args, kwargs)
+        if call is None:
             return executor(*args, **kwargs)
-        named, extra, run, call, cou = found
-        base_model, n = executor.class_obj, call.n_rows
-        store = run.stored(call.sigma, call.step)
+        named, state = call.named, call.state
+        store = state.stored(call.rows.sigma, call.rows.step)
         # Without usable K/V the reference runs (as an extra row of this call when the layout allows); with
         # them (same sigma, or reused within reference_every steps) this call has no reference row at all.
-        if store is None and self.inline_reference and self.can_inline(named, cou, n):
-            return self._inline_call(executor, base_model, run, named, extra, call, cou)
+        if store is None and self.inline_reference and self.can_inline(call):
+            return self._inline_call(executor, call)
         if store is None:
-            store = self._reference(executor, base_model, run, named, extra, call)
-        use_to = self.with_replaces(named["transformer_options"],
-                                    lambda key, prev: Attn1Replace(self, run, key, prev, "use", call, store))
+            store = self.reference_pass(executor, call)
+        use_to = self.with_hooks(named["transformer_options"], state, "use", store, call.rows, named,
+                                 executor.class_obj)
         return executor(named["x"], named["t"], named["c_concat"], named["c_crossattn"], named["control"], use_to,
-                        **extra)
+                        **call.extra)
 
     # -- the reference ------------------------------------------------------------------------
 
-    def _reference_inputs(self, base_model: Any, named: dict, extra: dict, row: int, n: int) -> dict:
-        """x, t, c_concat, c_crossattn and extra kwargs of the reference row (batch 1)."""
-        x, t = named["x"], named["t"]
-        lat = self.ref_latent.to(device=x.device, dtype=x.dtype)
-        noise = self.ref_noise.to(device=x.device, dtype=x.dtype)
-        t_ref = t[row : row + 1] if t.dim() > 0 and t.shape[0] == n else t.reshape(-1)[:1]
-        x_ref = base_model.model_sampling.noise_scaling(t_ref.to(x.dtype), noise, lat)
+    def concat_parts(self, base_model: Any, c_concat: Any) -> Optional[tuple]:
+        """The model's extra-channel parts in order, for the reference to reconstruct itself
+        (``attention/reference.py: reconstruct_itself``); None without extra channels."""
+        if c_concat is None:
+            return None
+        keys = tuple(getattr(base_model, "concat_keys", ()))
+        if not keys:
+            raise NodeInputError(self.label, "this model takes extra input channels that are not an inpainting "
+                                 "mask/image, so the reference pass cannot be built", "use an SD1.5/SD2/SDXL "
+                                 "checkpoint (plain or inpainting)")
+        return keys
 
-        c_concat = named["c_concat"]
-        concat_ref = None
-        if c_concat is not None:
-            keys = tuple(getattr(base_model, "concat_keys", ()))
-            if not keys:
-                raise ValueError(
-                    "MaX4Zero Masked Extended Attention: this model takes extra input channels that are not "
-                    "an inpainting mask/image, so the reference pass cannot be built; use an SD1.5/SD2/SDXL "
-                    "checkpoint (plain or inpainting)"
-                )
-            concat_ref = reference_concat(keys, lat)
-        ctx_ref = reference_context(self.ref_context, slice_row(named["c_crossattn"], n, row))
-        return {
-            "x": x_ref, "t": t_ref, "c_concat": concat_ref, "c_crossattn": ctx_ref,
-            "extra": {k: slice_row(v, n, row) for k, v in extra.items()},
-        }
+    def reference_inputs(self, executor: Any, call: MeaCall) -> ReferenceRow:
+        """The reference pass's inputs for this call (``attention/reference.py``), on the call's device."""
+        named = call.named
+        x = named["x"]
+        base_model = executor.class_obj
+        s = self.settings
+        try:
+            return reference_row(
+                t=named["t"], row=call.rows.rows[0], n_rows=call.rows.n_rows, c_crossattn=named["c_crossattn"],
+                extra=call.extra, latent=s.ref_latent.to(device=x.device, dtype=x.dtype),
+                noise=s.ref_noise.to(device=x.device, dtype=x.dtype), ref_context=s.ref_context,
+                noise_scaling=base_model.model_sampling.noise_scaling,
+                concat_parts=self.concat_parts(base_model, named["c_concat"]))
+        except ValueError as e:
+            raise NodeInputError(self.label, str(e)) from None
 
-    def _reference(self, executor: Any, base_model: Any, run: MeaRun, named: dict, extra: dict,
-                   call: CallRows) -> dict:
-        """Separate reference pass (batch 1, inputs from the call's first MEA row) recording K/V of the selected
-        layers; kept in the run with the call's sigma and step."""
-        ref = self._reference_inputs(base_model, named, extra, call.rows[0], call.n_rows)
-        store: dict[tuple, Any] = {}
-        to = dict(named["transformer_options"])
-        to.pop(MEA_PASS_KEY, None)
-        to["cond_or_uncond"] = [0]
-        to["uuids"] = [self.ref_uuid]
-        to["sigmas"] = ref["t"]
-        ref_to = self.with_replaces(to, lambda key, prev: Attn1Replace(self, run, key, prev, "record", store=store))
-        executor(ref["x"], ref["t"], ref["c_concat"], ref["c_crossattn"], None, ref_to, **ref["extra"])
-        self.reference_passes += 1
-        run.keep(store, call.sigma, call.step)
+    def reference_options(self, to: dict) -> dict:
+        """``transformer_options`` of the reference pass: one positive row of its own, marked as this patch's
+        reference pass (every other MEA patch leaves it alone)."""
+        ref_to = dict(to)
+        ref_to.pop(MEA_PASS_KEY, None)
+        ref_to[REFERENCE_PASS_KEY] = self.id
+        ref_to["cond_or_uncond"] = [0]
+        ref_to["uuids"] = [self.ref_uuid]
+        return ref_to
+
+    def reference_pass(self, executor: Any, call: MeaCall) -> dict:
+        """A separate reference pass (batch 1, inputs from the call's first MEA row) recording the reference K/V
+        of the chosen layers; kept in the worker state with the call's sigma and step."""
+        ref = self.reference_inputs(executor, call)
+        store: dict[Any, Any] = {}
+        to = self.reference_options(call.named["transformer_options"])
+        to["sigmas"] = ref.t
+        ref_to = self.with_hooks(to, call.state, "record", store, None, call.named, executor.class_obj)
+        executor(ref.x, ref.t, ref.c_concat, ref.c_crossattn, None, ref_to, **ref.extra)
+        call.state.keep(store, call.rows.sigma, call.rows.step)
         return store
 
-    def can_inline(self, named: dict, cou: list, n: int) -> bool:
+    def can_inline(self, call: MeaCall) -> bool:
         """Whether the reference can ride in the call as one extra row (the paper's [target ; ref] batch).
 
-        One row more must keep ComfyUI's chunk layout (equal chunks per ``cond_or_uncond`` entry, which
-        other packs' patches rely on): either every chunk is one row (the row becomes a new positive
-        chunk) or there is a single chunk (it grows by one). Spatial size, text length and ControlNet
-        residuals must be stackable; otherwise a separate reference pass runs.
+        One row more must keep ComfyUI's chunk layout (equal chunks per ``cond_or_uncond`` entry, which other
+        packs' patches rely on): either every chunk is one row (the row becomes a new positive chunk) or there is
+        a single chunk (it grows by one). Spatial size, text length and ControlNet residuals must be stackable,
+        no input the reference must not take may be present, and no other MEA patch may take part in the run
+        (its replaces would see a row they do not know); otherwise a separate reference pass runs.
         """
+        named, cou, n = call.named, call.cond_or_uncond, call.rows.n_rows
         x, t, ctx = named["x"], named["t"], named["c_crossattn"]
+        to = named["transformer_options"]
+        if any(k.startswith(RUN_KEY_PREFIX) and k != self.run_key for k in to):
+            return False
         per = n // max(1, len(cou))
         if not (per == 1 or len(cou) == 1):
             return False
-        if tuple(self.ref_latent.shape[-2:]) != tuple(x.shape[-2:]) or not (t.dim() == 1 and t.shape[0] == n):
+        s = self.settings
+        if tuple(s.ref_latent.shape[-2:]) != tuple(x.shape[-2:]) or not (t.dim() == 1 and t.shape[0] == n):
             return False
         if not isinstance(ctx, torch.Tensor) or ctx.shape[0] != n:
             return False
-        if self.ref_context is not None and tuple(self.ref_context.shape[1:]) != tuple(ctx.shape[1:]):
+        if s.ref_context is not None and tuple(s.ref_context.shape[1:]) != tuple(ctx.shape[1:]):
+            return False
+        if any(call.extra.get(k) is not None for k in DROPPED_INPUTS):
             return False
         control = named["control"]
         return control is None or isinstance(control, dict)
 
-    def _inline_call(self, executor: Any, base_model: Any, run: MeaRun, named: dict, extra: dict,
-                     call: CallRows, cou: list) -> torch.Tensor:
+    def _inline_call(self, executor: Any, call: MeaCall) -> torch.Tensor:
         """The call with the reference appended as row n; MEA reads K/V of that row in the same forward."""
-        n = call.n_rows
-        ref = self._reference_inputs(base_model, named, extra, call.rows[0], n)
+        named, n, cou = call.named, call.rows.n_rows, call.cond_or_uncond
+        ref = self.reference_inputs(executor, call)
         x, t = named["x"], named["t"]
-        x2 = torch.cat([x, ref["x"].to(x.dtype)])
-        t2 = torch.cat([t, ref["t"].to(t.dtype)])
+        x2 = torch.cat([x, ref.x.to(x.dtype)])
+        t2 = torch.cat([t, ref.t.to(t.dtype)])
         c_concat = named["c_concat"]
-        concat2 = None if c_concat is None else torch.cat([c_concat, ref["c_concat"].to(c_concat)])
+        concat2 = None if c_concat is None else torch.cat([c_concat, ref.c_concat.to(c_concat)])
         ctx = named["c_crossattn"]
-        ctx2 = torch.cat([ctx, ref["c_crossattn"].to(ctx)])
-        extra2 = {k: append_row(v, ref["extra"][k], n) for k, v in extra.items()}
+        ctx2 = torch.cat([ctx, ref.c_crossattn.to(ctx)])
+        extra2 = {k: append_row(v, ref.extra[k], n) for k, v in call.extra.items()}
         control2 = pad_control(named["control"], n)
         to = dict(named["transformer_options"])
         if len(cou) == 1:
@@ -467,23 +430,24 @@ class MeaPatch:
         else:
             to["cond_or_uncond"] = list(cou) + [0]  # one-row chunks: the reference is one more positive chunk
             to["uuids"] = list(to.get("uuids") or []) + [self.ref_uuid]
-        store: dict[tuple, Any] = {}
-        inline = CallRows(rows=call.rows, mask_index=call.mask_index, n_rows=n + 1, sigma=call.sigma,
-                          step=call.step, ref_row=n)
-        use_to = self.with_replaces(to, lambda key, prev: Attn1Replace(self, run, key, prev, "inline", inline, store))
+        store: dict[Any, Any] = {}
+        r = call.rows
+        inline = CallRows(rows=r.rows, mask_index=r.mask_index, n_rows=n + 1, sigma=r.sigma, step=r.step, ref_row=n)
+        use_to = self.with_hooks(to, call.state, "inline", store, inline, named, executor.class_obj)
         out = executor(x2, t2, concat2, ctx2, control2, use_to, **extra2)
-        self.reference_passes += 1
-        run.keep(store, call.sigma, call.step)  # later calls at this sigma (or within reference_every) reuse it
+        call.state.keep(store, r.sigma, r.step)  # later calls at this sigma (or within reference_every) reuse it
         return out[:n]
 
-    def with_replaces(self, to: dict, make: Callable[[tuple, Optional[Callable]], Callable]) -> dict:
-        """A copy of ``to`` whose attn1 replaces wrap the existing ones at our slots (nothing mutated)."""
+    def with_hooks(self, to: dict, state: WorkerState, mode: str, store: dict, rows: Optional[CallRows],
+                   named: dict, base_model: Any = None) -> dict:
+        """A copy of ``to`` with this adapter's hooks for one call in ``mode`` (record / use / inline): here the
+        attn1 replaces, wrapping the existing ones at our slots. Nothing is mutated."""
         new_to = dict(to)
         replaces = dict(to.get("patches_replace", {}))
         attn1 = dict(replaces.get("attn1", {}))
         for key in self.attn1_keys:
             prev = attn1.get(key, attn1.get(key[:2]))
-            attn1[key] = make(key, prev)
+            attn1[key] = Attn1Replace(self, state, key, prev, mode, rows, store)
         replaces["attn1"] = attn1
         new_to["patches_replace"] = replaces
         return new_to

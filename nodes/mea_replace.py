@@ -13,7 +13,12 @@ callable, as an object a reader (or a debugger) can inspect, in one of three exp
 
 Whatever sat at the slot before (another pack's replace, or ComfyUI's fallback at the 2-tuple key) is
 ``prev``: it computes every answer MEA does not replace, so patches chain instead of overwriting each
-other (IPAdapter_plus's ``Attn2Replace`` is the model for this).
+other (IPAdapter_plus's ``Attn2Replace`` is the model for this). Another MEA node's replace may be ``prev``
+too (a chain): it redoes its own region, this one redoes this node's region. In another node's reference pass
+(marked in ``transformer_options``) a ``use`` replace is transparent, so a reference never reads a garment.
+
+What a call writes (reference K/V, counters, recorders) goes to the thread's
+:class:`~max4zero.attention.run.WorkerState`; the patch is only read.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from ..attention.masked_extended import masked_extended_attention
 from ..attention.policy import grid_level
-from .mea_calls import plain_attention
+from .mea_calls import REFERENCE_PASS_KEY, plain_attention
 
 __all__ = ["RefEntry", "CallRows", "Attn1Replace", "MODES"]
 
@@ -75,8 +80,8 @@ class Attn1Replace:
     """One slot's attn1 replace for one model call (see the module docstring).
 
     Args:
-        patch: the :class:`~max4zero.nodes.mea_patch.MeaPatch` (layer choice, contrast, trace, counters).
-        run: the sampling run's :class:`~max4zero.nodes.mea_patch.MeaRun` (reference store, masks, stats).
+        patch: the :class:`~max4zero.nodes.mea_patch.MeaPatch` (frozen: layer choice, contrast, trace).
+        state: this thread's :class:`~max4zero.attention.run.WorkerState` (masks, counters, recorders).
         key: the slot, ``(block_name, block_number, block_index)``.
         prev: what sat at the slot before, or None (then ComfyUI's own attention).
         mode: one of :data:`MODES`.
@@ -84,13 +89,13 @@ class Attn1Replace:
         store: where ``record``/``inline`` put the reference K/V and ``use`` reads them.
     """
 
-    def __init__(self, patch: Any, run: Any, key: tuple, prev: Optional[Callable], mode: str,
+    def __init__(self, patch: Any, state: Any, key: tuple, prev: Optional[Callable], mode: str,
                  rows: Optional[CallRows] = None, store: Optional[dict] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "record" and rows is None:
             raise ValueError(f"mode {mode!r} needs the call's rows")
-        self.patch, self.run, self.key, self.prev, self.mode = patch, run, key, prev, mode
+        self.patch, self.state, self.key, self.prev, self.mode = patch, state, key, prev, mode
         self.rows = rows
         self.store = {} if store is None else store
 
@@ -112,6 +117,12 @@ class Attn1Replace:
         return self.prev(q, k, v, extra) if self.prev is not None else plain_attention(q, k, v, extra)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra: dict) -> torch.Tensor:
+        if self.mode != "record" and extra.get(REFERENCE_PASS_KEY) not in (None, self.patch.id):
+            return self.own(q, k, v, extra)  # another chained node's reference pass: not a target
+        if self.mode != "record" and q.shape[0] != self.rows.n_rows:
+            raise RuntimeError(f"MaX4Zero Masked Extended Attention: a model call of {self.rows.n_rows} rows reached "
+                               f"the attention with {q.shape[0]} (another patch changed the batch inside the model "
+                               "call); please report the workflow")
         if self.mode == "record":
             out = self.own(q, k, v, extra)
             hw = self.layer_grid(q, extra)
@@ -137,19 +148,16 @@ class Attn1Replace:
         n = q.shape[0]
         rows, others, mask_index = self.rows.on(q.device)
         full = rows.numel() == n
-        qm = self.run.grid_mask("target", hw, q.device)[mask_index]  # [R, T]
-        rkm = self.run.grid_mask("garment", entry.hw, q.device)  # [1, T_ref]
-        self.run.note_layer(bool(rkm.any()) and bool(qm.any()))
-        capture = None
-        if self.patch.trace is not None:
-            capture = self.patch.trace.capture_for(
-                layer=self.key, step=self.rows.step, sigma=self.rows.sigma, query_hw=hw, ref_hw=entry.hw
-            )
+        qm = self.state.grid_mask("target", hw, q.device)[mask_index]  # [R, T]
+        rkm = self.state.grid_mask("garment", entry.hw, q.device)  # [1, T_ref]
+        self.state.note_layer(bool(rkm.any()) and bool(qm.any()))
+        captures = self.state.captures_for(layer=self.key, step=self.rows.step, sigma=self.rows.sigma, query_hw=hw,
+                                           ref_hw=entry.hw)
         qs, ks, vs = (q, k, v) if full else (q[rows], k[rows], v[rows])
         mea = masked_extended_attention(
-            qs, ks, vs, entry.k, entry.v, rkm, qm, int(extra["n_heads"]), self.patch.contrast, capture
+            qs, ks, vs, entry.k, entry.v, rkm, qm, int(extra["n_heads"]), self.patch.settings.contrast, captures
         )
-        self.patch.mea_calls += 1
+        self.state.count("mea_calls")
         if self.prev is not None:
             base = self.prev(q, k, v, extra)
             sub = base if full else base[rows]
@@ -158,7 +166,7 @@ class Attn1Replace:
         if full:
             return mea
         plain = plain_attention(q[others], k[others], v[others], extra)
-        out = torch.empty((n,) + tuple(mea.shape[1:]), dtype=plain.dtype, device=plain.device)
+        out = plain.new_zeros((n,) + tuple(mea.shape[1:]))
         out[others] = plain
         out[rows] = mea.to(plain.dtype)
         return out

@@ -1,41 +1,40 @@
-"""The ``MAX4ZERO_TRACE`` handle (MEA node → Leffa flow view) and the flow view's pure computations.
+"""The ``MAX4ZERO_TRACE`` handle (MEA node → Leffa flow view) and the registry of sampling runs the view reads.
 
-Recording (docs/method.md §4): while the MEA patch samples, each MEA layer call hands the reduced reference
-attention (flow, row mass, entropy, peak per query — never the heads × T × T_ref map) to an
-:class:`~max4zero.attention.flow.AttentionCapture`. Recording is switched on by the MEA node only when
-a node of the prompt consumes its trace output (hidden PROMPT + UNIQUE_ID inputs); otherwise
-:meth:`MeaTrace.capture_for` returns None and the attention runs its fast path, so an unconnected
-trace costs nothing.
+Recording (docs/method.md §4): while an MEA-patched model samples, each MEA layer call hands the reduced
+reference attention (flow, row mass, entropy, peak per query — never the heads × T × T_ref map) to the run's
+recorders (``attention/run.py``), one per Leffa temperature τ asked for. What is asked for is decided when the
+run starts: the τ of every Flow View connected to the MEA node's ``trace`` output when the node ran (it reads
+the queued prompt), plus every τ a view has *requested* for that node since (below). Nothing asked for: nothing
+records and MEA runs its fast path, so an unconnected trace costs nothing.
 
-Because the flow view runs after sampling, what it may ask for must be known before: the Leffa
-temperature τ changes the recorded flow, so the MEA node reads τ from the connected flow view's widget
-at queue time. Layers, step window and colour mode are chosen afterwards from what was recorded.
+The trace itself is frozen settings (which node made it, the τs, where the reference crop lies): ComfyUI may
+cache it, clone it with the model, or drop and recompute it under RAM pressure, and nothing ever writes to it.
 
-Caches. ComfyUI caches node results by their inputs, and since 2026 its default cache drops outputs
-under RAM pressure (old ModelPatchers first), so the MEA node's output — and the trace object with it —
-can be recomputed while the sampler's result stays cached. The flow view therefore never trusts the
-trace object alone: every sampling run of an MEA-patched model is filed in :data:`RUNS` under
-:func:`samples_key` of its result (recorded or not, a hash per run), and the view looks up the run
-that made the LATENT it was given. It shows that run's attention, or says exactly why it cannot
-(sampled while no view was connected, another τ, not made by an MEA model) and *arms* the trace so
-that the fix it names — re-sampling — records.
+Runs. Every sampling run of an MEA-patched model — recorded or not — is filed in :data:`RUNS` under the MEA node
+that made it and :func:`samples_key` of its result. The flow view looks up the run of *its* trace's node that
+made the LATENT it was given, so it always shows the attention that made those samples, or refuses with a fix
+that works:
 
-No ComfyUI import (tested in the normal suite).
+* samples made by another MEA node's model: it names both nodes (rewire);
+* not recorded, or recorded at another τ: it files a request for its node and τ, and re-sampling (a new seed,
+  or ComfyUI's 'Unload Models and Execution Cache') records it: a cached MEA node reads the request when its
+  sampler runs, a re-run MEA node sees the view in the prompt;
+* no run at all: not sampled through an MEA model, a sampler that ran no step, or evicted (the registry keeps
+  every run of the newest prompt, however many, and a few of older prompts).
+
+No ComfyUI import at module level (tested in the normal suite).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional
 
 import torch
 
 from ..attention import flow as _flow
-from ..attention.flow import AttentionCapture, FlowRecord
 
 __all__ = [
     "MeaTrace",
@@ -44,107 +43,16 @@ __all__ = [
     "RUNS",
     "RERUN_FIX",
     "samples_key",
+    "current_prompt_id",
     "find_traced_run",
-    "mls_flow_from_matches",
 ]
 
 
-class MeaTrace:
-    """What the MEA node hands to the flow view: settings, and the recorder filled during sampling.
-
-    Attributes:
-        enabled: recording on (a consumer of the trace output was connected when the MEA node ran).
-        tau: Leffa temperature the flow was recorded at.
-        capture: the :class:`AttentionCapture` (None when disabled).
-        runs: sampling runs seen (each run clears the previous records).
-        sample_sigmas: the last run's schedule (float list) or None.
-        reference_size: (H, W) of the reference IMAGE given to the MEA node.
-        reference_crop: (top, left, H, W) of the part of it that was encoded (VAE multiple of 8).
-        window: (start, end) schedule fractions of the MEA window, for messages.
-    """
-
-    def __init__(self, enabled: bool, tau: float = 1.0, want_entropy: bool = True) -> None:
-        _flow.check_tau(tau)
-        self.enabled = bool(enabled)
-        self.tau = float(tau)
-        self.want_entropy = bool(want_entropy)
-        self.capture: Optional[AttentionCapture] = (
-            AttentionCapture(want_entropy=want_entropy, tau=float(tau)) if self.enabled else None
-        )
-        self.runs = 0
-        self.sample_sigmas: Optional[list[float]] = None
-        self.reference_size: Optional[tuple[int, int]] = None
-        self.reference_crop: Optional[tuple[int, int, int, int]] = None
-        self.window: Optional[tuple[float, float]] = None
-
-    def __deepcopy__(self, memo: dict) -> "MeaTrace":
-        return self  # a handle: copies of the patched model must keep writing into the same trace
-
-    def __repr__(self) -> str:
-        n = 0 if self.capture is None else len(self.capture)
-        return f"MeaTrace(enabled={self.enabled}, tau={self.tau}, runs={self.runs}, records={n})"
-
-    def begin_run(self, sigmas: Any = None) -> None:
-        """A sampling run starts: forget the previous run's records."""
-        self.runs += 1
-        if isinstance(sigmas, torch.Tensor):
-            self.sample_sigmas = [float(s) for s in sigmas.detach().flatten().cpu()]
-        else:
-            self.sample_sigmas = None
-        if self.capture is not None:
-            self.capture.clear()
-
-    def capture_for(
-        self, *, layer: Any, step: Optional[int], sigma: float, query_hw: Sequence[int], ref_hw: Sequence[int]
-    ) -> Optional[AttentionCapture]:
-        """The recorder with its context set for one layer call, or None when recording is off."""
-        if self.capture is None:
-            return None
-        return self.capture.set_context(
-            layer=layer, step=step, sigma=float(sigma), query_hw=tuple(query_hw), ref_hw=tuple(ref_hw)
-        )
-
-    @property
-    def records(self) -> list[FlowRecord]:
-        """The records of the current (or last) run."""
-        return [] if self.capture is None else list(self.capture.records)
-
-    def end_run(self, key: Optional[str], registry: "RunRegistry" = None) -> None:
-        """A sampling run ended with the result whose :func:`samples_key` is ``key``: file it."""
-        if key is None:
-            return
-        (RUNS if registry is None else registry).remember(key, TracedRun(
-            records=tuple(self.records), recorded=self.enabled, tau=self.tau,
-            sample_sigmas=None if self.sample_sigmas is None else tuple(self.sample_sigmas),
-        ))
-
-    def arm(self, tau: float) -> None:
-        """Record from the next sampling run on, at ``tau`` (the flow view asks when it found nothing)."""
-        if self.enabled and self.capture is not None and abs(self.tau - float(tau)) <= 1e-9:
-            return
-        self.enabled = True
-        self.tau = float(tau)
-        self.capture = AttentionCapture(want_entropy=self.want_entropy, tau=self.tau)
-
-
-@dataclass(frozen=True)
-class TracedRun:
-    """One sampling run of an MEA-patched model, filed under the result it produced.
-
-    ``recorded`` is False when no flow view was connected (nothing was captured, by design).
-    """
-
-    records: tuple
-    recorded: bool
-    tau: float
-    sample_sigmas: Optional[tuple]
-
-
 def samples_key(samples: torch.Tensor) -> str:
-    """Identity of a sampled latent: its shape and float32 values, hashed (blake2b).
+    """Identity of a tensor (a sampled latent, a reference image): its shape and float32 values, hashed (blake2b).
 
-    Bit-exact: two results have the same key only if every value is equal. A 64×64 latent hashes in
-    well under a millisecond, once per sampling run.
+    Bit-exact: two tensors have the same key only if every value is equal. A 64×64 latent hashes in well under
+    a millisecond, once per sampling run.
 
     >>> a = torch.zeros(1, 4, 8, 8)
     >>> samples_key(a) == samples_key(a.clone()), samples_key(a) == samples_key(a + 1e-7)
@@ -159,31 +67,86 @@ def samples_key(samples: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-class RunRegistry:
-    """The last ``capacity`` sampling runs of MEA-patched models, by :func:`samples_key` (thread-safe).
+def current_prompt_id() -> Optional[str]:
+    """The id of the prompt ComfyUI is executing now (None outside an execution or without ComfyUI)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    ctx = get_executing_context()
+    return None if ctx is None else getattr(ctx, "prompt_id", None)
 
-    Process-wide on purpose: it outlives ComfyUI's cached MEA node output, which the RAM-pressure cache
-    may drop while keeping the sampler's result. Bounded, so memory stays a few runs' records.
+
+@dataclass(frozen=True)
+class TracedRun:
+    """One sampling run of an MEA-patched model, filed under the MEA node that made it and its result.
+
+    ``records``: τ → the recorded layer calls (empty when no view was connected); ``stats``: the run's counters
+    (``attention/run.py: STAT_KEYS``); ``prompt_id``: the queue run it happened in.
     """
 
-    def __init__(self, capacity: int = 8) -> None:
-        self.capacity = int(capacity)
-        self._runs: "OrderedDict[str, TracedRun]" = OrderedDict()
+    node_key: str
+    records: dict
+    stats: dict
+    sample_sigmas: Optional[tuple]
+    prompt_id: Optional[str]
+
+    @property
+    def recorded_taus(self) -> tuple:
+        return tuple(sorted(self.records))
+
+
+class RunRegistry:
+    """Every sampling run of MEA-patched models of the newest prompt, and the last ``keep_older`` of older ones,
+    by (:func:`samples_key` of the result, MEA node); plus the views' recording requests. Thread-safe.
+
+    Process-wide on purpose: it outlives ComfyUI's cached MEA node output, which the RAM-pressure cache may drop
+    while keeping the sampler's result. Sized by the prompt, so a prompt with many MEA samplers loses none of
+    its own runs before its views read them.
+    """
+
+    def __init__(self, keep_older: int = 8) -> None:
+        self.keep_older = int(keep_older)
+        self._runs: dict[tuple[str, str], TracedRun] = {}
+        self._requests: dict[str, set] = {}
+        self._newest: Optional[str] = None
         self._lock = threading.Lock()
 
     def remember(self, key: str, run: TracedRun) -> None:
         with self._lock:
-            self._runs.pop(key, None)
-            self._runs[key] = run
-            while len(self._runs) > self.capacity:
-                self._runs.popitem(last=False)
+            self._runs.pop((key, run.node_key), None)
+            self._runs[(key, run.node_key)] = run
+            if run.prompt_id is not None:
+                self._newest = run.prompt_id
+            asked = self._requests.get(run.node_key)
+            if asked:
+                asked.difference_update(run.records)
+            older = [k for k, r in self._runs.items() if r.prompt_id is None or r.prompt_id != self._newest]
+            for k in older[: max(0, len(older) - self.keep_older)]:
+                del self._runs[k]
 
-    def get(self, key: str) -> Optional[TracedRun]:
+    def get(self, key: str, node_key: str) -> Optional[TracedRun]:
         with self._lock:
-            run = self._runs.get(key)
-            if run is not None:
-                self._runs.move_to_end(key)
-            return run
+            return self._runs.get((key, node_key))
+
+    def made(self, key: str) -> list[TracedRun]:
+        """Every filed run (of any MEA node) whose result has ``key``."""
+        with self._lock:
+            return [r for (k, _), r in self._runs.items() if k == key]
+
+    def runs(self, node_key: Optional[str] = None) -> list[TracedRun]:
+        """The filed runs (of ``node_key``, or all), oldest first."""
+        with self._lock:
+            return [r for (_, n), r in self._runs.items() if node_key is None or n == node_key]
+
+    def request(self, node_key: str, tau: float) -> None:
+        """Ask the next sampling run of ``node_key``'s model to record at ``tau``."""
+        with self._lock:
+            self._requests.setdefault(node_key, set()).add(float(tau))
+
+    def requested(self, node_key: str) -> set:
+        with self._lock:
+            return set(self._requests.get(node_key, ()))
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -192,58 +155,120 @@ class RunRegistry:
 #: Every MEA sampling run of this process (the flow view's source of truth).
 RUNS = RunRegistry()
 
-#: The fix the flow view names when the attention of its samples was not recorded. Both halves work
-#: (tests/comfyui/test_flow_cache.py follows each): the command clears ComfyUI's node cache, so the MEA
-#: node runs again and sees the view; a new seed re-samples with the MEA model, which the view armed.
+#: What re-samples, so that the attention a view asked for is recorded. Both halves work
+#: (tests/comfyui/test_flow_cache.py follows each): a new seed re-runs the sampler with the (possibly cached) MEA
+#: model, which reads the view's request; the command clears ComfyUI's cache, so the MEA node runs again and sees
+#: the view in the prompt.
 RERUN_FIX = (
-    "queue again after running ComfyUI's 'Unload Models and Execution Cache' command (Edit menu: the same "
-    "seed then gives the same image, with its attention recorded), or after changing the sampler's seed"
+    "queue again after changing the sampler's seed, or after running ComfyUI's 'Unload Models and Execution "
+    "Cache' command (then the same seed gives the same image, with its attention recorded)"
 )
 
 
+class MeaTrace:
+    """What the MEA node hands to the flow view: frozen settings (see the module docstring).
+
+    Args:
+        node_key: the MEA node's key in the run registry (its prompt id, or a unique id).
+        node_id: the MEA node's id as the user sees it (``#12``), or None.
+        taus: τ of each Flow View connected when the node ran (empty: recording off unless a view requests it).
+        reference_size: (H, W) of the reference IMAGE given to the MEA node; ``reference_key`` its
+            :func:`samples_key`; ``reference_crop``: (top, left, H, W) of the part that was encoded.
+        window: (start, end) schedule fractions of the MEA window, for messages.
+        vae_ratio: pixels per latent cell of the model's VAE (the view's output size).
+        registry: where runs are filed (default :data:`RUNS`).
+    """
+
+    def __init__(self, *, node_key: str, node_id: Optional[str] = None, taus: Iterable[float] = (),
+                 reference_size: Optional[tuple] = None, reference_key: Optional[str] = None,
+                 reference_crop: Optional[tuple] = None, window: Optional[tuple] = None, vae_ratio: int = 8,
+                 registry: Optional[RunRegistry] = None) -> None:
+        self.node_key = str(node_key)
+        self.node_id = None if node_id is None else str(node_id)
+        self.taus = tuple(sorted({_flow.check_tau(float(t)) for t in taus}))
+        self.reference_size = None if reference_size is None else tuple(int(s) for s in reference_size)
+        self.reference_key = reference_key
+        self.reference_crop = None if reference_crop is None else tuple(int(s) for s in reference_crop)
+        self.window = None if window is None else tuple(float(w) for w in window)
+        self.vae_ratio = int(vae_ratio)
+        self.registry = RUNS if registry is None else registry
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"MeaTrace is frozen: '{name}' cannot be set (requests go to the run registry)")
+        object.__setattr__(self, name, value)
+
+    def __deepcopy__(self, memo: dict) -> "MeaTrace":
+        return self  # frozen: copies of the patched model may share it
+
+    def __repr__(self) -> str:
+        return f"MeaTrace(node={self.node_id or self.node_key}, taus={self.taus})"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a Flow View was connected to the node's trace output when the node ran."""
+        return bool(self.taus)
+
+    @property
+    def label(self) -> str:
+        return "this MEA node" if self.node_id is None else f"MEA node #{self.node_id}"
+
+    def recording_taus(self) -> tuple:
+        """The τs a sampling run starting now records at: the connected views' and every pending request."""
+        return tuple(sorted(set(self.taus) | self.registry.requested(self.node_key)))
+
+    def file_run(self, run: Any, key: Optional[str], sigmas: Any = None) -> None:
+        """A sampling run (``attention/run.py: MeaRun``) ended with the result whose :func:`samples_key` is ``key``:
+        file it (records, counters) under this trace's node."""
+        if key is None:
+            return
+        schedule = None
+        if isinstance(sigmas, torch.Tensor):
+            schedule = tuple(float(s) for s in sigmas.detach().flatten().cpu())
+        self.registry.remember(key, TracedRun(
+            node_key=self.node_key, records=run.records(), stats=run.stats, sample_sigmas=schedule,
+            prompt_id=current_prompt_id(),
+        ))
+
+
 def find_traced_run(
-    trace: MeaTrace, key: str, tau: float, registry: Optional[RunRegistry] = None
+    trace: MeaTrace, key: str, tau: float
 ) -> tuple[Optional[TracedRun], str, str]:
-    """The run that made the samples with ``key``, recorded at ``tau``; else ``(None, problem, fix)``.
-
-    When the run cannot be shown, ``trace`` is armed at ``tau`` so that re-sampling with the same
-    (possibly cached) MEA model records what the view needs.
-    """
-    run = (RUNS if registry is None else registry).get(key)
-    if run is not None and run.recorded and abs(run.tau - float(tau)) <= 1e-6:
+    """The run of ``trace``'s node that made the samples with ``key``, recorded at ``tau``; else
+    ``(None, problem, fix)``, having requested a recording at ``tau`` where re-sampling will make one."""
+    registry = trace.registry
+    tau = float(tau)
+    run = registry.get(key, trace.node_key)
+    if run is not None and any(abs(t - tau) <= 1e-6 for t in run.records):
         return run, "", ""
-    trace.arm(tau)
     if run is None:
+        others = [r for r in registry.made(key) if r.node_key != trace.node_key]
+        if others:
+            names = ", ".join(sorted({_node_name(r.node_key) for r in others}))
+            return None, (
+                f"'samples' come from a sampler whose model comes from {names}, but 'trace' comes from {trace.label}: "
+                "the view would show one node's attention over the other's reference"
+            ), "connect 'trace' and 'samples' from the same MEA node (the trace output of the node whose model the " \
+               "sampler uses)"
+        registry.request(trace.node_key, tau)
         return None, (
-            "the connected 'samples' were not made by a sampler using this MEA node's model in this ComfyUI "
-            "session (or were made too many runs ago)"
-        ), "connect the LATENT output of the sampler whose model comes from the MEA node; if it is, " + RERUN_FIX
-    if not run.recorded:
-        return None, (
-            "these samples were made while no Flow View was connected, so no attention was recorded (ComfyUI "
-            "reused that cached result)"
-        ), RERUN_FIX
-    return None, f"the attention of these samples was recorded at tau={run.tau}, this view asks for tau={tau}", RERUN_FIX
+            f"no sampling run with a model from {trace.label} made these 'samples' in this ComfyUI session: they were "
+            "not sampled through that node's model, the sampler ran no step (start_at_step at or after end_at_step), "
+            "or the run was evicted (the view keeps every run of the newest queue run and 8 older ones)"
+        ), ("connect the LATENT output of the sampler whose model comes from that MEA node, with at least one step "
+            "to run; if it is connected so, " + RERUN_FIX)
+    registry.request(trace.node_key, tau)
+    fresh = run.prompt_id is not None and run.prompt_id == current_prompt_id()
+    if not run.records:
+        when = ("the sampler ran in this queue run, with the MEA node's output cached from a run before this view "
+                "was connected" if fresh else
+                "ComfyUI reused that sampler's cached result, sampled before this view was connected")
+        return None, f"no attention was recorded for these samples: {when}", RERUN_FIX
+    recorded = ", ".join(f"{t:g}" for t in run.recorded_taus)
+    return None, (f"the attention of these samples was recorded at tau={recorded}, this view asks for tau={tau:g}"), \
+        RERUN_FIX
 
 
-# --------------------------------------------------------------------------------------------
-# the registration stage's warp, for the view's end-point error
-
-
-def mls_flow_from_matches(
-    matches: Any, ref_hw: Sequence[int], out_hw: Sequence[int], kind: str = "affine", alpha: float = 0.1, stride: int = 4
-) -> torch.Tensor:
-    """The MLS backward map of the registration stage as a normalised flow [H, W, 2] at ``out_hw``.
-
-    ``matches`` is a ``MAX4ZERO_MATCHES`` value (:class:`~max4zero.nodes.matches.Matches`); its points
-    are rescaled to the reference size ``ref_hw`` and the target size ``out_hw`` first. Same
-    construction as the MLS warp node (target points → reference points), so the end-point error is
-    measured against the warp that built the composite.
-    """
-    from ..warping.mls import backward_map
-
-    if len(matches) == 0:
-        raise ValueError("the matches hold no control point; run the correspondence node with looser filters")
-    m = matches.rescaled(tuple(ref_hw), tuple(out_hw))
-    pix = backward_map(m.target_points, m.reference_points, int(out_hw[0]), int(out_hw[1]), kind, alpha, stride)
-    return _flow.pixel_map_to_flow(pix, tuple(ref_hw))
+def _node_name(node_key: str) -> str:
+    return f"MEA node #{node_key}" if node_key.isdigit() or ":" in node_key or "." in node_key else "another MEA node"

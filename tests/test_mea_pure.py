@@ -17,7 +17,10 @@ from max4zero.nodes.mea_replace import Attn1Replace, CallRows, RefEntry
 from max4zero.warping import images
 from max4zero.nodes.matches import Matches
 from max4zero.attention.flow_view import render_flow_view, select_for_view
-from max4zero.nodes.trace import MeaTrace, mls_flow_from_matches
+from max4zero.attention.flow_view import mls_flow
+from max4zero.attention import reference as refpass
+from max4zero.attention.run import MeaRun, MeaSettings, WorkerState
+from max4zero.nodes.trace import MeaTrace
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,22 +147,43 @@ def test_bind_apply_model_args_positional_and_keyword():
 
 def test_slice_row():
     a = torch.arange(6).view(3, 2)
-    assert torch.equal(calls.slice_row(a, 3, 1), a[1:2])
-    assert calls.slice_row(7, 3, 1) == 7
+    assert torch.equal(refpass.slice_row(a, 3, 1), a[1:2])
+    assert refpass.slice_row(7, 3, 1) == 7
     b = torch.zeros(2, 2)  # not per-row
-    assert calls.slice_row(b, 3, 1) is b
-    out = calls.slice_row([a, b], 3, 2)
+    assert refpass.slice_row(b, 3, 1) is b
+    out = refpass.slice_row([a, b], 3, 2)
     assert torch.equal(out[0], a[2:3]) and out[1] is b
 
 
-def test_reference_concat_layouts():
+def test_reference_reconstructs_itself_in_each_layout():
     lat = torch.randn(1, 4, 5, 6)
-    c = calls.reference_concat(("mask", "masked_image"), lat)  # SD inpainting: [mask ; masked image]
+    c = refpass.reconstruct_itself(("mask", "masked_image"), lat)  # SD inpainting: [mask ; masked image]
     assert c.shape == (1, 5, 5, 6) and torch.equal(c[:, :1], torch.zeros(1, 1, 5, 6)) and torch.equal(c[:, 1:], lat)
-    c = calls.reference_concat(("concat_image", "mask_inverted"), lat)
+    c = refpass.reconstruct_itself(("concat_image", "mask_inverted"), lat)
     assert torch.equal(c[:, 4:], torch.ones(1, 1, 5, 6))
+    fill = refpass.reconstruct_itself(("masked_image", "mask:64"), torch.randn(1, 16, 2, 2))  # FLUX.1 Fill
+    assert fill.shape == (1, 80, 2, 2) and fill[:, 16:].eq(0).all()
     with pytest.raises(ValueError, match="cannot build"):
-        calls.reference_concat(("depth",), lat)
+        refpass.reconstruct_itself(("depth",), lat)
+
+
+def test_reference_row_is_one_noised_positive_row_without_the_target_s_inputs():
+    lat, noise = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    scale = lambda s, n, x: x + s.view(-1, 1, 1, 1) * n  # noqa: E731
+    ctx = torch.arange(3.0).view(3, 1, 1).expand(3, 2, 8)
+    extra = {"y": torch.arange(3.0).view(3, 1), "control": "hint", "ref_latents": [lat], "attention_mask": 1,
+             "guidance": torch.tensor([3.5])}
+    row = refpass.reference_row(t=torch.tensor([3.0, 2.0, 1.0]), row=1, n_rows=3, c_crossattn=ctx, extra=extra,
+                                latent=lat, noise=noise, ref_context=None, noise_scaling=scale, concat_parts=None)
+    assert row.t.tolist() == [2.0] and row.x.eq(2.0).all() and row.c_concat is None
+    assert row.c_crossattn.shape == (1, 2, 8) and row.c_crossattn.eq(1.0).all()  # the positive row's text
+    assert set(row.extra) == {"y", "guidance"} and row.extra["y"].tolist() == [[1.0]]
+    mine = torch.full((1, 5, 8), 7.0)
+    row = refpass.reference_row(t=torch.tensor(1.5), row=0, n_rows=3, c_crossattn=ctx, extra={}, latent=lat,
+                                noise=noise, ref_context=mine, noise_scaling=scale, concat_parts=("mask", "masked_image"))
+    assert row.c_crossattn.eq(7.0).all() and row.c_concat.shape == (1, 5, 2, 2) and row.t.tolist() == [1.5]
+    with pytest.raises(ValueError, match="16 wide"):
+        refpass.reference_text(torch.zeros(1, 5, 16), ctx[:1])
 
 
 def test_neutralise_background_depends_only_on_garment_pixels():
@@ -205,31 +229,50 @@ def test_nearest_step():
 # replace chaining and use-mode semantics (no ComfyUI: every slot has an existing replace)
 
 
-def _patch(**kw):
-    args = dict(
-        mode="fused", s_mea=15.0, contrast=1.0, start=0.0, end=1.0, layers=policy.LAYER_CHOICES[policy.DEFAULT_LAYERS],
-        attn1_keys=[("output", 9, 0), ("output", 6, 0)], ref_latent=torch.zeros(1, 4, 4, 4),
-        ref_noise=torch.zeros(1, 4, 4, 4), ref_context=None, garment_mask=torch.ones(1, 16, 16, dtype=torch.bool),
-        target_mask=torch.ones(1, 16, 16),
-    )
+def _settings(**kw):
+    args = dict(mode="fused", s_mea=15.0, contrast=1.0, start=0.0, end=1.0, reference_every=1,
+                ref_latent=torch.zeros(1, 4, 4, 4), ref_noise=torch.zeros(1, 4, 4, 4), ref_context=None,
+                garment_mask=torch.ones(1, 16, 16, dtype=torch.bool), target_mask=torch.ones(1, 16, 16))
     args.update(kw)
-    return mp.MeaPatch(**args)
+    return MeaSettings(**args)
 
 
-def test_with_replaces_wraps_existing_slots_and_never_mutates():
+def _patch(**kw):
+    return mp.MeaPatch(settings=_settings(**kw), layers=policy.LAYER_CHOICES[policy.DEFAULT_LAYERS],
+                       attn1_keys=[("output", 9, 0), ("output", 6, 0)])
+
+
+def _state(patch) -> WorkerState:
+    return MeaRun(patch.settings).worker("cpu")
+
+
+def test_with_hooks_wraps_existing_slots_and_never_mutates():
     p = _patch()
     theirs3 = lambda q, k, v, e: q  # noqa: E731
     theirs2 = lambda q, k, v, e: k  # noqa: E731
     to = {"patches_replace": {"attn1": {("output", 9, 0): theirs3, ("output", 6): theirs2}, "attn2": {"x": 1}},
           "other": 3}
     snapshot = {"patches_replace": {"attn1": dict(to["patches_replace"]["attn1"]), "attn2": {"x": 1}}, "other": 3}
-    seen = {}
-    new = p.with_replaces(to, lambda key, prev: seen.setdefault(key, prev) and (lambda *a: None) or (lambda *a: None))
-    assert seen[("output", 9, 0)] is theirs3
-    assert seen[("output", 6, 0)] is theirs2  # the 2-tuple slot our 3-tuple key would shadow is wrapped
+    new = p.with_hooks(to, _state(p), "record", {}, None, {})
+    attn1 = new["patches_replace"]["attn1"]
+    assert attn1[("output", 9, 0)].prev is theirs3
+    assert attn1[("output", 6, 0)].prev is theirs2  # the 2-tuple slot our 3-tuple key would shadow is wrapped
     assert to == snapshot  # the caller's dicts are untouched
-    assert set(new["patches_replace"]["attn1"]) == {("output", 9, 0), ("output", 6), ("output", 6, 0)}
+    assert set(attn1) == {("output", 9, 0), ("output", 6), ("output", 6, 0)}
     assert new["patches_replace"]["attn2"] == {"x": 1} and new["other"] == 3
+
+
+def test_the_patch_is_frozen_settings():
+    p = _patch()
+    with pytest.raises(AttributeError, match="frozen"):
+        p.warn = print
+    with pytest.raises(AttributeError, match="frozen"):
+        p.anything = 1
+    import copy
+
+    assert copy.deepcopy(p) is p  # nothing in it is written, so clones may share it
+    with pytest.raises(Exception):
+        p.settings.s_mea = 3.0  # a frozen dataclass
 
 
 def _extra(latent_hw, hw, heads, cou, block=("output", 9)):
@@ -254,7 +297,7 @@ def test_use_replace_applies_mea_to_positive_region_queries_only():
         return plain_attention(q, k, v, heads) * 0.5  # another pack's replace with a visible effect
 
     ctx = CallRows(rows=[2, 3], mask_index=[0, 0], n_rows=4, sigma=1.0, step=0)  # cou [1, 0]
-    fn = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "use", ctx, store)
+    fn = Attn1Replace(p, _state(p), ("output", 9, 0), theirs, "use", ctx, store)
     q, k, v = (torch.randn(4, T, heads * d, generator=g) for _ in range(3))
     out = fn(q, k, v, _extra((4, 4), hw, heads, [1, 0]))
     base = plain_attention(q, k, v, heads) * 0.5
@@ -269,7 +312,7 @@ def test_use_replace_applies_mea_to_positive_region_queries_only():
     assert not torch.allclose(out[2:, qm], base[2:, qm], atol=1e-3)
     # a layer at an unselected grid (latent/4) is left to the existing replace
     store2 = {("output", 9, 0): RefEntry(k_ref[:, :4], v_ref[:, :4], (2, 2))}
-    fn2 = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "use", ctx, store2)
+    fn2 = Attn1Replace(p, _state(p), ("output", 9, 0), theirs, "use", ctx, store2)
     q2, k2, v2 = q[:, :4], k[:, :4], v[:, :4]
     assert torch.equal(fn2(q2, k2, v2, _extra((8, 8), (2, 2), heads, [1, 0])), plain_attention(q2, k2, v2, heads) * 0.5)
 
@@ -278,7 +321,7 @@ def test_record_replace_keeps_selected_layers_and_returns_theirs():
     p = _patch()
     store = {}
     theirs = lambda q, k, v, e: q * 2  # noqa: E731
-    fn = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "record", store=store)
+    fn = Attn1Replace(p, _state(p), ("output", 9, 0), theirs, "record", store=store)
     q = torch.randn(1, 16, 8)
     k, v = q + 1, q + 2
     assert torch.equal(fn(q, k, v, _extra((4, 4), (4, 4), 2, [0])), q * 2)
@@ -289,26 +332,28 @@ def test_record_replace_keeps_selected_layers_and_returns_theirs():
 
 
 def test_patch_is_inactive_when_it_cannot_change_anything():
-    assert _patch().active
-    assert not _patch(garment_mask=torch.zeros(1, 16, 16, dtype=torch.bool)).active
-    assert not _patch(target_mask=torch.zeros(1, 16, 16)).active
-    assert not _patch(mode="paper", s_mea=0.0).active
-    assert _patch(mode="paper", s_mea=1.0).active
+    assert _settings().active
+    assert not _settings(garment_mask=torch.zeros(1, 16, 16, dtype=torch.bool)).active
+    assert not _settings(target_mask=torch.zeros(1, 16, 16)).active
+    assert not _settings(mode="paper", s_mea=0.0).active
+    assert _settings(mode="paper", s_mea=1.0).active
     with pytest.raises(ValueError, match="start"):
-        _patch(start=0.9, end=0.5)
+        _settings(start=0.9, end=0.5)
+    with pytest.raises(ValueError, match="contrast"):
+        _settings(contrast=float("nan"))
 
 
 def test_a_run_serves_its_reference_by_the_patch_s_reference_every():
-    """MeaRun.stored: the recorded K/V at the same sigma (every 1 = the paper), or within reference_every steps."""
+    """WorkerState.stored: the recorded K/V at the same sigma (every 1 = the paper), or within reference_every steps."""
     store = {("output", 9, 0): "kv"}
     for every, reused_steps in ((1, []), (2, [4]), (3, [4, 5])):
-        run = mp.MeaRun(_patch(reference_every=every))
+        run = MeaRun(_settings(reference_every=every)).worker("cpu")
         assert run.stored(0.5, 3) is None  # nothing recorded yet
         run.keep(store, 0.5, 3)
         assert run.stored(0.5, 3) is store and run.stored(0.5, None) is store  # the same sigma, always
         assert [s for s in range(2, 8) if s != 3 and run.stored(3.0 / (s + 3), s) is store] == reused_steps, every
         assert run.stored(0.4, None) is None  # no schedule: only the exact sigma
-    run = mp.MeaRun(_patch(reference_every=5))
+    run = MeaRun(_settings(reference_every=5)).worker("cpu")
     run.keep({}, 0.5, 3)
     assert run.stored(0.5, 3) is None  # an empty recording (no layer reached) is never served
 
@@ -316,43 +361,64 @@ def test_a_run_serves_its_reference_by_the_patch_s_reference_every():
 @pytest.mark.parametrize("bad", [0, 1.5, None])
 def test_the_patch_refuses_a_bad_reference_every(bad):
     with pytest.raises(ValueError, match="reference_every"):
-        _patch(reference_every=bad)
-    assert _patch().reference_every == 1  # the paper's, by default
+        _settings(reference_every=bad)
+    assert _settings().reference_every == 1  # the paper's, by default
 
 
 def test_latent_mask_for_paper_guidance():
     tm = torch.zeros(2, 16, 16)
     tm[0, :8] = 1
-    p = _patch(target_mask=tm)
-    run = mp.MeaRun(p)
-    m = run.latent_mask(torch.zeros(2, 4, 4, 4))
+    state = MeaRun(_settings(target_mask=tm)).worker("cpu")
+    m = state.latent_mask(torch.zeros(2, 4, 4, 4))
     assert m.shape == (2, 1, 4, 4) and m[0, 0, :2].eq(1).all() and m[0, 0, 2:].eq(0).all() and m[1].eq(0).all()
     with pytest.raises(ValueError, match="one mask per latent"):
-        run.latent_mask(torch.zeros(3, 4, 4, 4))
+        state.latent_mask(torch.zeros(3, 4, 4, 4))
+
+
+def test_each_thread_writes_only_its_own_worker_state():
+    import threading
+
+    run = MeaRun(_settings(), taus=(1.0, 2.0))
+    here = run.worker("cpu")
+    assert run.worker("cpu") is here and run.worker("cpu:1") is not here
+    seen, errors = [], []
+
+    def other_thread():
+        mine = run.worker("cpu")  # same device, another thread: its own state
+        seen.append(mine)
+        mine.count("calls")
+        try:
+            here.count("calls")  # writing the main thread's state from here is refused
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert seen[0] is not here and errors and "another thread" in errors[0]
+    here.count("calls", 2)
+    assert run.stats["calls"] == 3  # merged over the workers
+    assert set(here.captures) == {1.0, 2.0} and run.records() == {1.0: (), 2.0: ()}
 
 
 # ---------------------------------------------------------------------------------------------
 # trace handle and flow view
 
 
-def test_disabled_trace_hands_out_no_recorder():
-    t = MeaTrace(enabled=False)
-    assert t.capture_for(layer=1, step=0, sigma=1.0, query_hw=(2, 2), ref_hw=(2, 2)) is None
-    assert t.records == []
-    t.begin_run(torch.tensor([3.0, 1.0, 0.0]))
-    assert t.runs == 1 and t.sample_sigmas == [3.0, 1.0, 0.0]
+def test_trace_is_frozen_and_records_what_views_and_requests_ask_for():
+    from max4zero.nodes.trace import RunRegistry
+
+    reg = RunRegistry()
+    t = MeaTrace(node_key="7", node_id="7", taus=[2.0, 2.0, 1.0], registry=reg)
+    assert t.enabled and t.taus == (1.0, 2.0) and t.recording_taus() == (1.0, 2.0)
+    quiet = MeaTrace(node_key="8", registry=reg)
+    assert not quiet.enabled and quiet.recording_taus() == ()
+    reg.request("8", 3.0)
+    assert quiet.recording_taus() == (3.0,)  # a view's request: the next run of node 8 records
+    with pytest.raises(AttributeError, match="frozen"):
+        t.taus = (5.0,)
     with pytest.raises(ValueError, match="tau"):
-        MeaTrace(enabled=True, tau=0.0)
-
-
-def test_enabled_trace_records_with_context_and_clears_per_run():
-    t = MeaTrace(enabled=True, tau=2.0)
-    cap = t.capture_for(layer=("output", 9, 0), step=3, sigma=0.5, query_hw=(2, 2), ref_hw=(2, 2))
-    assert isinstance(cap, AttentionCapture) and cap.tau == 2.0 and cap.want_entropy
-    cap.add(torch.zeros(1, 4, 2), torch.ones(1, 4))
-    assert len(t.records) == 1 and t.records[0].layer == ("output", 9, 0) and t.records[0].step == 3
-    t.begin_run(None)
-    assert t.records == []
+        MeaTrace(node_key="9", taus=[0.0])
     import copy
 
     assert copy.deepcopy(t) is t
@@ -411,12 +477,12 @@ def test_flow_view_blacks_out_queries_that_never_read_the_reference():
 def test_mls_flow_from_identity_matches_is_the_identity():
     pts = torch.tensor([[0.0, 0.0], [31.0, 0.0], [0.0, 31.0], [31.0, 31.0], [10.0, 20.0]])
     m = Matches(pts, pts.clone(), torch.ones(5), (32, 32), (32, 32))
-    f = mls_flow_from_matches(m, (32, 32), (32, 32), stride=1)
+    f = mls_flow(m.target_points, m.reference_points, (32, 32), (32, 32), stride=1)
     assert f.shape == (32, 32, 2)
     assert torch.allclose(f, reference_grid((32, 32)).view(32, 32, 2), atol=1e-4)
     # a reference twice as large: same normalised flow (points are rescaled first)
-    m2 = Matches(pts * 2, pts.clone(), torch.ones(5), (64, 64), (32, 32))
-    f2 = mls_flow_from_matches(m2, (64, 64), (32, 32), stride=1)
+    m2 = Matches(pts * 2, pts.clone(), torch.ones(5), (64, 64), (32, 32)).rescaled((64, 64), (32, 32))
+    f2 = mls_flow(m2.target_points, m2.reference_points, (64, 64), (32, 32), stride=1)
     assert torch.allclose(f2, reference_grid((32, 32)).view(32, 32, 2), atol=0.05)
 
 
@@ -427,9 +493,9 @@ def test_mls_flow_from_identity_matches_is_the_identity():
 def test_append_row_and_pad_control():
     a = torch.arange(6.0).view(3, 2)
     ref = torch.tensor([[9.0, 9.0]])
-    assert torch.equal(calls.append_row(a, ref, 3), torch.cat([a, ref]))
-    assert calls.append_row(5, 7, 3) == 5
-    out = calls.append_row([a, a], [ref, ref * 2], 3)
+    assert torch.equal(refpass.append_row(a, ref, 3), torch.cat([a, ref]))
+    assert refpass.append_row(5, 7, 3) == 5
+    out = refpass.append_row([a, a], [ref, ref * 2], 3)
     assert torch.equal(out[1][-1], torch.tensor([18.0, 18.0]))
     ctrl = {"input": [torch.ones(2, 3, 4, 4), None], "middle": [torch.ones(2, 5, 2, 2)], "output": []}
     padded = calls.pad_control(ctrl, 2)
@@ -441,20 +507,25 @@ def test_append_row_and_pad_control():
 
 def test_inline_reference_only_when_the_chunk_layout_survives():
     p = _patch(ref_latent=torch.zeros(1, 4, 8, 8), ref_context=torch.zeros(1, 77, 16))
-    x = lambda n: {"x": torch.zeros(n, 4, 8, 8), "t": torch.ones(n), "c_crossattn": torch.zeros(n, 77, 16),  # noqa: E731
-                   "control": None}
-    assert p.can_inline(x(2), [1, 0], 2)  # batch 1 with CFG: one-row chunks
-    assert p.can_inline(x(3), [0], 3)  # a single chunk (paper's extra pass) grows
-    assert not p.can_inline(x(4), [1, 0], 4)  # two 2-row chunks: a 5th row would break the layout
-    other = x(2)
-    other["x"] = torch.zeros(2, 4, 6, 8)
-    assert not p.can_inline(other, [1, 0], 2)  # reference latent of another size
-    other = x(2)
-    other["c_crossattn"] = torch.zeros(2, 154, 16)
-    assert not p.can_inline(other, [1, 0], 2)  # text of another length
-    other = x(2)
-    other["control"] = object()
-    assert not p.can_inline(other, [1, 0], 2)
+    state = _state(p)
+
+    def call(n, cou, to=None, **over):
+        named = {"x": torch.zeros(n, 4, 8, 8), "t": torch.ones(n), "c_crossattn": torch.zeros(n, 77, 16),
+                 "control": None, "c_concat": None, "transformer_options": to or {}}
+        extra = over.pop("extra", {})
+        named.update(over)
+        return mp.MeaCall(named=named, extra=extra, state=state, cond_or_uncond=cou,
+                          rows=CallRows(rows=[0], mask_index=[0], n_rows=n, sigma=1.0, step=None))
+
+    assert p.can_inline(call(2, [1, 0]))  # batch 1 with CFG: one-row chunks
+    assert p.can_inline(call(3, [0]))  # a single chunk (paper's extra pass) grows
+    assert not p.can_inline(call(4, [1, 0]))  # two 2-row chunks: a 5th row would break the layout
+    assert not p.can_inline(call(2, [1, 0], x=torch.zeros(2, 4, 6, 8)))  # reference latent of another size
+    assert not p.can_inline(call(2, [1, 0], c_crossattn=torch.zeros(2, 154, 16)))  # text of another length
+    assert not p.can_inline(call(2, [1, 0], control=object()))
+    assert not p.can_inline(call(2, [1, 0], extra={"attention_mask": torch.ones(2, 77)}))  # the ref must drop it
+    chained = {mp.RUN_KEY_PREFIX + "other": MeaRun(p.settings)}
+    assert not p.can_inline(call(2, [1, 0], to=chained))  # another MEA node in the run: a separate pass
 
 
 def test_use_replace_reads_the_reference_row_of_the_same_batch():
@@ -466,7 +537,7 @@ def test_use_replace_reads_the_reference_row_of_the_same_batch():
     theirs = lambda q, k, v, e: plain_attention(q, k, v, heads)  # noqa: E731
     store = {}
     ctx = CallRows(rows=[1], mask_index=[0], n_rows=3, sigma=1.0, step=None, ref_row=2)
-    out = Attn1Replace(p, mp.MeaRun(p), ("output", 9, 0), theirs, "inline", ctx, store)(q, k, v, _extra((4, 4), hw, heads, [1, 0, 0]))
+    out = Attn1Replace(p, _state(p), ("output", 9, 0), theirs, "inline", ctx, store)(q, k, v, _extra((4, 4), hw, heads, [1, 0, 0]))
     ones = torch.ones(1, T, dtype=torch.bool)
     mea = masked_extended_attention(q[1:2], k[1:2], v[1:2], k[2:3], v[2:3], ones, ones, heads)
     plain = plain_attention(q, k, v, heads)

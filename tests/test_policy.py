@@ -80,20 +80,35 @@ def test_masks_at_a_token_grid_are_nearest_and_flat():
     assert tm.dtype == torch.bool and tm.tolist() == [[True, False, False, False], [False, False, False, False]]
 
 
-def test_no_op_reasons_name_the_cause():
-    assert "window" in policy.no_op_reason({"calls": 0}, 0.7, 1.0, torch.tensor([14.6, 0.0]))[0]
-    assert "layers" in policy.no_op_reason({"calls": 3, "layers": 0}, 0.0, 1.0, None)[0]
-    assert "token grids" in policy.no_op_reason({"calls": 3, "layers": 6, "effective": 0}, 0.0, 1.0, None)[0]
+def test_no_op_cause_from_the_run_s_counters():
+    assert policy.no_op_cause({"calls": 0}) == "window"
+    assert policy.no_op_cause({"calls": 3, "layers": 0}) == "layers"
+    assert policy.no_op_cause({"calls": 3, "layers": 6, "effective": 0}) == "masks"
+    assert policy.no_op_cause({"calls": 3, "layers": 6, "effective": 1}) is None
+    assert set(policy.NO_OP_CAUSES) == {"window", "layers", "masks"}
 
 
-def test_no_op_reason_names_the_layer_input_of_the_model():
-    unet = policy.no_op_reason({"calls": 3, "layers": 0}, 0.0, 1.0, None)
+def test_no_op_messages_name_the_cause_and_the_layer_input_of_the_model():
+    from max4zero.nodes.mea_patch import no_op_message
+
+    assert "window" in no_op_message("window", 0.7, 1.0, torch.tensor([14.6, 0.0]), "layers")[0]
+    assert "token grids" in no_op_message("masks", 0.0, 1.0, None, "layers")[0]
+    unet = no_op_message("layers", 0.0, 1.0, None, "layers")
     assert "'layers'" in unet[1] and "flux_blocks" not in " ".join(unet)
-    flux = policy.no_op_reason({"calls": 3, "layers": 0}, 0.0, 1.0, None, "flux_blocks")
+    flux = no_op_message("layers", 0.0, 1.0, None, "flux_blocks")
     assert "Flux blocks" in flux[0] and "'flux_blocks'" in flux[1] and "'layers'" not in flux[1]
-    # the other reasons do not depend on it
-    for stats in ({"calls": 0}, {"calls": 3, "layers": 6, "effective": 0}):
-        assert policy.no_op_reason(stats, 0.7, 1.0, None) == policy.no_op_reason(stats, 0.7, 1.0, None, "flux_blocks")
+    for cause in ("window", "masks"):  # the other reasons do not depend on it
+        assert no_op_message(cause, 0.7, 1.0, None, "layers") == no_op_message(cause, 0.7, 1.0, None, "flux_blocks")
+
+
+def test_the_cfg1_rule_keeps_the_negative_pass_only_for_models_that_have_one():
+    assert policy.keeps_negative_pass_at_cfg1(distilled=False)
+    assert not policy.keeps_negative_pass_at_cfg1(distilled=True)
+    from max4zero.nodes.mea_flux import FluxMeaPatch
+    from max4zero.nodes.mea_patch import MeaPatch
+
+    assert policy.keeps_negative_pass_at_cfg1(MeaPatch.distilled)  # a UNet: base ε_u, as in the paper
+    assert not policy.keeps_negative_pass_at_cfg1(FluxMeaPatch.distilled)  # FLUX.1: base ε_c
 
 
 # reference_every: when a call reuses the recorded reference K/V (stored at step 3, sigma 0.5)

@@ -769,10 +769,25 @@ class StubFluxVAE:
         return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)
 
 
+def patch_of(patched: Any) -> Any:
+    """The frozen MeaPatch behind a patched ModelPatcher (its APPLY_MODEL wrapper is a bound method)."""
+    return patched.wrappers["apply_model"]["max4zero_mea"][0].__self__
+
+
+def mea_run(node_id: Any, latent: torch.Tensor) -> Any:
+    """The sampling run MEA node ``node_id``'s model made ``latent`` in (the pack's run registry): its ``stats``
+    (reference passes, MEA calls, …) and ``records``. Raises when there is none."""
+    trace = pack_module("nodes.trace")
+    run = trace.RUNS.get(trace.samples_key(latent), str(node_id))
+    if run is None:
+        raise AssertionError(f"no run of MEA node {node_id} made this latent")
+    return run
+
+
 class ReferenceLog:
     """Which recorded reference K/V each MEA call of either adapter reads (``reference_every`` tests).
 
-    Spies on ``MeaRun.keep`` (every recording: the sigma and schedule step it was made at) and on the
+    Spies on ``WorkerState.keep`` (every recording: the sigma and schedule step it was made at) and on the
     constructor of the adapter's per-call attention object in ``use`` mode (``Attn1Replace`` for a UNet,
     ``FluxAttention`` for Flux), which is handed the store the call reads. ``recorded``: ``[(sigma, step)]``
     in order; ``uses``: ``{(call sigma, call step, recorded sigma, recorded step)}``.
@@ -784,13 +799,13 @@ class ReferenceLog:
         self.recorded: list[tuple[float, Optional[int]]] = []
         self.uses: set[tuple] = set()
         self._stores: dict[int, tuple[Any, float, Optional[int]]] = {}  # the stores stay alive: ids stay unique
-        run_cls = pack_module("nodes.mea_patch").MeaRun
+        run_cls = pack_module("attention.run").WorkerState
         real_keep = run_cls.keep
 
-        def keep(run, store, sigma, step=None):
+        def keep(state, store, sigma, step=None):
             self.recorded.append((sigma, step))
             self._stores[id(store)] = (store, sigma, step)
-            return real_keep(run, store, sigma, step)
+            return real_keep(state, store, sigma, step)
 
         monkeypatch.setattr(run_cls, "keep", keep)
         for cls in (pack_module("nodes.mea_replace").Attn1Replace, pack_module("nodes.mea_flux").FluxAttention):

@@ -4,7 +4,8 @@ One executor is kept across prompts, as the server keeps it, with each output-ca
 (``CLASSIC`` everywhere, ``RAM_PRESSURE`` since 2026). Cases:
 
 * the known limit: a result sampled while no view was connected is reused from the cache when a view is
-  added; the view says so, names the fix, and each half of that fix, followed, makes it render;
+  added; the view says so, asks for a recording, names the fix, and each half of that fix, followed, makes it
+  render;
 * the RAM-pressure cache drops the MEA node's output (its trace object with it) but keeps the sampler's
   result: the view still shows the attention of the run that made those samples;
 * two sampling runs through one MEA model: each view shows its own run, never the other one.
@@ -72,22 +73,22 @@ def test_view_added_after_a_cached_run_says_why_and_each_fix_works(comfy_env, sm
         run_prompt(with_view, executor=executor)
     msg = e.value.message
     assert e.value.node_id == view_id
-    assert "made while no Flow View was connected" in msg
+    assert "no attention was recorded" in msg and "cached" in msg
     assert "Unload Models and Execution Cache" in msg and "changing the sampler's seed" in msg
-    assert trace.enabled  # the view armed the cached MEA output's trace
+    assert not trace.enabled and trace.recording_taus() == (1.0,)  # the view asked the registry, not the trace
 
-    # fix 1: a new seed re-samples with the (cached) MEA model, which now records
+    # fix 1: a new seed re-samples with the (cached) MEA model, which reads the request and records
     reseeded = copy.deepcopy(with_view)
     reseeded[samp.id]["inputs"]["noise_seed"] = 8
     res = run_prompt(reseeded, executor=executor)
-    assert res.output(mea.id, 1) is trace  # the MEA node was not run again: the arming did it
+    assert res.output(mea.id, 1) is trace  # the MEA node was not run again: the request did it
     flow = res.output(view_id, 0)
     assert flow.shape == (1, SIZE, SIZE, 3) and flow.max() > 0
 
     # fix 2: 'Unload Models and Execution Cache' (POST /free {"free_memory": true} resets the executor)
     executor2 = cm.new_executor(cm.StubServer(), cache_kind)
     run_prompt(plain, executor=executor2)
-    with pytest.raises(PromptFailed, match="no Flow View was connected"):
+    with pytest.raises(PromptFailed, match="no attention was recorded"):
         run_prompt(with_view, executor=executor2)
     executor2.reset()
     res2 = run_prompt(with_view, executor=executor2)
@@ -111,8 +112,7 @@ def test_view_survives_the_mea_output_being_dropped_from_the_cache(comfy_env, sm
     # the sampler's result stays
     assert cm.evict_outputs(executor, mea.id) and cm.evict_outputs(executor, view_id)
     res2 = run_prompt(with_view, executor=executor)
-    assert res2.output(mea.id, 1) is not trace1  # the MEA node ran again: a fresh, empty trace
-    assert res2.output(mea.id, 1).records == []
+    assert res2.output(mea.id, 1) is not trace1  # the MEA node ran again: a fresh trace (it holds no records)
     assert res2.output(samp.id, 0) is sampled1  # the sampler did not: its cached result was reused
     assert torch.equal(res2.output(view_id, 0), flow1)  # the view found the run that made those samples
 
@@ -135,7 +135,7 @@ def test_each_view_shows_the_run_that_made_its_samples(comfy_env, small_sd15_mod
     plain = _sampler(g2, g2.obj(small_sd15_model(), "MODEL"), seed=9)
     g2.capture(_view(g2, mea2[1], plain[0], pair)[0], "flow")
     g2.capture(_sampler(g2, mea2[0])[0], "latent")  # the MEA model samples too, but not these samples
-    with pytest.raises(PromptFailed, match="not made by a sampler using this MEA node's model"):
+    with pytest.raises(PromptFailed, match="no sampling run with a model from MEA node"):
         run_prompt(g2)
 
 
@@ -146,7 +146,7 @@ def test_view_at_another_tau_names_the_fix_and_the_fix_works(comfy_env, small_sd
     run_prompt(with_view, executor=executor)
     other_tau = copy.deepcopy(with_view)
     other_tau[view_id]["inputs"]["tau"] = 2.0  # only the view changed: sampling is cached
-    with pytest.raises(PromptFailed, match="recorded at tau=1.0, this view asks for tau=2.0"):
+    with pytest.raises(PromptFailed, match="recorded at tau=1, this view asks for tau=2"):
         run_prompt(other_tau, executor=executor)
     other_tau[samp.id]["inputs"]["noise_seed"] = 8
     assert run_prompt(other_tau, executor=executor).output(view_id, 0).max() > 0

@@ -265,8 +265,7 @@ def test_reference_keys_outside_the_garment_have_no_influence(comfy_env, monkeyp
         if patch is None:
             return {}
         start = int(to["img_slice"][0])
-        outside = torch.ones(patch.ref_tokens, dtype=torch.bool)
-        outside[patch.garment_index("cpu")] = False
+        outside = ~mf.token_mask(patch.settings.garment_mask, patch.ref_grid)[0]
         k, v = k.clone(), v.clone()
         k[:, :, start:][:, :, outside] = 1e4
         v[:, :, start:][:, :, outside] = -1e4
@@ -495,10 +494,9 @@ def test_reference_every_runs_the_reference_pass_every_nth_step(comfy_env, monke
         node = _mea(g, g.obj(model, "MODEL"), guidance=guidance, reference_every=every)
         g.capture(_sampler(g, node[0], steps=steps)[0], "x")
         res = run_prompt(g)
-        patch = res.output(node.id, 0).wrappers["apply_model"]["max4zero_mea"][0].__self__
         latents[every] = res["x"]["samples"]
         n = every or 1
-        assert patch.reference_passes == -(-steps // n), every  # ceil(K / N)
+        assert cm.mea_run(node.id, latents[every]).stats["reference_passes"] == -(-steps // n), every  # ceil(K/N)
         assert log.recorded_steps() == list(range(0, steps, n)), every
         assert {call_step for _, call_step, _, _ in log.uses} == set(range(steps))  # MEA at every step
         for call_sigma, call_step, sigma, step in log.uses:
@@ -519,7 +517,9 @@ def test_reference_pass_uses_fill_layout_and_garment_tokens_only(comfy_env):
     mf = _mf()
     model = cm.small_flux_model()
     lat = torch.randn(1, 16, 8, 6)
-    concat = mf.flux_reference_concat(model.model, lat)
+    parts = mf.flux_concat_parts(model.model)
+    assert parts == ("masked_image", "mask:64")
+    concat = cm.pack_module("attention.reference").reconstruct_itself(parts, lat)
     assert concat.shape == (1, 80, 8, 6)
     assert torch.equal(concat[:, :16], lat) and not concat[:, 16:].any()  # itself as masked image, mask all 0
     g = Graph()
@@ -527,7 +527,7 @@ def test_reference_pass_uses_fill_layout_and_garment_tokens_only(comfy_env):
     patched = run_prompt(g)["patched"]
     patch = patched.wrappers["apply_model"]["max4zero_mea"][0].__self__
     assert patch.blocks == frozenset({("double", 1), ("single", 0)})
-    n_garment = int(patch.garment_index("cpu").numel())
+    n_garment = int(mf.token_mask(patch.settings.garment_mask, patch.ref_grid).sum())
     assert 0 < n_garment < patch.ref_tokens
     assert patch.ref_grid == (SIZE // 16, SIZE // 16)
     ids_axis0 = {float(x) for x in mf.reference_token_ids(patch.ref_grid)[0, :, 0]}
@@ -599,7 +599,7 @@ def test_flow_view_renders_from_a_flux_run_and_records_the_core_flow(comfy_env, 
     assert far_px.any() and not res["reliance"][0][far_px].any() and not res["flow"][0][far_px].any()
 
     trace = res.output(mea.id, 1)
-    records = trace.records
+    records = cm.mea_run(mea.id, res.output(samp.id, 0)["samples"]).records[1.0]
     assert trace.enabled and len(records) == len(spy.calls) == 8  # 4 blocks x 2 steps
     assert all(c["capture"] for c in spy.calls)
     assert {r.layer for r in records} == {("double", 0), ("double", 1), ("single", 0), ("single", 1)}
@@ -644,7 +644,8 @@ def test_flux_recording_does_not_change_the_result_and_other_grids_are_refused(c
     g.capture(_sampler(g, quiet[0], steps=2)[0], "quiet")
     res = run_prompt(g)
     trace = res.output(mea.id, 1)
-    assert trace.enabled and trace.tau == 2.0 and len(trace.records) == 8
+    run = cm.mea_run(mea.id, res.output(samp.id, 0)["samples"])
+    assert trace.enabled and trace.taus == (2.0,) and list(run.records) == [2.0] and len(run.records[2.0]) == 8
     assert not res.output(quiet.id, 1).enabled
     assert torch.equal(res.output(samp.id, 0)["samples"], res["quiet"]["samples"])
     assert res["flow"].shape == (1, SIZE, SIZE, 3) and res["flow"].max() > 0
@@ -662,11 +663,11 @@ def test_no_op_report_on_flux_points_to_flux_blocks(comfy_env):
     g.capture(_mea(g, g.obj(cm.small_flux_model(), "MODEL"), blocks="d0")[0], "patched")
     patched = run_prompt(g)["patched"]
     patch = patched.wrappers["apply_model"]["max4zero_mea"][0].__self__
-    patch.blocks = frozenset({("double", 99)})  # a block this forward never reaches
     said = []
-    patch.warn = said.append
+    # the same settings on blocks this forward never reaches (the patch is frozen: a new one, as the node builds)
+    lost = _mf().FluxMeaPatch(blocks=frozenset({("double", 99)}), settings=patch.settings, warn=said.append)
     g2 = Graph()
-    g2.capture(_sampler(g2, g2.obj(patched, "MODEL"))[0], "out")
+    g2.capture(_sampler(g2, g2.obj(lost.install(cm.small_flux_model().clone()), "MODEL"))[0], "out")
     run_prompt(g2)
     assert len(said) == 1 and "Flux blocks" in said[0] and "'flux_blocks'" in said[0] and "'layers'" not in said[0]
 

@@ -222,8 +222,7 @@ def _replay(patcher, call: dict, mea_pass: bool) -> torch.Tensor:
     if mea_pass:
         wrapper = patcher.wrappers["apply_model"]["max4zero_mea"][0]  # the paper patch's bound wrapper
         patch = wrapper.__self__
-        assert patch.mode == "paper"
-        patch.reset()
+        assert patch.settings.mode == "paper"
         to["wrappers"] = {"apply_model": {"max4zero_mea": [wrapper]}}
         to[_mp().MEA_PASS_KEY] = patch.id
     with torch.no_grad():
@@ -373,7 +372,7 @@ def _mutant_mask_ignored(mp, monkeypatch):
     def latent_mask(self, x):
         return torch.ones(1, 1, *x.shape[-2:], dtype=x.dtype, device=x.device)
 
-    monkeypatch.setattr(mp.MeaRun, "latent_mask", latent_mask)
+    monkeypatch.setattr(cm.pack_module("attention.run").WorkerState, "latent_mask", latent_mask)
 
 
 def _mutant_rows_by_position(mp, monkeypatch):

@@ -81,7 +81,8 @@ def test_target_mask_that_does_not_fit_the_latent_is_refused_before_the_first_st
     node = _mea(g, g.obj(model, "MODEL"), small_vae, pair, target_mask=tm)
     with pytest.raises(PromptFailed) as e:
         _run(g, node)
-    assert e.value.message.startswith("MaX4Zero Masked Extended Attention:") and needle in e.value.message
+    # raised in the sampler's node, so it names the MEA node and its id
+    assert e.value.message.startswith(f"MaX4Zero Masked Extended Attention (node #{node.id}):") and needle in e.value.message
     assert calls == []  # refused before any model call
 
 

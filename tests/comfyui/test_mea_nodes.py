@@ -55,9 +55,7 @@ def _latent(res, name):
     return res[name]["samples"]
 
 
-def _patch_of(patched):
-    """The MeaPatch behind a patched ModelPatcher (its APPLY_MODEL wrapper is a bound method)."""
-    return patched.wrappers["apply_model"]["max4zero_mea"][0].__self__
+_patch_of = cm.patch_of
 
 
 def _snapshot(value):
@@ -109,8 +107,8 @@ def test_no_effect_cases_are_bit_identical_to_stock_sampling(comfy_env, small_sd
     stock = _latent(res, "stock")
     for name, node in variants.items():
         assert torch.equal(_latent(res, name), stock), name
-        patch = _patch_of(res.output(node.id, 0))
-        assert patch.reference_passes == 0 and patch.mea_calls == 0, name  # early-out: no reference pass
+        stats = cm.mea_run(node.id, _latent(res, name)).stats
+        assert stats["reference_passes"] == 0 and stats["mea_calls"] == 0, name  # early-out: no reference pass
     # the input MODEL is never modified
     assert _same(_snapshot(model.model_options), before)
     assert _same(_snapshot(model.wrappers), wrappers_before)
@@ -132,10 +130,10 @@ def test_mea_changes_the_output_and_input_model_stays_clean(comfy_env, small_sd1
         out = _latent(res, name)
         assert torch.isfinite(out).all()
         assert (out - stock).abs().max() > 1e-3, name
-        patch = _patch_of(res.output(node.id, 0))
-        assert patch.mea_calls > 0
+        stats = cm.mea_run(node.id, out).stats
+        assert stats["mea_calls"] > 0
         # one reference pass per model evaluation in the window (euler: one per step), never per call
-        assert 1 <= patch.reference_passes <= STEPS
+        assert 1 <= stats["reference_passes"] <= STEPS
     assert not torch.equal(_latent(res, "fused"), _latent(res, "paper"))
     assert _same(_snapshot(model.model_options), before)
     patched = res.output(fused.id, 0)
@@ -224,7 +222,7 @@ def test_other_attn1_replaces_and_wrappers_on_the_same_slots_keep_working(comfy_
     res2 = run_prompt(g2)
     assert counter["after"] > 0
     assert not torch.equal(_latent(res2, "after"), b)
-    assert _patch_of(after) is _patch_of(patched)  # clones share the patch state (not deep-copied)
+    assert _patch_of(after) is _patch_of(patched)  # clones share the frozen patch (nothing in it is written)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,8 +253,10 @@ def test_batch_2_and_cfg_1_run_in_both_modes(comfy_env, small_sd15_model, small_
         assert not torch.equal(out, stock), name
 
 
-def _direct_call(patched, x, sigma, ctx, cou, sample_sigmas=None, mea_pass=None):
-    """``apply_model`` of a patched ModelPatcher the way calc_cond_batch makes it, with our cond_or_uncond."""
+def _direct_call(patched, x, sigma, ctx, cou, sample_sigmas=None, mea_pass=None, run=None):
+    """``apply_model`` of a patched ModelPatcher the way calc_cond_batch makes it, with our cond_or_uncond; ``run``:
+    the per-run state to put in the call's options, as the OUTER_SAMPLE wrapper does (None: a call outside a
+    sampling run, which keeps nothing)."""
     import comfy.model_management as mm
     import comfy.patcher_extension as pe
 
@@ -269,6 +269,8 @@ def _direct_call(patched, x, sigma, ctx, cou, sample_sigmas=None, mea_pass=None)
         to["sample_sigmas"] = sample_sigmas
     if mea_pass is not None:
         to["max4zero_mea_pass"] = mea_pass
+    if run is not None:
+        to[_patch_of(patched).run_key] = run
     return patched.model.apply_model(x, sigma.expand(x.shape[0]), c_crossattn=ctx, transformer_options=to)
 
 
@@ -286,13 +288,14 @@ def test_cond_uncond_orders_and_split_calls_agree(comfy_env, small_sd15_model, s
     cc = cm.conditioning(1, batch=B)[0][0]
     cu = cm.conditioning(2, batch=B)[0][0]
     sigma = torch.tensor([1.5])
+    run = patch.new_run()
     with torch.inference_mode():
-        uc = _direct_call(patched, torch.cat([xu, xc]), sigma, torch.cat([cu, cc]), [1, 0])
-        passes = patch.reference_passes
-        cu_first = _direct_call(patched, torch.cat([xc, xu]), sigma, torch.cat([cc, cu]), [0, 1])
-        only_c = _direct_call(patched, xc, sigma, cc, [0])
-        only_u = _direct_call(patched, xu, sigma, cu, [1])
-        assert patch.reference_passes == passes  # same sigma: the reference K/V are cached, not recomputed
+        uc = _direct_call(patched, torch.cat([xu, xc]), sigma, torch.cat([cu, cc]), [1, 0], run=run)
+        passes = run.stats["reference_passes"]
+        cu_first = _direct_call(patched, torch.cat([xc, xu]), sigma, torch.cat([cc, cu]), [0, 1], run=run)
+        only_c = _direct_call(patched, xc, sigma, cc, [0], run=run)
+        only_u = _direct_call(patched, xu, sigma, cu, [1], run=run)
+        assert run.stats["reference_passes"] == passes  # same sigma: the reference K/V are cached, not recomputed
         stock_u = _direct_call(model, xu, sigma, cu, [1])
         stock_c = _direct_call(model, xc, sigma, cc, [0])
         one_c = _direct_call(patched, xc[:1], sigma, cc[:1], [0])  # batch 1 agrees with row 0 of batch 2
@@ -302,11 +305,12 @@ def test_cond_uncond_orders_and_split_calls_agree(comfy_env, small_sd15_model, s
     assert (only_c - stock_c).abs().max() > 1e-4  # the positive rows do get MEA
     assert torch.allclose(one_c, only_c[:1], atol=1e-5)
     with torch.inference_mode():
-        _direct_call(patched, xc, torch.tensor([1.25]), cc, [0])
-    assert patch.reference_passes == passes + 1  # a new sigma: one new reference pass
+        _direct_call(patched, xc, torch.tensor([1.25]), cc, [0], run=run)
+    assert run.stats["reference_passes"] == passes + 1  # a new sigma: one new reference pass
 
 
-def test_reference_as_extra_row_equals_separate_reference_pass(comfy_env, small_sd15_model, small_vae, pair):
+def test_reference_as_extra_row_equals_separate_reference_pass(comfy_env, small_sd15_model, small_vae, pair,
+                                                              monkeypatch):
     """Batch 1 with CFG (one-row chunks) and the paper's extra pass carry the reference as one more row."""
     model = small_sd15_model()
     g = Graph()
@@ -323,17 +327,16 @@ def test_reference_as_extra_row_equals_separate_reference_pass(comfy_env, small_
         patched = res[name]
         patch = _patch_of(patched)
         for inline in (True, False):
-            patch.reset()
-            patch.inline_reference = inline
-            n0 = patch.reference_passes
+            monkeypatch.setattr(type(patch), "inline_reference", inline)  # a class setting, not patch state
+            run = patch.new_run()
             with torch.inference_mode():
                 if name == "fused":
-                    a = _direct_call(patched, torch.cat([xu, xc]), sigma, torch.cat([cu, cc]), [1, 0])
-                    b = _direct_call(patched, xc, sigma, cc, [0])  # same sigma again: cached K/V
+                    a = _direct_call(patched, torch.cat([xu, xc]), sigma, torch.cat([cu, cc]), [1, 0], run=run)
+                    b = _direct_call(patched, xc, sigma, cc, [0], run=run)  # same sigma again: cached K/V
                 else:  # the extra positive pass: one chunk of 3 rows (+ the reference row when inline)
-                    a = _direct_call(patched, xs, sigma, cc.expand(3, -1, -1), [0], mea_pass=patch.id)
-                    b = _direct_call(patched, xs[:1], sigma, cc, [0], mea_pass=patch.id)
-            assert patch.reference_passes == n0 + 1, (name, inline)
+                    a = _direct_call(patched, xs, sigma, cc.expand(3, -1, -1), [0], mea_pass=patch.id, run=run)
+                    b = _direct_call(patched, xs[:1], sigma, cc, [0], mea_pass=patch.id, run=run)
+            assert run.stats["reference_passes"] == 1, (name, inline)
             outs[(name, inline)] = (a, b)
     for name in ("fused", "paper"):
         (a1, b1), (a2, b2) = outs[(name, True)], outs[(name, False)]
@@ -354,7 +357,7 @@ EVERY_STEPS = 5  # euler, "normal": sigmas 14.6, 4.09, 1.62, 0.695, 0.029, 0
 
 
 def _sample_every(g_model, vae, pair, log, every, *, guidance="fused", batch=1, start=0.0):
-    """(patch, latent, recorded steps, uses) of one sampling run of EVERY_STEPS steps; ``every`` None = the
+    """(run stats, latent, recorded steps, uses) of one sampling run of EVERY_STEPS steps; ``every`` None = the
     input absent (a workflow saved before it existed)."""
     log.clear()
     g = Graph()
@@ -362,7 +365,7 @@ def _sample_every(g_model, vae, pair, log, every, *, guidance="fused", batch=1, 
     node = _mea(g, g.obj(g_model, "MODEL"), vae, pair, guidance=guidance, start=start, **over)
     g.capture(_sampler(g, node[0], steps=EVERY_STEPS, batch=batch)[0], "x")
     res = run_prompt(g)
-    return _patch_of(res.output(node.id, 0)), _latent(res, "x"), log.recorded_steps(), set(log.uses)
+    return cm.mea_run(node.id, _latent(res, "x")).stats, _latent(res, "x"), log.recorded_steps(), set(log.uses)
 
 
 @pytest.mark.parametrize("guidance, batch", [
@@ -377,9 +380,9 @@ def test_reference_every_runs_the_reference_pass_every_nth_step(comfy_env, small
     absent = _sample_every(model, small_vae, pair, log, None, guidance=guidance, batch=batch)
     latents = {}
     for every in (1, 2, 3):
-        patch, latents[every], recorded, uses = _sample_every(model, small_vae, pair, log, every, guidance=guidance,
+        stats, latents[every], recorded, uses = _sample_every(model, small_vae, pair, log, every, guidance=guidance,
                                                               batch=batch)
-        assert patch.reference_passes == -(-EVERY_STEPS // every), every  # ceil(K / N)
+        assert stats["reference_passes"] == -(-EVERY_STEPS // every), every  # ceil(K / N)
         assert recorded == list(range(0, EVERY_STEPS, every)), every
         for call_sigma, call_step, sigma, step in uses:
             assert step <= call_step < step + every, (every, call_step, step)
@@ -387,8 +390,8 @@ def test_reference_every_runs_the_reference_pass_every_nth_step(comfy_env, small
             assert sigma == call_sigma if call_step == step else sigma > call_sigma
         if every > 1:
             assert any(call_step > step for _, call_step, _, step in uses), every
-        assert patch.mea_calls > 0
-    assert torch.equal(latents[1], absent[1]) and absent[0].reference_passes == EVERY_STEPS  # 1 = today, the paper
+        assert stats["mea_calls"] > 0
+    assert torch.equal(latents[1], absent[1]) and absent[0]["reference_passes"] == EVERY_STEPS  # 1 = the paper
     assert not torch.equal(latents[2], latents[1])
 
 
@@ -399,8 +402,8 @@ def test_reference_every_counts_from_the_first_step_of_the_window(comfy_env, sma
     log = cm.ReferenceLog(monkeypatch)
     model = small_sd15_model()
     for every, want in ((1, [1, 2, 3, 4]), (2, [1, 3]), (3, [1, 4])):
-        patch, _, recorded, _ = _sample_every(model, small_vae, pair, log, every, start=0.2)
-        assert recorded == want and patch.reference_passes == len(want), every
+        stats, _, recorded, _ = _sample_every(model, small_vae, pair, log, every, start=0.2)
+        assert recorded == want and stats["reference_passes"] == len(want), every
 
 
 def test_a_reused_step_computes_with_the_earlier_reference(comfy_env, small_sd15_model, small_vae, pair):
@@ -417,20 +420,23 @@ def test_a_reused_step_computes_with_the_earlier_reference(comfy_env, small_sd15
     x0, x1 = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(2))
     ctx = torch.cat([cm.conditioning(2)[0][0], cm.conditioning(1)[0][0]])
 
-    def step(patched, x, i):
-        return _direct_call(patched, x, schedule[i : i + 1], ctx, [1, 0], sample_sigmas=schedule)
+    runs = {"every2": two.new_run(), "every1": one.new_run()}
+
+    def step(name, x, i):
+        return _direct_call(res[name], x, schedule[i : i + 1], ctx, [1, 0], sample_sigmas=schedule, run=runs[name])
 
     with torch.inference_mode():
-        for patched in (res["every2"], res["every1"]):
-            step(patched, x0, 0)
-        store0 = one.run_of({}).store
-        reused = step(res["every2"], x1, 1)
-        assert two.reference_passes == 1  # step 1 ran no reference (and no inline reference row)
-        fresh = step(res["every1"], x1, 1)
-        assert one.reference_passes == 2
-        one.run_of({}).keep(store0, float(schedule[1]), 1)  # step 0's K/V, filed under step 1's sigma
-        forced = step(res["every1"], x1, 1)
-        assert one.reference_passes == 2
+        for name in ("every2", "every1"):
+            step(name, x0, 0)
+        state1 = runs["every1"].worker(x0.device)
+        store0 = state1.store
+        reused = step("every2", x1, 1)
+        assert runs["every2"].stats["reference_passes"] == 1  # step 1 ran no reference (and no inline row)
+        fresh = step("every1", x1, 1)
+        assert runs["every1"].stats["reference_passes"] == 2
+        state1.keep(store0, float(schedule[1]), 1)  # step 0's K/V, filed under step 1's sigma
+        forced = step("every1", x1, 1)
+        assert runs["every1"].stats["reference_passes"] == 3  # the keep above; no reference pass ran
     assert torch.equal(reused, forced)
     assert (reused[1] - fresh[1]).abs().max() > 1e-5  # the reference's sigma matters: it was really reused
     assert torch.equal(reused[0], fresh[0])  # the negative row never reads the reference
@@ -488,25 +494,26 @@ def test_flow_view_outputs_and_recording_only_when_connected(comfy_env, small_sd
     assert res["reliance"].max() > 0 and res["disagreement"].max() > 0
     assert res["flow"].max() > 0 and 0 <= res["flow"].min()
     trace = res.output(mea.id, 1)
-    assert trace.enabled and trace.tau == 2.0 and len(trace.records) > 0  # τ read from the connected view
+    assert trace.enabled and trace.taus == (2.0,)  # τ read from the connected view
+    assert len(cm.mea_run(mea.id, res.output(samp.id, 0)["samples"]).records[2.0]) > 0
     quiet_trace = res.output(quiet.id, 1)
-    assert not quiet_trace.enabled and quiet_trace.records == []
-    assert _patch_of(res.output(quiet.id, 0)).mea_calls > 0
+    quiet_run = cm.mea_run(quiet.id, _latent(res, "quiet"))
+    assert not quiet_trace.enabled and quiet_run.records == {}
+    assert quiet_run.stats["mea_calls"] > 0
     # recording does not change the sampled latent
     assert torch.equal(_latent(res, "quiet"), res.output(samp.id, 0)["samples"])
     assert FLOW in res.ui or view.id in res.ui  # the preview was saved
 
 
 def test_flow_view_explains_a_trace_that_did_not_record(comfy_env, small_sd15_model, small_vae, pair):
-    from max4zero.nodes.trace import MeaTrace
-
+    trace = cm.pack_module("nodes.trace").MeaTrace(node_key="never-sampled", node_id="99")
     g = Graph()
-    view = g.node(FLOW, trace=g.obj(MeaTrace(enabled=False), "MAX4ZERO_TRACE"),
+    view = g.node(FLOW, trace=g.obj(trace, "MAX4ZERO_TRACE"),
                   reference=g.obj(pair["reference"], "IMAGE"),
                   samples=g.obj({"samples": torch.zeros(1, 4, 8, 8)}, "LATENT"), layers="all MEA layers",
                   step_start=0.0, step_end=1.0, tau=1.0, mode="absolute")
     g.capture(view[0], "flow")
-    with pytest.raises(PromptFailed, match="not made by a sampler using this MEA node's model"):
+    with pytest.raises(PromptFailed, match="no sampling run with a model from MEA node #99"):
         run_prompt(g)
 
 
@@ -604,7 +611,7 @@ def test_sdxl_layout_selects_layers_by_token_grid(comfy_env, small_vae):
     assert torch.equal(_latent(res, "empty"), _latent(res, "stock"))
     for name in ("fused", "paper"):
         assert torch.isfinite(_latent(res, name)).all() and not torch.equal(_latent(res, name), _latent(res, "stock"))
-    records = res.output(runs["fused"][0].id, 1).records
+    records = cm.mea_run(runs["fused"][0].id, _latent(res, "fused")).records[1.0]
     assert records and {r.query_hw for r in records} == {(8, 8)}  # 1/16 of the image only: no 1/8 attention
     assert {r.layer for r in records} == {("output", 2, 0), ("output", 3, 0)}
     assert res["flow"].shape == (1, 128, 128, 3)

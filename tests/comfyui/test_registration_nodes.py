@@ -368,7 +368,7 @@ def test_two_stage_pipeline_with_stock_ksampler_advanced(comfy_env, small_vae, b
     paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(photo, "IMAGE"), generated_image=dec[0],
                    crop_info=crop[2], mask=dm[4], feather=3)
     for name, link in (("latent", dm[2]), ("F", dm[5]), ("s1", s1[0]), ("final", paste[0]), ("tmask", dm[4]),
-                       ("info", crop[2]), ("warped", warp[0])):
+                       ("info", crop[2]), ("warped", warp[0]), ("s2", s2[0])):
         g.capture(link, name)
     r = run_prompt(g)
 
@@ -397,8 +397,7 @@ def test_two_stage_pipeline_with_stock_ksampler_advanced(comfy_env, small_vae, b
     assert torch.allclose(s1_out[keep], expected[keep], atol=1e-3)
     assert (s1_out[changed] - lat[changed]).abs().max() > 1e-3
     if stage2 == "mea":  # the MEA patch really ran inside stage 2's window
-        patch = r["mea_model"].wrappers["apply_model"]["max4zero_mea"][0].__self__
-        assert patch.mea_calls > 0
+        assert cm.mea_run(mea.id, r["s2"]["samples"]).stats["mea_calls"] > 0
     final = r["final"]
     assert final.shape == photo.shape and torch.isfinite(final).all()
     # outside the target mask (mapped back from the crop) the photo is returned bit for bit
