@@ -207,10 +207,12 @@ class MeaRun:
     Args:
         settings: the patch's :class:`MeaSettings`.
         taus: the Leffa temperatures to record attention at (none: nothing records, the fast path runs).
+        owner: how messages name the node whose run this is (e.g. another node of a chain refers to it).
     """
 
-    def __init__(self, settings: MeaSettings, taus: Sequence[float] = ()) -> None:
+    def __init__(self, settings: MeaSettings, taus: Sequence[float] = (), owner: str = "") -> None:
         self.settings = settings
+        self.owner = owner
         self.taus = tuple(sorted({check_tau(float(t)) for t in taus}))
         self._workers: dict[tuple, WorkerState] = {}
         self._lock = threading.Lock()

@@ -188,7 +188,7 @@ class MeaPatch:
     def new_run(self) -> MeaRun:
         """A fresh per-run state (recording at the τs the trace asks for)."""
         taus = self.trace.recording_taus() if self.trace is not None else ()
-        return MeaRun(self.settings, taus)
+        return MeaRun(self.settings, taus, owner=self.label)
 
     def run_of(self, transformer_options: dict) -> MeaRun:
         """The sampling run a model call belongs to; a call outside any run gets a state of its own (nothing is
@@ -210,7 +210,7 @@ class MeaPatch:
             if to is not None:
                 self.check_chain(to, tuple(noise.shape))
         run = self.new_run()
-        if to is not None:
+        if to is not None and self.settings.active:  # an inactive patch leaves the run's calls as they are
             to[self.run_key] = run
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         try:
@@ -244,11 +244,12 @@ class MeaPatch:
                 continue
             mine, theirs = token_mask(self.settings.target_mask, hw), token_mask(other.settings.target_mask, hw)
             if bool((mine & theirs).any()):
+                other_name = other.owner or "another Masked Extended Attention node"
                 raise NodeInputError(
-                    self.label, "it is chained with another Masked Extended Attention node in fused guidance and "
-                    "their target masks overlap: in the overlap one node's garment would silently replace the "
-                    "other's", "give the chained nodes target masks that do not overlap (one region per garment), "
-                    "or set guidance to 'paper' on both (their MEA terms add up)")
+                    self.label, f"it is chained with {other_name} in fused guidance and their target masks overlap: "
+                    "in the overlap one node's garment would silently replace the other's", "give the chained "
+                    "nodes target masks that do not overlap (one region per garment), or set guidance to 'paper' "
+                    "on both (their MEA terms add up)")
 
     def _report_no_op(self, run: MeaRun, sigmas: Any) -> None:
         """A run that applied MEA nowhere although the masks are not empty: say why, once, and the fix."""

@@ -198,6 +198,8 @@ def small_sd15_model(inpaint: bool = False, seed: int = 0, model_channels: int =
     patcher = comfy.model_patcher.ModelPatcher(
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
+    # what a core loader registers: a factory for a fresh copy (MultiGPU's deep clones reload from it)
+    patcher.cached_patcher_init = (small_sd15_model, (inpaint, seed, model_channels, False))
     if cached:
         _MODEL_CACHE[key] = patcher
     return patcher
@@ -654,7 +656,7 @@ TINY_FLUX_PARAMS = {
 }
 
 
-def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bool = False):
+def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bool = False, cached: bool = True):
     """A ``ModelPatcher`` around a random-weight Flux built from ComfyUI's classes (float32, CPU).
 
     The state dict of a ``comfy.ldm.flux.model.Flux`` with :data:`TINY_FLUX_PARAMS` goes through
@@ -667,7 +669,7 @@ def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bo
     so the ``Flux`` config is used directly.
     """
     key = ("flux", int(seed), int(in_channels), bool(global_modulation))
-    if key in _MODEL_CACHE:
+    if cached and key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     import comfy.model_detection
     import comfy.model_management as mm
@@ -700,7 +702,9 @@ def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bo
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )
     patcher.detected_config = type(cfg).__name__
-    _MODEL_CACHE[key] = patcher
+    patcher.cached_patcher_init = (small_flux_model, (seed, in_channels, global_modulation, False))
+    if cached:
+        _MODEL_CACHE[key] = patcher
     return patcher
 
 
