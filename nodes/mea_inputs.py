@@ -18,7 +18,7 @@ from ..warping.images import center_crop_multiple, neutralise_background
 from . import convert as cv
 from .notify import warn_on_node
 
-__all__ = ["ReferenceInputs", "prepare_reference", "positive_context", "check_mea_masks"]
+__all__ = ["ReferenceInputs", "prepare_reference", "positive_context", "check_mea_masks", "inputs_preview"]
 
 
 @dataclass
@@ -107,3 +107,17 @@ def check_mea_masks(node: str, garment_mask: torch.Tensor, ref: ReferenceInputs,
                         (not bool((target_mask > 0.5).any()), "the target mask is empty")):
         if empty:
             warn_on_node(node, f"{what}: sampling with this model is plain sampling, no try-on", node_id=nid)
+
+
+def inputs_preview(reference: torch.Tensor, ref: ReferenceInputs, target_mask: torch.Tensor) -> torch.Tensor:
+    """What MEA will read and where, as one IMAGE [1, H, W', 3]: the encoded reference with everything but the
+    (eroded) garment dimmed, beside the first target mask at the same height (white = the try-on region)."""
+    top, left, h, w = ref.crop
+    img = cv.to_rgb(cv.image_to_bchw(reference, "preview"))[:1, :, top : top + h, left : left + w].float()
+    keep = ref.garment[:1, None].float()
+    shown = img * (0.25 + 0.75 * keep)
+    tm = target_mask[:1, None].float().clamp(0, 1)
+    tw = max(1, round(tm.shape[-1] * h / max(1, tm.shape[-2])))
+    tm = torch.nn.functional.interpolate(tm, size=(h, tw), mode="nearest").expand(-1, 3, -1, -1)
+    gap = torch.full((1, 3, h, 4), 0.5)
+    return torch.cat([shown, gap, tm], dim=-1).permute(0, 2, 3, 1).clamp(0, 1).contiguous()

@@ -41,7 +41,7 @@ from ..warping import mls as _mls
 from . import convert as cv
 from .features import check_unet
 from .mea_calls import attn1_slots, trace_consumers
-from .mea_inputs import ReferenceInputs, check_mea_masks, positive_context, prepare_reference
+from .mea_inputs import ReferenceInputs, check_mea_masks, inputs_preview, positive_context, prepare_reference
 from .notify import warn_on_node
 from .mea_flux import FLUX_SELECTION, FluxMeaPatch, flux_hook_problem, flux_layout_problem, is_flux
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
@@ -138,6 +138,11 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                              "step costs about 2x a plain step at 1, 1.5x at 2, 1.35x at 3 (FLUX.1 with the vital "
                              "blocks, estimated; 2.2x, 1.7x, 1.5x measured on a tiny test model). Untuned on real "
                              "weights: compare the garment detail with 1."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Optional: the LATENT the patched model will sample (in the try-on, "
+                                "Double-Mask Inpaint's latent). Connected, this node checks target_mask against it "
+                                "(batch and aspect) before any sampler runs, so a mask of another image fails "
+                                "before stage 1 instead of after it. Not used otherwise."),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model (a clone) for KSampler / "
@@ -146,6 +151,10 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                              "when connected)."),
             ],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+            # an output node: ComfyUI runs output nodes, and the nodes that feed them, as soon as they can, so this
+            # node's checks (its masks against the 'latent', the reference) come before a sampler that does not need
+            # it (the try-on's stage 1); its preview shows what MEA will read and where
+            is_output_node=True,
         )
 
     @classmethod
@@ -171,10 +180,12 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                         "number of steps up to 50") from None
 
     @classmethod
-    def execute(
+    async def execute(
         cls, model, vae, reference, garment_mask, target_mask, positive, guidance, s_mea, contrast, start, end,
-        layers, reference_seed, background, flux_blocks=DEFAULT_FLUX_BLOCKS, reference_every=1,
+        layers, reference_seed, background, flux_blocks=DEFAULT_FLUX_BLOCKS, reference_every=1, latent=None,
     ) -> io.NodeOutput:
+        # async on purpose: among nodes ready at the same time ComfyUI runs async ones first (both 0.3.64 and
+        # 0.33), so this node's checks run before a sampler that became ready with it (the try-on's stage 1)
         reference_every = 1 if reference_every is None else reference_every  # optional: absent in older workflows
         cls._check_widgets(dict(guidance=guidance, layers=layers, background=background, start=start, end=end,
                                 reference_every=reference_every))
@@ -184,14 +195,29 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                        reference_seed=reference_seed, background=background,
                        flux_blocks=DEFAULT_FLUX_BLOCKS if flux_blocks is None else flux_blocks,
                        reference_every=reference_every)
-        patch = cls._flux_patch(args) if is_flux(getattr(getattr(model, "model", None), "diffusion_model", None)) \
+        cls._check_latent_input(target_mask, latent)
+        patch, ref = cls._flux_patch(args) if is_flux(getattr(getattr(model, "model", None), "diffusion_model", None)) \
             else cls._unet_patch(args)
         patched = model.clone()
         patch.install(patched)
-        return io.NodeOutput(patched, patch.trace)
+        preview = inputs_preview(reference, ref, patch.settings.target_mask)
+        return io.NodeOutput(patched, patch.trace, ui=ui.PreviewImage(preview, cls=cls))
 
     @classmethod
-    def _unet_patch(cls, args: "MeaArgs") -> MeaPatch:
+    def _check_latent_input(cls, target_mask, latent) -> None:
+        """The optional ``latent``: the target mask must fit it, checked now rather than when sampling starts."""
+        if latent is None:
+            return
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
+            raise cv.NodeInputError(cls.NODE, "latent is not an image LATENT", "connect the LATENT the patched model "
+                                    "will sample (Double-Mask Inpaint's latent), or leave 'latent' unconnected")
+        tm = cv.mask_to_bhw(target_mask, cls.NODE, "target_mask")
+        if problem := cv.mask_latent_problem(tuple(tm.shape), tuple(samples.shape), "target_mask"):
+            raise cv.NodeInputError(cls.NODE, problem)
+
+    @classmethod
+    def _unet_patch(cls, args: "MeaArgs") -> tuple[MeaPatch, ReferenceInputs]:
         node = cls.NODE
         dm = check_unet(args.model, node)
         if problem := cv.conditioning_problem(args.positive, args.model, "positive"):
@@ -203,10 +229,10 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                     "pick another 'layers' choice")
         prepared = cls._prepare(args, selection)
         return MeaPatch(settings=prepared.settings, layers=selection, attn1_keys=keys, trace=prepared.trace,
-                        node_id=prepared.node_id, warn=prepared.warn)
+                        node_id=prepared.node_id, warn=prepared.warn), prepared.ref
 
     @classmethod
-    def _flux_patch(cls, args: "MeaArgs") -> FluxMeaPatch:
+    def _flux_patch(cls, args: "MeaArgs") -> tuple[FluxMeaPatch, ReferenceInputs]:
         """The Flux adapter (``nodes/mea_flux.py``, docs/method.md §3c): same inputs, same checks."""
         node = cls.NODE
         if problem := flux_hook_problem():
@@ -223,7 +249,7 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                     "'d0-18, s6'") from None
         prepared = cls._prepare(args, FLUX_SELECTION)
         return FluxMeaPatch(blocks=blocks, settings=prepared.settings, trace=prepared.trace,
-                            node_id=prepared.node_id, warn=prepared.warn)
+                            node_id=prepared.node_id, warn=prepared.warn), prepared.ref
 
     @classmethod
     def _prepare(cls, args: "MeaArgs", selection: LayerSelection) -> "PreparedMea":
@@ -242,7 +268,7 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             garment_mask=ref.garment, target_mask=tm,
         )
         trace = _make_trace(cls.hidden, node_id, ref, args.reference, (args.start, args.end))
-        return PreparedMea(settings=settings, trace=trace, node_id=node_id,
+        return PreparedMea(settings=settings, trace=trace, node_id=node_id, ref=ref,
                            warn=functools.partial(warn_on_node, node, node_id=node_id))
 
 
@@ -270,11 +296,13 @@ class MeaArgs:
 
 @dataclass(frozen=True)
 class PreparedMea:
-    """What both adapters build their patch from: settings, trace, the node's id and where its warnings go."""
+    """What both adapters build their patch from: settings, trace, the node's id, the prepared reference and
+    where its warnings go."""
 
     settings: MeaSettings
     trace: MeaTrace
     node_id: Optional[str]
+    ref: ReferenceInputs
     warn: Any
 
 

@@ -118,6 +118,17 @@ def no_op_message(cause: str, start: float, end: float, sigmas: Any, layer_input
             "Use a larger or harder (white = 1) mask, or work at a larger size (MaX4Zero Crop To Mask 'size')")
 
 
+def _stops_before(sigmas: Any, guider: Any, start: float) -> bool:
+    """Whether a run's schedule ends with noise left (a later sampler continues) before the window starts."""
+    if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2 or float(sigmas[-1]) <= 0:
+        return False
+    patcher = getattr(guider, "model_patcher", None)
+    sampling = patcher.get_model_object("model_sampling") if patcher is not None else None
+    if sampling is None:
+        return False
+    return float(sigmas[-1]) > float(sampling.percent_to_sigma(start)) * (1 + 1e-5)
+
+
 class MeaPatch:
     """One MEA node's patch on a UNet: frozen settings plus ComfyUI's wrappers (see the module docstring).
 
@@ -217,7 +228,7 @@ class MeaPatch:
             out = executor(*args, **kwargs)
             if self.trace is not None:
                 self.trace.file_run(run, latent_output_key(out), sigmas)
-            self._report_no_op(run, sigmas)
+            self._report_no_op(run, sigmas, guider)
             return out
         finally:
             if to is not None:
@@ -251,14 +262,19 @@ class MeaPatch:
                     "nodes target masks that do not overlap (one region per garment), or set guidance to 'paper' "
                     "on both (their MEA terms add up)")
 
-    def _report_no_op(self, run: MeaRun, sigmas: Any) -> None:
-        """A run that applied MEA nowhere although the masks are not empty: say why, once, and the fix."""
+    def _report_no_op(self, run: MeaRun, sigmas: Any, guider: Any = None) -> None:
+        """A run that applied MEA nowhere although the masks are not empty: say why, once, and the fix. A run that
+        stops before the window with noise left for a later sampler (the try-on's stage 1 on the MEA model) is
+        not a mistake: the later run acts, so nothing is said."""
         if not self.settings.active:
             return
         cause = no_op_cause(run.stats)
         if cause is None:
             return
         s = self.settings
+        if cause == "window" and _stops_before(sigmas, guider, s.start):
+            log.info("%s: this sampling run stops before the MEA window (a later sampler continues)", self.label)
+            return
         reason, fix = no_op_message(cause, s.start, s.end, sigmas, self.layer_input)
         self.warn(f"did nothing in this sampling run: {reason}. {fix}")
 

@@ -246,11 +246,17 @@ def find_traced_run(
         others = [r for r in registry.made(key) if r.node_key != trace.node_key]
         if others:
             names = ", ".join(sorted({_node_name(r.node_key) for r in others}))
+            fix = ("connect 'trace' and 'samples' from the same MEA node (the trace output of the node whose model "
+                   "the sampler uses)")
+            if not any(any(abs(t - tau) <= 1e-6 for t in r.records) for r in others):
+                for r in others:  # so that re-sampling with that node's model records for this view
+                    registry.request(r.node_key, tau)
+                fix += ("; that node's run recorded nothing for this view, so also change that sampler's seed (or run "
+                        "'Unload Models and Execution Cache') before queueing again")
             return None, (
                 f"'samples' come from a sampler whose model comes from {names}, but 'trace' comes from {trace.label}: "
                 "the view would show one node's attention over the other's reference"
-            ), "connect 'trace' and 'samples' from the same MEA node (the trace output of the node whose model the " \
-               "sampler uses)"
+            ), fix
         registry.request(trace.node_key, tau)
         return None, (
             f"no sampling run with a model from {trace.label} made these 'samples' in this ComfyUI session: they were "

@@ -73,7 +73,12 @@ def test_samples_of_another_mea_node_are_refused_naming_it():
     key_b = _sampled(b, torch.ones(1, 4, 2, 2), n_records=1)
     run, problem, fix = find_traced_run(a, key_b, 1.0)
     assert run is None and "MEA node #12" in problem and "MEA node #11" in problem and "same MEA node" in fix
-    assert reg.requested("11") == set()  # re-sampling would not help: nothing is requested
+    assert reg.requested("11") == set()  # re-sampling node 11 would not help
+    assert "seed" not in fix  # node 12 recorded at this tau: rewiring alone renders
+    quiet_b = MeaTrace(node_key="13", node_id="13", registry=reg)
+    key_q = _sampled(quiet_b, torch.full((1, 4, 2, 2), 3.0))
+    run, problem, fix = find_traced_run(a, key_q, 1.0)
+    assert "MEA node #13" in problem and "change that sampler's seed" in fix and reg.requested("13") == {1.0}
 
 
 def test_identical_latents_of_two_nodes_are_never_mixed_up():

@@ -150,3 +150,85 @@ def test_view_at_another_tau_names_the_fix_and_the_fix_works(comfy_env, small_sd
         run_prompt(other_tau, executor=executor)
     other_tau[samp.id]["inputs"]["noise_seed"] = 8
     assert run_prompt(other_tau, executor=executor).output(view_id, 0).max() > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# wirings that used to loop: each message's advice, followed, ends with a rendered view
+# ------------------------------------------------------------------------------------------------
+
+
+def test_two_views_at_different_tau_on_one_mea_node_both_render(comfy_env, small_sd15_model, small_vae, pair):
+    """Before: one τ was recorded, so one view always failed, and re-sampling only moved the failure."""
+    g, mea, samp = _base(small_sd15_model, small_vae, pair)
+    v1 = _view(g, mea[1], samp[0], pair, tau=1.0)
+    v2 = _view(g, mea[1], samp[0], pair, tau=2.0)
+    g.capture(v1[0], "tau1")
+    g.capture(v2[0], "tau2")
+    res = run_prompt(g)
+    assert res["tau1"].max() > 0 and res["tau2"].max() > 0 and not torch.equal(res["tau1"], res["tau2"])
+    assert res.output(mea.id, 1).taus == (1.0, 2.0)  # both recorded in the one sampling run
+
+
+def test_a_view_on_another_mea_node_s_samples_names_both_and_rewiring_renders(comfy_env, small_sd15_model,
+                                                                             small_vae, pair):
+    """Before: 'made while no Flow View was connected', and both advised fixes looped forever."""
+    g = Graph()
+    m = g.obj(small_sd15_model(), "MODEL")
+    a = _mea(g, m, small_vae, pair, start=0.5)
+    b = _mea(g, m, small_vae, pair, start=0.5, contrast=1.0)
+    s_a, s_b = _sampler(g, a[0]), _sampler(g, b[0], seed=8)
+    g.capture(s_a[0], "a")
+    view = _view(g, a[1], s_b[0], pair, node_id="view")  # trace of A, samples of B
+    prompt = g.prompt()
+    executor = cm.new_executor(cm.StubServer())
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(prompt, executor=executor)
+    msg = e.value.message
+    assert f"MEA node #{a.id}" in msg and f"MEA node #{b.id}" in msg and "same MEA node" in msg
+    assert "change that sampler's seed" in msg  # B's run recorded nothing for a view
+    rewired = copy.deepcopy(prompt)
+    rewired[view.id]["inputs"]["trace"] = [b.id, 1]  # the fix: the trace of the node whose model sampled ...
+    rewired[s_b.id]["inputs"]["noise_seed"] = 9  # ... and a new seed for that sampler
+    assert run_prompt(rewired, executor=executor).output(view.id, 0).max() > 0
+
+
+def test_many_mea_sampling_runs_in_one_prompt_before_the_view(comfy_env, small_sd15_model, small_vae, pair):
+    """Before: the registry kept 8 runs, so a prompt with more MEA samplers than that lost the view's run."""
+    g = Graph()
+    mea = _mea(g, g.obj(small_sd15_model(), "MODEL"), small_vae, pair, start=0.5)
+    first = _sampler(g, mea[0], seed=100)
+    for seed in range(12):  # all of these sample before the view runs (the view needs only the first)
+        g.capture(_sampler(g, mea[0], seed=seed)[0], f"other{seed}")
+    g.capture(first[0], "first")
+    view = _view(g, mea[1], first[0], pair)
+    g.capture(view[0], "flow")
+    res = run_prompt(g)
+    assert res["flow"].max() > 0
+
+
+def test_no_op_report_is_quiet_for_a_run_that_stops_before_the_window(comfy_env, small_sd15_model, small_vae, pair):
+    """The MEA model also feeding stage 1 (steps before the window, leftover noise for stage 2) is not a mistake:
+    no 'did nothing' there; the stage that reaches the window acts."""
+    said = []
+    g = Graph()
+    mea = _mea(g, g.obj(small_sd15_model(), "MODEL"), small_vae, pair, start=0.7, end=1.0)
+    stage1 = g.node("KSamplerAdvanced", model=mea[0], add_noise="enable", noise_seed=1, steps=10, cfg=5.0,
+                    sampler_name="euler", scheduler="normal", positive=g.obj(cm.conditioning(1), "CONDITIONING"),
+                    negative=g.obj(cm.conditioning(2), "CONDITIONING"),
+                    latent_image=g.obj({"samples": torch.zeros(1, 4, SIZE // 8, SIZE // 8)}, "LATENT"),
+                    start_at_step=0, end_at_step=3, return_with_leftover_noise="enable")
+    g.capture(stage1[0], "s1")
+    import logging
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    handler = Catch()
+    logging.getLogger().addHandler(handler)
+    try:
+        res = run_prompt(g)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not [m for m in said if "did nothing" in m], said
+    assert cm.mea_run(mea.id, res["s1"]["samples"]).stats["calls"] == 0

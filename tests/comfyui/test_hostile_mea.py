@@ -121,3 +121,93 @@ def test_inverted_garment_mask_is_pointed_out_on_the_mea_node(comfy_env, small_s
         run_prompt(g)
     said = [t for nid, t in ui_text.texts if nid == node.id]
     assert any("garment_mask looks inverted" in t and "InvertMask" in t for t in said), ui_text.texts
+
+
+# ------------------------------------------------------------------------------------------------
+# no error after the expensive work: a mismatch reported before any sampler runs
+# ------------------------------------------------------------------------------------------------
+
+
+def _tryon(small_vae, mea_target, *, latent_input: bool):
+    """The full try-on chain (crop, correspondence, warp, double mask, stage 1, MEA, stage 2, paste back) with
+    ``mea_target`` as the MEA node's target mask ("crop": the crop's region, as shipped; "photo": the original
+    photo's mask, another aspect; "batch3": three masks for one latent)."""
+    size = 64
+    pair = cm.synthetic_pair(size)
+    model = cm.small_sd15_model(inpaint=True)
+    g = Graph()
+    m, vae = g.obj(model, "MODEL"), g.obj(small_vae, "VAE")
+    pos, neg = g.obj(cm.conditioning(1), "CONDITIONING"), g.obj(cm.conditioning(2), "CONDITIONING")
+    pad = (40, 8, 16, 90)  # a portrait photo (176x112): its mask is another aspect than the square crop
+    photo = torch.nn.functional.pad(pair["target"].movedim(-1, 1), pad, value=0.3).movedim(1, -1).contiguous()
+    photo_mask = torch.nn.functional.pad(pair["target_mask"][:1], pad)
+    pm = g.obj(photo_mask, "MASK")
+    crop = g.node("MaX4ZeroCropToMask", image=g.obj(photo, "IMAGE"), mask=pm, size=size, padding=0.3)
+    ref = g.obj(pair["reference"], "IMAGE")
+    gm = g.obj(pair["garment_mask"], "MASK")
+    corr = g.node("MaX4ZeroCorrespondence", model=m, vae=vae, positive=pos, reference_image=ref, garment_mask=gm,
+                  target_image=crop[0], target_mask=crop[1], mode="paper", ensemble=1, outlier_filter="none",
+                  outlier_threshold=5.0, control_points="all", score_threshold=0.5, seed=0)
+    warp = g.node("MaX4ZeroMLSWarp", reference_image=ref, garment_mask=gm, target_image=crop[0], matches=corr[0],
+                  kind="affine", alpha=0.1, stride=4, sampling="bilinear")
+    dm = g.node("MaX4ZeroDoubleMaskInpaint", positive=pos, negative=neg, vae=vae, target_image=crop[0],
+                target_mask=crop[1], warped_image=warp[0], warped_mask=warp[1], target_dilation=13,
+                fringe_dilation=19)
+    s1 = g.node("KSamplerAdvanced", model=m, add_noise="enable", noise_seed=1, steps=4, cfg=3.0,
+                sampler_name="euler", scheduler="normal", positive=dm[0], negative=dm[1], latent_image=dm[2],
+                start_at_step=0, end_at_step=3, return_with_leftover_noise="enable")
+    target = {"crop": dm[4], "photo": pm, "batch3": g.obj(torch.cat([photo_mask] * 3)[:, :size, :size], "MASK")}
+    over = {"latent": dm[2]} if latent_input else {}
+    mea = g.node(MEA, model=m, vae=vae, reference=ref, garment_mask=gm, target_mask=target[mea_target],
+                 positive=pos, guidance="paper", s_mea=15.0, contrast=1.25, start=0.7, end=1.0,
+                 layers="decoder 1/16 + 1/8 (paper)", reference_seed=0, background="kept", **over)
+    ic = g.node("InpaintModelConditioning", positive=pos, negative=neg, vae=vae, pixels=dm[3], mask=dm[4],
+                noise_mask=True)
+    lat2 = g.node("SetLatentNoiseMask", samples=s1[0], mask=dm[4])
+    s2 = g.node("KSamplerAdvanced", model=mea[0], add_noise="disable", noise_seed=1, steps=4, cfg=3.0,
+                sampler_name="euler", scheduler="normal", positive=ic[0], negative=ic[1], latent_image=lat2[0],
+                start_at_step=3, end_at_step=4, return_with_leftover_noise="disable")
+    dec = g.node("VAEDecode", samples=s2[0], vae=vae)
+    paste = g.node("MaX4ZeroPasteBack", original_image=g.obj(photo, "IMAGE"), generated_image=dec[0],
+                   crop_info=crop[2], mask=dm[4], feather=3)
+    g.capture(paste[0], "final")
+    return g, mea
+
+
+@pytest.fixture
+def sampler_runs(monkeypatch):
+    """How many sampling runs started (every KSampler goes through comfy.sample.sample)."""
+    import comfy.sample
+
+    runs = []
+    real = comfy.sample.sample
+
+    def counted(*a, **k):
+        runs.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(comfy.sample, "sample", counted)
+    return runs
+
+
+@pytest.mark.parametrize("mea_target, needle", [("photo", "would be stretched"), ("batch3", "holds 3 masks")])
+def test_a_target_mask_mismatch_in_the_tryon_fails_before_any_sampler(comfy_env, small_vae, sampler_runs,
+                                                                      mea_target, needle):
+    g, mea = _tryon(small_vae, mea_target, latent_input=True)
+    with pytest.raises(PromptFailed) as e:
+        run_prompt(g)
+    assert e.value.node_type == MEA and needle in e.value.message
+    assert sampler_runs == []  # stage 1 never started
+    # as shipped (the crop's region) the same chain runs through, both samplers
+    g_ok, _ = _tryon(small_vae, "crop", latent_input=True)
+    assert torch.isfinite(run_prompt(g_ok)["final"]).all() and len(sampler_runs) == 2
+
+
+def test_without_the_latent_input_the_mismatch_is_still_refused_before_stage_two_samples(comfy_env, small_vae,
+                                                                                         sampler_runs):
+    """What 'latent' is for: unconnected, the MEA node cannot know the latent, so the refusal comes when stage 2's
+    sampler starts (still before any MEA model call), after stage 1 has sampled."""
+    g, _ = _tryon(small_vae, "photo", latent_input=False)
+    with pytest.raises(PromptFailed, match="would be stretched"):
+        run_prompt(g)
+    assert len(sampler_runs) == 2

@@ -615,3 +615,67 @@ def test_sdxl_layout_selects_layers_by_token_grid(comfy_env, small_vae):
     assert records and {r.query_hw for r in records} == {(8, 8)}  # 1/16 of the image only: no 1/8 attention
     assert {r.layer for r in records} == {("output", 2, 0), ("output", 3, 0)}
     assert res["flow"].shape == (1, 128, 128, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the patch is frozen settings: nothing in it is written by a run
+# ------------------------------------------------------------------------------------------------
+
+
+def _walk(obj, seen=None):
+    """Every attribute reachable from a patch (its settings, trace, …), by value: tensors as values, callables and
+    other objects by identity, recursing into plain objects, dataclasses, dicts, lists and tuples."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", tuple(obj.shape), obj.dtype, obj.detach().cpu().clone())
+    if isinstance(obj, (str, int, float, bool, type(None), torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, (list, tuple, frozenset, set)):
+        return (type(obj).__name__, [_walk(x, seen) for x in (sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj)])
+    if isinstance(obj, dict):
+        return {repr(k): _walk(v, seen) for k, v in obj.items()}
+    if id(obj) in seen or callable(obj) and not hasattr(obj, "__dict__"):
+        return ("ref", id(obj))
+    seen.add(id(obj))
+    if type(obj).__name__ == "RunRegistry":  # process-wide, written by every run on purpose: identity only
+        return ("registry", id(obj))
+    fields = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else getattr(obj, "__dict__", None)
+    if fields is None:
+        return ("ref", id(obj))
+    return (type(obj).__name__, {k: _walk(v, seen) for k, v in fields.items()})
+
+
+def _equal(a, b):
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        return isinstance(b, tuple) and b[:3] == a[:3] and torch.equal(a[3], b[3])
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("guidance", ["fused", "paper"])
+def test_nothing_in_a_patch_is_written_by_a_run(comfy_env, small_sd15_model, small_vae, pair, guidance):
+    model = small_sd15_model()
+    g = Graph()
+    mea = _mea(g, g.obj(model, "MODEL"), small_vae, pair, guidance=guidance)
+    g.capture(mea[0], "patched")
+    patched = run_prompt(g)["patched"]
+    patch = _patch_of(patched)
+    before = _walk(patch)
+    g2 = Graph()
+    m = g2.obj(patched, "MODEL")
+    samp = _sampler(g2, m)
+    g2.capture(samp[0], "x")
+    g2.capture(_sampler(g2, m, cfg=1.0, batch=2)[0], "y")  # another run of the same patch
+    res = run_prompt(g2)
+    assert cm.mea_run(mea.id, res["x"]["samples"]).stats["mea_calls"] > 0  # the runs did use the patch
+    after = _walk(patch)
+    assert _equal(before, after)
+    with pytest.raises(AttributeError, match="frozen"):
+        patch.settings = None
+    with pytest.raises(AttributeError, match="frozen"):
+        patch.trace.taus = (2.0,)

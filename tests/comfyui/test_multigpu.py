@@ -50,8 +50,10 @@ def two_cpu_devices(comfy_env, monkeypatch):
     """ComfyUI's device list with two CPU devices (see the module docstring); the pack's worker states recorded."""
     import comfy.model_management as mm
 
-    # start from nothing loaded: MultiGPU's reuse_loaded scan trips over loaded-model entries whose patcher the
-    # earlier tests' garbage collection already freed (a None in ComfyUI's own list)
+    # start from nothing loaded: MultiGPU's reuse_loaded scan (ComfyUI's) trips over loaded-model entries whose
+    # patcher the earlier tests' prompts already freed (ComfyUI logs them as leaks; its server never frees a
+    # patcher it loaded this way). Harness hygiene only: drop those dead entries, then unload the rest.
+    mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.model is not None]
     mm.unload_all_models()
     monkeypatch.setattr(mm, "get_all_torch_devices", lambda exclude_current=False: list(DEVICES))
     workers = []
