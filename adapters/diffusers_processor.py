@@ -73,10 +73,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "ComfyUI users do not need this module."
     ) from exc
 
-from ..warping.masks import to_bool
+from ..tensors.masks import to_bool
 from ..attention.masked_extended import masked_extended_attention
 from ..attention.policy import DEFAULT_LAYERS, LAYER_CHOICES, check_contrast, token_grid, token_mask
-from ..warping.shapes import as_hw
+from ..tensors.shapes import as_hw
 
 __all__ = [
     "MaskedExtendedAttnProcessor",

@@ -44,9 +44,9 @@ import torch.nn.functional as F
 import comfy.model_management
 import comfy.utils
 
-from ..warping import masks as _masks
-from ..warping.images import grey_out
-from ..warping.shapes import halved
+from ..tensors import masks as _masks
+from ..tensors.images import grey_out
+from ..tensors.shapes import halved
 from .convert import NodeInputError
 from .registration import feature_noise
 

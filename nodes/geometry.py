@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..warping import masks as _masks
+from ..tensors import masks as _masks
 
 __all__ = ["CropInfo", "square_box", "crop", "crop_mask", "uncrop_mask", "paste", "fingerprint", "fingerprint_problem"]
 

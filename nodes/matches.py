@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..warping.shapes import as_hw
+from ..tensors.shapes import as_hw
 
 __all__ = ["Matches", "FORMAT"]
 

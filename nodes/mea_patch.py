@@ -83,7 +83,7 @@ from ..attention.policy import (
     rows_with_mea,
     token_mask,
 )
-from ..warping.masks import token_grids, unusable_mask_problem
+from ..tensors.masks import token_grids, unusable_mask_problem
 from .convert import NodeInputError, mask_latent_problem
 from .mea_calls import (
     append_row,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..warping import fringe as _fringe
-from ..warping import masks as _masks
+from ..tensors import masks as _masks
 from ..warping import matching as _matching
 from ..warping import mls as _mls
 from .matches import Matches

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..warping import masks as _masks
+from ..tensors import masks as _masks
 from . import convert as cv
 from .notify import warn_on_node
 

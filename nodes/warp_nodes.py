@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..warping import fringe as _fringe
-from ..warping import images as _images
+from ..tensors import images as _images
 from ..warping import mls as _mls
 from ..warping import point_checks as _point_checks
 from . import convert as cv

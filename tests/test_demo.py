@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import registration_demo as demo  # tools/ is on sys.path (tests/conftest.py)
-from max4zero.warping import masks
+from max4zero.tensors import masks
 
 SIZE = 96
 SAMPLE_FILES = list(demo.SAMPLE_FILES)

@@ -18,7 +18,7 @@ from max4zero.nodes import geometry as geo
 from max4zero.nodes import notify
 from max4zero.nodes import registration as reg
 from max4zero.nodes.matches import Matches
-from max4zero.warping import masks as M
+from max4zero.tensors import masks as M
 from max4zero.warping import matching as mt
 
 

@@ -1,4 +1,4 @@
-"""Tests for warping.masks and warping.fringe on small hand-computed cases."""
+"""Tests for tensors.masks and warping.fringe on small hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from max4zero.warping import fringe as fringe_module
 from max4zero.warping.fringe import clear_latent_cells, composite, fringe_masks, latent_fringe_mask
-from max4zero.warping.masks import bbox, dilate, erode, resize_to_grid, to_bool
+from max4zero.tensors.masks import bbox, dilate, erode, resize_to_grid, to_bool
 
 
 def grid(rows: list[str]) -> torch.Tensor:

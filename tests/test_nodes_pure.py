@@ -15,7 +15,7 @@ import torch
 from max4zero.nodes import convert as cv
 from max4zero.nodes import geometry as geo
 from max4zero.nodes import preview as pv
-from max4zero.warping.images import grey_out
+from max4zero.tensors.images import grey_out
 from max4zero.nodes import registration as reg
 from max4zero.nodes.matches import FORMAT, Matches
 

@@ -113,7 +113,8 @@ import_pack()
 from max4zero.nodes import geometry  # noqa: E402  (pure: no ComfyUI import)
 from max4zero.nodes.matches import FORMAT as POINTS_FORMAT  # noqa: E402
 from max4zero.nodes.matches import Matches  # noqa: E402
-from max4zero.warping import fringe, masks, mls, point_checks  # noqa: E402
+from max4zero.tensors import masks  # noqa: E402
+from max4zero.warping import fringe, mls, point_checks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parent / "samples"

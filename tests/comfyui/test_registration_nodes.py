@@ -466,7 +466,7 @@ def test_feature_passes_of_identical_images_see_independent_noise(comfy_env, sma
     model = cm.small_sd15_model(inpaint=True)
     draws = 1 if mode == "paper" else 2
     # the node erodes the garment mask by 1 px: give the target that eroded mask, so the two passes match
-    eroded = cm.pack_module("warping.masks").erode(pair["garment_mask"] > 0.5, 3).float()
+    eroded = cm.pack_module("tensors.masks").erode(pair["garment_mask"] > 0.5, 3).float()
     runs = []
     for _ in range(2):
         with _UNetInputs(model) as rec:
