@@ -8,10 +8,10 @@ import dataclasses
 
 from comfy_api.latest import io
 
+from ..registration import previews as pv
+from ..registration import recipe as reg
 from ..warping import matching as _matching
 from . import convert as cv
-from . import preview as pv
-from . import registration as reg
 from .sockets import CATEGORY, MATCHES
 from .stage1_checks import WidgetChecks, check_region_left, eroded_garment, single_item, warn_if_inverted
 
@@ -130,8 +130,7 @@ class Correspondence(WidgetChecks, io.ComfyNode):
         check_region_left(n, tm)
         gm = eroded_garment(n, gm)
 
-        spec = ft.FeatureSpec(mode=mode, t=ft.PAPER_T if mode == "paper" else ft.DIFT_T,
-                              ensemble=int(ensemble) if mode == "dift" else 1, seed=int(seed))
+        spec = reg.FeatureSpec.for_mode(mode, ensemble, seed)
         feats, works = ft.pair_features(model, vae, positive, [(ref, gm), (tgt, tm)], spec, n)
         grids = [reg.grid_mask(m, tuple(f.shape[-2:])) for m, f in ((gm, feats[0]), (tm, feats[1]))]
         try:

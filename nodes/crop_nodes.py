@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..registration import crop as geo
 from . import convert as cv
-from . import geometry as geo
 from .sockets import CATEGORY, CROP
 from .stage1_checks import WidgetChecks, warn_if_inverted
 

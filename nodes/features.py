@@ -1,4 +1,6 @@
-"""Deep UNet features from the user's ComfyUI ``MODEL`` for the initial registration (docs/method.md §2a).
+"""The feature pass of the initial registration (docs/method.md §2a) run on the user's ComfyUI ``MODEL``: the
+host half. What the UNet is shown (timesteps, masked images, noise, working size, the grid read) is stage 1's recipe,
+``registration/recipe.py``; this module only drives ComfyUI's model with it.
 
 Which features
 --------------
@@ -26,7 +28,7 @@ Modes
   conditioning as connected (DIFT uses an empty prompt), features averaged over an ensemble of draws.
 
 Noise: :func:`pair_features` draws the reference's and the target's noise together from one seed
-(:func:`.registration.feature_noise`, a batch-of-2 draw per ensemble member), so the two
+(``registration/recipe.py: feature_noise``, a batch-of-2 draw per ensemble member), so the two
 passes never share noise: identical images give (slightly) different features, as in the method.
 
 Only the base weights with their weight patches (LoRAs) are used: attention patches and wrappers
@@ -35,41 +37,23 @@ attached to the ``MODEL`` (e.g. Masked Extended Attention) are deliberately left
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import comfy.model_management
 import comfy.utils
 
-from ..tensors import masks as _masks
-from ..tensors.images import grey_out
-from ..tensors.shapes import halved
+from ..registration import recipe
+from ..registration.recipe import DIFT_T, PAPER_T, FeatureSpec, feature_draws, resize_image, work_size
 from .convert import NodeInputError
-from .registration import feature_noise
 
-__all__ = ["PAPER_T", "DIFT_T", "FeatureSpec", "check_unet", "is_inpainting", "extract_features", "work_size", "resize_image", "feature_grid", "progress_bar",
-           "pair_features", "latent_shape", "feature_draws"]
-
-PAPER_T = 981  # first step of 50 DDIM "leading" steps
-DIFT_T = 261
-
+__all__ = ["PAPER_T", "DIFT_T", "FeatureSpec", "check_unet", "is_inpainting", "extract_features", "work_size",
+           "resize_image", "progress_bar", "pair_features", "latent_shape", "feature_draws"]
 
 
 class _Captured(Exception):
     """Raised by the capture patch to stop the UNet once the features are in hand."""
-
-
-@dataclass
-class FeatureSpec:
-    """What :func:`extract_features` computes; ``t`` is the discrete timestep (0..999)."""
-
-    mode: str  # "paper" | "dift"
-    t: int
-    ensemble: int = 1
-    seed: int = 0
 
 
 def check_unet(model, node: str):
@@ -98,24 +82,6 @@ def latent_shape(model, hw: tuple[int, int]) -> tuple[int, int, int]:
     lf = model.model.latent_format
     c = int(lf.latent_channels) if hasattr(lf, "latent_channels") else 4
     return c, int(hw[0]) // 8, int(hw[1]) // 8
-
-
-def feature_draws(spec: "FeatureSpec") -> int:
-    """Noise draws per image: 1 in paper mode, the ensemble size (≥ 1) in DIFT mode."""
-    return max(1, int(spec.ensemble)) if spec.mode == "dift" else 1
-
-
-def work_size(h: int, w: int) -> tuple[int, int]:
-    """The image size features are computed at: each side rounded to a multiple of 16 (≥ 64)."""
-    return max(64, int(round(h / 16)) * 16), max(64, int(round(w / 16)) * 16)
-
-
-def resize_image(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """``[B, C, H, W]`` → ``hw`` (bicubic, antialiased when shrinking); no-op when already that size."""
-    if tuple(img.shape[-2:]) == hw:
-        return img
-    down = hw[0] < img.shape[-2] or hw[1] < img.shape[-1]
-    return F.interpolate(img.float(), size=hw, mode="bicubic", align_corners=False, antialias=down).clamp(0, 1)
 
 
 def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, concat_mask) -> dict:
@@ -180,9 +146,7 @@ def extract_features(
     device = model.load_device
     base = model.model
     ms = model.get_model_object("model_sampling")
-    # Via the schedule fraction so continuous-sigma samplings (EDM, v-pred EDM) work too; for the usual
-    # discrete 1000-step schedule this is exactly sigma(t).
-    sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - spec.t / 999.0))], dtype=torch.float32)
+    sigma = torch.tensor([float(ms.percent_to_sigma(recipe.schedule_fraction(spec.t)))], dtype=torch.float32)
     inpaint = is_inpainting(model)
     img_bhwc = image.permute(0, 2, 3, 1).float()
 
@@ -194,13 +158,14 @@ def extract_features(
                 "switch mode to 'dift' (works with any SD UNet), or load an inpainting checkpoint "
                 "(e.g. sd-v1-5-inpainting or stable-diffusion-2-inpainting)")
         latent = None
-        concat_latent = vae.encode(grey_out(img_bhwc.permute(0, 3, 1, 2), mask).permute(0, 2, 3, 1).contiguous())
+        concat_latent = vae.encode(
+            recipe.paper_masked_image(img_bhwc.permute(0, 3, 1, 2), mask).permute(0, 2, 3, 1).contiguous())
         concat_mask = mask.float()[:, None]
     elif spec.mode == "dift":
         raw = vae.encode(img_bhwc)
         latent = base.process_latent_in(raw).float()
         concat_latent = raw if inpaint else None
-        concat_mask = torch.zeros((1, 1, H, W)) if inpaint else None
+        concat_mask = recipe.dift_mask_channel((H, W)) if inpaint else None
     else:
         raise ValueError(f"unknown feature mode {spec.mode!r}")
 
@@ -209,9 +174,9 @@ def extract_features(
     draws = feature_draws(spec)
     shape = latent_shape(model, (H, W))
     lh, lw = shape[1], shape[2]
-    grid = halved((lh, lw))  # decoder block 1 (up_ft_index 1): 1/16 of the image
+    grid = recipe.feature_grid((lh, lw))
     if noise is None:
-        noise = feature_noise([shape], draws, spec.seed)[0]
+        noise = recipe.feature_noise([shape], draws, spec.seed)[0]
     elif tuple(noise.shape) != (draws, *shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(draws, *shape)} "
                          f"({spec.mode} mode, {W}x{H} image)")
@@ -225,7 +190,7 @@ def extract_features(
         return h, hsp
 
     acc: Optional[torch.Tensor] = None
-    chunk = min(draws, 4)
+    chunk = min(draws, recipe.DRAWS_PER_CALL)
     done = 0
     while done < draws:
         n = min(chunk, draws - done)
@@ -263,21 +228,20 @@ def extract_features(
 def pair_features(model, vae, positive, pairs, spec: FeatureSpec, node: str) -> tuple[list, list]:
     """Features of several ``(image [1, C, H, W], mask [1, H, W])`` pairs, with one progress bar.
 
-    Each image is resized to :func:`work_size` first (RGB). Returns ``(features, work_sizes)``.
-    The images' noise is drawn together from ``spec.seed`` (:func:`.registration.feature_noise`):
+    Each image is brought to :func:`work_size` first (RGB; ``registration/recipe.py: feature_input``). Returns
+    ``(features, work_sizes)``. The images' noise is drawn together from ``spec.seed``
+    (``registration/recipe.py: feature_noise``):
     independent across the images (and across DIFT's ensemble draws), and the same for the same seed.
     Identical images therefore give different (if close) features, as with the method's batch-of-2 draw.
     """
     draws = feature_draws(spec)
     step = progress_bar(len(pairs) * draws)
-    works = [work_size(*img.shape[-2:]) for img, _ in pairs]
-    noises = feature_noise([latent_shape(model, w) for w in works], draws, spec.seed)
+    inputs = [recipe.feature_input(img, m) for img, m in pairs]
+    works = [work for _, _, work in inputs]
+    noises = recipe.feature_noise([latent_shape(model, w) for w in works], draws, spec.seed)
     feats = []
-    for (img, m), work, eps in zip(pairs, works, noises):
-        rgb = img[:, :3] if img.shape[1] >= 3 else img[:, :1].expand(-1, 3, -1, -1)
-        m_w = _masks.resize_to_grid(m > 0.5, work).float()
-        feats.append(extract_features(model, vae, positive, resize_image(rgb, work), m_w, spec, step, node,
-                                      noise=eps))
+    for (img, m_w, _), eps in zip(inputs, noises):
+        feats.append(extract_features(model, vae, positive, img, m_w, spec, step, node, noise=eps))
     return feats, works
 
 

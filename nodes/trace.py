@@ -235,7 +235,7 @@ def mls_flow_from_matches(
 ) -> torch.Tensor:
     """The MLS backward map of the registration stage as a normalised flow [H, W, 2] at ``out_hw``.
 
-    ``matches`` is a ``MAX4ZERO_MATCHES`` value (:class:`~max4zero.nodes.matches.Matches`); its points
+    ``matches`` is a ``MAX4ZERO_MATCHES`` value (:class:`~max4zero.registration.matches.Matches`); its points
     are rescaled to the reference size ``ref_hw`` and the target size ``out_hw`` first. Same
     construction as the MLS warp node (target points → reference points), so the end-point error is
     measured against the warp that built the composite.

@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..warping import fringe as _fringe
+from ..registration import previews as pv
+from ..registration import recipe as reg
+from ..registration.matches import Matches
 from ..tensors import images as _images
+from ..warping import fringe as _fringe
 from ..warping import mls as _mls
 from ..warping import point_checks as _point_checks
 from . import convert as cv
-from . import preview as pv
-from . import registration as reg
-from .matches import Matches
 from .notify import warn_on_node
 from .sockets import CATEGORY, MATCHES
 from .stage1_checks import WidgetChecks, check_region_left, eroded_garment, warn_if_inverted

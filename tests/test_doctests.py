@@ -14,7 +14,7 @@ NEEDS_COMFY = {"nodes.features", "nodes.registration_nodes", "nodes.corresponden
                "nodes.crop_nodes", "nodes.mea_nodes", "nodes.extension", "nodes.sockets"}
 MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts)
-    for folder in ("attention", "warping", "tensors", "nodes", "adapters")
+    for folder in ("attention", "warping", "tensors", "registration", "nodes", "adapters")
     for p in (ROOT / folder).glob("*.py")
     if p.name != "__init__.py"
 )

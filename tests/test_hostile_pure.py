@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from max4zero.nodes import convert as cv
-from max4zero.nodes import geometry as geo
+from max4zero.registration import crop as geo
 from max4zero.nodes import notify
-from max4zero.nodes import registration as reg
-from max4zero.nodes.matches import Matches
+from max4zero.registration import recipe as reg
+from max4zero.registration.matches import Matches
 from max4zero.tensors import masks as M
 from max4zero.warping import matching as mt
 

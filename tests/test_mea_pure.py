@@ -15,7 +15,7 @@ from max4zero.nodes import mea_calls as calls
 from max4zero.nodes import mea_patch as mp
 from max4zero.nodes.mea_replace import Attn1Replace, CallRows, RefEntry
 from max4zero.tensors import images
-from max4zero.nodes.matches import Matches
+from max4zero.registration.matches import Matches
 from max4zero.attention.flow_view import render_flow_view, select_for_view
 from max4zero.nodes.trace import MeaTrace, mls_flow_from_matches
 

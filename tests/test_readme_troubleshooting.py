@@ -24,7 +24,7 @@ ANY = "\x00"
 
 def _templates() -> list[str]:
     out = []
-    for folder in ("nodes", "warping", "tensors", "attention"):
+    for folder in ("nodes", "warping", "tensors", "registration", "attention"):
         for path in sorted((ROOT / folder).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.JoinedStr):

@@ -402,7 +402,7 @@ def test_two_stage_pipeline_with_stock_ksampler_advanced(comfy_env, small_vae, b
     final = r["final"]
     assert final.shape == photo.shape and torch.isfinite(final).all()
     # outside the target mask (mapped back from the crop) the photo is returned bit for bit
-    geo = cm.pack_module("nodes.geometry")
+    geo = cm.pack_module("registration.crop")
     full = geo.uncrop_mask(r["tmask"][:, None], r["info"])[:, 0] > 0.5
     assert torch.equal(final[~full.expand(batch, -1, -1)], photo[~full.expand(batch, -1, -1)])
     assert not torch.equal(final, photo)
