@@ -46,7 +46,7 @@ import comfy.utils
 
 from ..registration import recipe
 from ..registration.recipe import DIFT_T, PAPER_T, FeatureSpec, feature_draws, resize_image, work_size
-from .convert import NodeInputError
+from .convert import NodeInputError, vae_ratio
 
 __all__ = ["PAPER_T", "DIFT_T", "FeatureSpec", "check_unet", "is_inpainting", "extract_features", "work_size",
            "resize_image", "progress_bar", "pair_features", "latent_shape", "feature_draws"]
@@ -77,14 +77,15 @@ def is_inpainting(model) -> bool:
     return int(getattr(dm, "in_channels", 4)) == 9 and "mask" in getattr(model.model, "concat_keys", ())
 
 
-def latent_shape(model, hw: tuple[int, int]) -> tuple[int, int, int]:
-    """``(C, h, w)`` of the noise :func:`extract_features` needs for an image of size ``hw`` (multiples of 16)."""
+def latent_shape(model, hw: tuple[int, int], ratio: int = 8) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the noise :func:`extract_features` needs for an image of size ``hw`` (multiples of 16), with
+    ``ratio`` image pixels per latent cell (the VAE's, ``convert.vae_ratio``)."""
     lf = model.model.latent_format
     c = int(lf.latent_channels) if hasattr(lf, "latent_channels") else 4
-    return c, int(hw[0]) // 8, int(hw[1]) // 8
+    return c, int(hw[0]) // int(ratio), int(hw[1]) // int(ratio)
 
 
-def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, concat_mask) -> dict:
+def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, concat_mask, ratio: int = 8) -> dict:
     """Build ``apply_model`` keyword arguments the way ComfyUI's samplers do (``extra_conds``).
 
     Uses the first entry of the CONDITIONING; its extras (SDXL pooled output, size) are passed to
@@ -98,7 +99,7 @@ def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, c
     params = dict(extras)
     params.update(
         cross_attn=cond, device=device, noise=noise, prompt_type="positive",
-        width=params.get("width", noise.shape[-1] * 8), height=params.get("height", noise.shape[-2] * 8),
+        width=params.get("width", noise.shape[-1] * ratio), height=params.get("height", noise.shape[-2] * ratio),
     )
     if concat_latent is not None:
         params["concat_latent_image"] = concat_latent
@@ -133,7 +134,7 @@ def extract_features(
         info: if given, receives ``"block"`` (the ``("output", i)`` block whose input was read) and
             ``"sigma"``.
         noise: the N(0, 1) draws to use, ``[draws, C, H/8, W/8]`` (``draws`` = :func:`feature_draws`,
-            ``(C, H/8, W/8)`` = :func:`latent_shape`); :func:`pair_features` passes independent draws
+            ``(C, H/r, W/r)`` = :func:`latent_shape`, r the VAE's ratio); :func:`pair_features` passes independent draws
             for the two images. ``None``: drawn here from ``spec.seed`` (this image alone).
 
     Returns:
@@ -172,7 +173,8 @@ def extract_features(
     # After the VAE encodes: loading the VAE may evict the UNet when memory is short.
     comfy.model_management.load_models_gpu([model])
     draws = feature_draws(spec)
-    shape = latent_shape(model, (H, W))
+    ratio = vae_ratio(vae)
+    shape = latent_shape(model, (H, W), ratio)
     lh, lw = shape[1], shape[2]
     grid = recipe.feature_grid((lh, lw))
     if noise is None:
@@ -202,7 +204,7 @@ def extract_features(
             x = ms.noise_scaling(sig, eps, torch.zeros_like(eps), max_denoise=True)
         else:
             x = ms.noise_scaling(sig, eps, latent.to(device).expand(n, -1, -1, -1), max_denoise=False)
-        kwargs = _model_kwargs(model, positive, x, device, concat_latent, concat_mask)
+        kwargs = _model_kwargs(model, positive, x, device, concat_latent, concat_mask, ratio)
         topts = {"patches": {"output_block_patch": [capture]}, "sigmas": sig, "cond_or_uncond": [0] * n}
         captured.clear()
         try:
@@ -238,7 +240,8 @@ def pair_features(model, vae, positive, pairs, spec: FeatureSpec, node: str) -> 
     step = progress_bar(len(pairs) * draws)
     inputs = [recipe.feature_input(img, m) for img, m in pairs]
     works = [work for _, _, work in inputs]
-    noises = recipe.feature_noise([latent_shape(model, w) for w in works], draws, spec.seed)
+    ratio = vae_ratio(vae)
+    noises = recipe.feature_noise([latent_shape(model, w, ratio) for w in works], draws, spec.seed)
     feats = []
     for (img, m_w, _), eps in zip(inputs, noises):
         feats.append(extract_features(model, vae, positive, img, m_w, spec, step, node, noise=eps))

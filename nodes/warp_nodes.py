@@ -264,9 +264,11 @@ class DoubleMaskInpaint(WidgetChecks, io.ComfyNode):
 
         comp = _fringe.composite(tgt.float(), wimg.float(), wm, tmask)
         comp_img = cv.bchw_to_image(comp)
-        # Same pixel/mask handling as ComfyUI's InpaintModelConditioning: centre-crop to multiples of 8.
-        pix = _images.center_crop_multiple(comp_img, 8, (1, 2))
-        d8, f8 = (_images.center_crop_multiple(m, 8, (1, 2)) for m in (dil, thin))
+        # Same pixel/mask handling as ComfyUI's InpaintModelConditioning: centre-crop to multiples of the VAE's ratio
+        # (8 for every supported model family; asked from the VAE, which crops to it anyway).
+        ratio = cv.vae_ratio(vae)
+        pix = _images.center_crop_multiple(comp_img, ratio, (1, 2))
+        d8, f8 = (_images.center_crop_multiple(m, ratio, (1, 2)) for m in (dil, thin))
         h8, w8 = int(pix.shape[1]), int(pix.shape[2])
         concat_latent = vae.encode(cv.bchw_to_image(_images.grey_out(pix.permute(0, 3, 1, 2), d8)))
         samples = vae.encode(pix)

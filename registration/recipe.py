@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tensors import masks as _masks
-from ..tensors.images import grey_out
+from ..tensors.images import grey_out, to_rgb
 from ..tensors.shapes import halved
 from ..warping import fringe as _fringe
 from ..warping import matching as _matching
@@ -35,8 +35,8 @@ __all__ = [
     "PAPER_T", "DIFT_T", "FEATURE_MODES", "DRAWS_PER_CALL", "FeatureSpec", "feature_draws", "schedule_fraction",
     "work_size", "resize_image", "feature_input", "feature_grid", "paper_masked_image", "dift_mask_channel",
     "OUTLIER_FILTERS", "CONTROL_POINT_MODES", "MLS_KINDS", "SAMPLINGS", "FEATURE_STRIDE",
-    "grid_mask", "matches_from_features", "warp_garment", "prepare_target_mask", "double_mask", "feature_noise",
-    "far_points_problem",
+    "grid_mask", "matches_from_features", "warp_garment", "prepare_target_mask", "region_left_problem",
+    "eroded_garment_mask", "double_mask", "feature_noise", "far_points_problem",
 ]
 
 PAPER_T = 981  # first step of 50 DDIM "leading" steps
@@ -111,7 +111,7 @@ def feature_input(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
         ``(image [1, 3, h, w], mask [1, h, w], (h, w))``.
     """
     work = work_size(*image.shape[-2:])
-    rgb = image[:, :3] if image.shape[1] >= 3 else image[:, :1].expand(-1, 3, -1, -1)
+    rgb = to_rgb(image)
     m_w = _masks.resize_to_grid(mask > 0.5, work).float()
     return resize_image(rgb, work), m_w, work
 
@@ -273,6 +273,22 @@ def prepare_target_mask(
     if protect_mask is not None:
         t = t & ~(protect_mask > 0.5)
     return _masks.dilate(t, int(target_dilation))
+
+
+def region_left_problem(processed: torch.Tensor) -> Optional[tuple[str, str]]:
+    """``(problem, fix)`` when the processed target mask (:func:`prepare_target_mask`) is empty although the target
+    mask was not: the protect mask removed the whole try-on region, so the photo would come back unchanged."""
+    if bool((processed > _masks.ON_ABOVE).any()):
+        return None
+    return ("protect_mask covers the whole target_mask: nothing is left to repaint, so the result would be the input "
+            "photo unchanged", "protect_mask should cover only what must be kept inside the region (hands, hair, "
+            "objects), white = keep; check that it is not inverted, or disconnect it")
+
+
+def eroded_garment_mask(garment_mask: torch.Tensor) -> torch.Tensor:
+    """docs/method.md §1: the garment mask eroded by 1 px (3×3, :data:`~max4zero.tensors.masks.GARMENT_EROSION`),
+    bool, same layout. Empty when the mask is only a thin line (``tensors/masks.py: eroded_away_problem``)."""
+    return _masks.erode(_masks.to_bool(garment_mask), _masks.GARMENT_EROSION)
 
 
 def double_mask(

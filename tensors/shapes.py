@@ -1,4 +1,5 @@
-"""One check for the ``(height, width)`` sizes the pack passes around (image sizes, token grids, latents).
+"""One check for the ``(height, width)`` sizes the pack passes around (image sizes, token grids, latents), and the
+one batch rule: batch 1 is shared by the whole batch, any other batch size must be the same everywhere.
 
 >>> as_hw(64), as_hw((48, 64), "latent_hw")
 ((64, 64), (48, 64))
@@ -6,9 +7,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Optional
 
-__all__ = ["as_hw", "halved"]
+__all__ = ["as_hw", "halved", "batch_problem", "common_batch"]
 
 
 def as_hw(value: Any, name: str = "size", square_ok: bool = True) -> tuple[int, int]:
@@ -52,3 +53,41 @@ def halved(hw: Any, times: int = 1) -> tuple[int, int]:
     for _ in range(int(times)):
         h, w = -(-h // 2), -(-w // 2)
     return h, w
+
+
+def batch_problem(sizes: Mapping[str, int], fixed: Optional[str] = None) -> Optional[tuple[str, str]]:
+    """``(problem, fix)`` when the batch sizes in ``sizes`` (what → batch size) cannot go together, else None.
+
+    The rule, for every pair of things that are used together (images, masks, latents, a crop's photo): a batch of 1
+    is shared by the whole batch; every other batch size must be the same. ``fixed`` names the entry whose batch is
+    given (the latent being sampled, a layer's target rows): it is never the one shared, so a batch of 3 masks for
+    1 latent is a problem.
+
+    >>> batch_problem({"image": 2, "mask": 1}) is None
+    True
+    >>> batch_problem({"image": 2, "mask": 3})[0]
+    'batch sizes differ (image has 2, mask has 3)'
+    >>> batch_problem({"mask": 3, "the latent": 1}, fixed="the latent")[0]
+    'batch sizes differ (mask has 3, the latent has 1)'
+    """
+    big = {int(b) for b in sizes.values() if int(b) != 1}
+    if fixed is not None:
+        big.add(int(sizes[fixed]))
+    if len(big) <= 1:
+        return None
+    listed = ", ".join(f"{k} has {int(v)}" for k, v in sizes.items())
+    return (f"batch sizes differ ({listed})",
+            "give every input the same batch size, or a batch of 1 to share one image or mask across the batch")
+
+
+def common_batch(sizes: Mapping[str, int]) -> int:
+    """The batch size ``sizes`` make together under :func:`batch_problem`'s rule (1 when all are 1).
+
+    Raises:
+        ValueError: the sizes cannot go together (the message is the problem and its fix).
+    """
+    problem = batch_problem(sizes)
+    if problem:
+        raise ValueError(f"{problem[0]}. {problem[1]}")
+    big = [int(b) for b in sizes.values() if int(b) != 1]
+    return big[0] if big else 1
