@@ -38,7 +38,6 @@ __all__ = [
     "check_odd",
     "check_widgets",
     "number_problem",
-    "number_widgets",
     "validation_result",
     "vae_ratio",
     "window_problem",
@@ -221,8 +220,9 @@ def check_widgets(node: str, inputs: Iterable, values: dict) -> None:
 
     ComfyUI skips these checks for every input that a V3 ``validate_inputs`` declares, and 0.3.64 never checks
     V3 combo values: this restores them, with messages that name the node, the input and a fix. Every ``INT`` and
-    ``FLOAT`` widget is also refused when NaN or ±inf, with or without min/max. A value of None (a widget converted to
-    a link, unknown at queue time) is skipped.
+    ``FLOAT`` widget is also refused when NaN or ±inf, with or without min/max, so a node's ``validate_inputs`` must
+    take every number widget (tests/comfyui/test_hostile_inputs.py: ``QUEUE_TIME_ROWS`` holds every node to it). A
+    value of None (a widget converted to a link, unknown at queue time) is skipped.
     """
     for inp in inputs:
         name = getattr(inp, "id", None)
@@ -243,18 +243,17 @@ def check_widgets(node: str, inputs: Iterable, values: dict) -> None:
             raise NodeInputError(node, problem, fix)
 
 
-def number_widgets(inputs: Iterable) -> list[str]:
-    """The ids of a schema's number widgets (``INT``/``FLOAT`` inputs): what a node's ``validate_inputs`` must take so
-    that each is checked at queue time (tests/comfyui/test_queue_time_checks.py holds every node to it)."""
-    return [inp.id for inp in inputs if getattr(inp, "io_type", None) in NUMBER_TYPES]
+def validation_result(check: Callable[[], None]) -> bool:
+    """What a V3 ``validate_inputs`` does with the node's widget checks: True when they pass, else the
+    :class:`NodeInputError` is RAISED, not returned.
 
-
-def validation_result(check: Callable[[], None]) -> "bool | str":
-    """What a V3 ``validate_inputs`` returns: True, or the message of the NodeInputError ``check`` raised."""
-    try:
-        check()
-    except NodeInputError as exc:
-        return str(exc)
+    Why raise: ComfyUI (0.3.64 and 0.33, ``execution.validate_inputs``) files a returned message once under EVERY input
+    the ``validate_inputs`` declares ("Custom validation failed for node: <input> - ..."), so a node that checks all its
+    widgets would show one problem eight times, each under an input that is not at fault. An exception raised there is
+    filed once, under the node (``exception_during_inner_validation``, or ``exception_during_validation`` for an output
+    node), with this message as its details, and the prompt is still refused before anything runs.
+    """
+    check()
     return True
 
 

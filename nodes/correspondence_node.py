@@ -20,7 +20,8 @@ class Correspondence(WidgetChecks, io.ComfyNode):
     """Deep-feature correspondence between the garment photo and the person (docs/method.md §2a-c)."""
 
     NODE = "MaX4Zero Correspondence"
-    WIDGETS = ("mode", "outlier_filter", "control_points", "target_dilation")
+    WIDGETS = ("mode", "ensemble", "outlier_filter", "outlier_threshold", "control_points", "score_threshold", "seed",
+               "target_dilation")
 
     @classmethod
     def _rules(cls, values: dict) -> None:
@@ -28,9 +29,11 @@ class Correspondence(WidgetChecks, io.ComfyNode):
             cv.check_odd(cls.NODE, "target_dilation", values["target_dilation"])
 
     @classmethod
-    def validate_inputs(cls, mode=None, outlier_filter=None, control_points=None, target_dilation=None):
+    def validate_inputs(cls, mode=None, ensemble=None, outlier_filter=None, outlier_threshold=None, control_points=None,
+                        score_threshold=None, seed=None, target_dilation=None):
         return cv.validation_result(lambda: cls.check_widget_values(
-            mode=mode, outlier_filter=outlier_filter, control_points=control_points, target_dilation=target_dilation))
+            mode=mode, ensemble=ensemble, outlier_filter=outlier_filter, outlier_threshold=outlier_threshold,
+            control_points=control_points, score_threshold=score_threshold, seed=seed, target_dilation=target_dilation))
 
     @classmethod
     def define_schema(cls):
@@ -106,8 +109,9 @@ class Correspondence(WidgetChecks, io.ComfyNode):
         from . import features as ft
 
         n = cls.NODE
-        cls.check_widget_values(mode=mode, outlier_filter=outlier_filter, control_points=control_points,
-                                target_dilation=target_dilation)
+        cls.check_widget_values(mode=mode, ensemble=ensemble, outlier_filter=outlier_filter,
+                                outlier_threshold=outlier_threshold, control_points=control_points,
+                                score_threshold=score_threshold, seed=seed, target_dilation=target_dilation)
         ft.check_unet(model, n)
         problem = cv.conditioning_problem(positive, model, "positive")
         if problem:

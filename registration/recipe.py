@@ -16,6 +16,7 @@ Layouts: images ``[B, C, H, W]``, masks ``[B, H, W]`` float unless stated.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,7 @@ __all__ = [
     "work_size", "resize_image", "feature_input", "feature_grid", "paper_masked_image", "dift_mask_channel",
     "OUTLIER_FILTERS", "CONTROL_POINT_MODES", "MLS_KINDS", "SAMPLINGS", "FEATURE_STRIDE",
     "grid_mask", "matches_from_features", "warp_garment", "prepare_target_mask", "region_left_problem",
-    "eroded_garment_mask", "double_mask", "feature_noise", "far_points_problem",
+    "region_mismatch_problem", "eroded_garment_mask", "double_mask", "feature_noise", "far_points_problem",
 ]
 
 PAPER_T = 981  # first step of 50 DDIM "leading" steps
@@ -283,6 +284,49 @@ def region_left_problem(processed: torch.Tensor) -> Optional[tuple[str, str]]:
     return ("protect_mask covers the whole target_mask: nothing is left to repaint, so the result would be the input "
             "photo unchanged", "protect_mask should cover only what must be kept inside the region (hands, hair, "
             "objects), white = keep; check that it is not inverted, or disconnect it")
+
+
+def region_mismatch_problem(region: torch.Tensor, target: torch.Tensor, target_dilation: int = 13) -> Optional[str]:
+    """Why ``target`` is not the region the correspondence matched in (docs/method.md §1: one processed mask), or None.
+
+    Args:
+        region: bool ``[h, w]``, the processed target mask Correspondence matched in (``Matches.target_region``).
+        target: ``[B, H, W]``, the processed target mask of every batch item about to be repainted (> 0.5 = on).
+        target_dilation: the dilation both nodes use (pixels of their own images).
+
+    At the same size every item must equal ``region`` exactly. Matches made at another size of the same crop are
+    compared at the target's size: ``region`` is resized there (nearest) and each mask must lie within a band of the
+    other, as wide as the two dilations at different scales and the resampling make them differ,
+    ``(target_dilation − 1)/2 · |scale − 1| + scale + 1`` px. A region of another aspect is another crop.
+    """
+    t = target > _masks.ON_ABOVE
+    if t.ndim == 2:
+        t = t[None]
+    B, H, W = (int(s) for s in t.shape)
+    h, w = (int(s) for s in region.shape[-2:])
+    which = (lambda b: f" (batch item {b})") if B > 1 else (lambda b: "")
+    if (h, w) == (H, W):
+        for b in range(B):
+            if not torch.equal(region, t[b]):
+                return (f"the processed target mask{which(b)} differs from the one MaX4Zero Correspondence matched in "
+                        f"({int((region != t[b]).sum())} pixels)")
+        return None
+    sy, sx = H / h, W / w
+    if abs(sy - sx) > 0.02 * max(sy, sx):
+        return (f"the processed target mask is {W}x{H} but MaX4Zero Correspondence matched in a {w}x{h} one, of another "
+                f"aspect: the matches belong to another crop")
+    scale = max(sy, sx)
+    reach = (int(target_dilation) - 1) / 2.0 * abs(scale - 1.0) + scale + 1.0
+    k = 2 * int(math.ceil(reach)) + 1
+    r = _masks.resize_to_grid(region.bool(), (H, W))
+    near_r = _masks.dilate(r, k)
+    for b in range(B):
+        differ = int((t[b] & ~near_r).sum()) + int((r & ~_masks.dilate(t[b], k)).sum())
+        if differ:
+            return (f"the processed target mask{which(b)} differs from the one MaX4Zero Correspondence matched in "
+                    f"({differ} pixels farther than {reach:.0f} px from it; Correspondence ran at {w}x{h}, this node at "
+                    f"{W}x{H})")
+    return None
 
 
 def eroded_garment_mask(garment_mask: torch.Tensor) -> torch.Tensor:

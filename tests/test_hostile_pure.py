@@ -197,7 +197,18 @@ def test_check_odd_and_widgets():
     def bad():
         raise cv.NodeInputError("N", "p", "f")
 
-    assert cv.validation_result(bad) == "N: p. f"
+    # raised, not returned: ComfyUI files a returned message under every input validate_inputs declares
+    with pytest.raises(cv.NodeInputError, match=r"^N: p\. f$"):
+        cv.validation_result(bad)
+    # every number widget is finite, with or without min/max
+    nums = [types.SimpleNamespace(id="x", options=None, min=None, max=None, io_type="FLOAT"),
+            types.SimpleNamespace(id="n", options=None, min=0, max=10, io_type="INT")]
+    for v in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(cv.NodeInputError, match=rf"N: x={v!r} is not a finite number\. give a finite number"):
+            cv.check_widgets("N", nums, {"x": v})
+        with pytest.raises(cv.NodeInputError, match=rf"N: n={v!r} is not a finite number\. give a number from 0 to 10"):
+            cv.check_widgets("N", nums, {"n": v})
+    cv.check_widgets("N", nums, {"x": -1e30, "n": 10})
 
 
 def test_placeholder_mask_is_recognised():
