@@ -811,3 +811,40 @@ def test_the_same_region_is_checked_at_another_crop_size_and_for_every_batch_ite
     assert err.node_type == "MaX4ZeroDoubleMaskInpaint" and err.message.startswith(expected), err.message
     assert "give both nodes the same target_mask, protect_mask and target_dilation" in err.message
     assert_names_real("MaX4ZeroDoubleMaskInpaint", err.message)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 5: Paste Back tells crops of one photo apart, not only photos
+# ------------------------------------------------------------------------------------------------
+
+#: item 5: (which Crop To Mask's crop_info is connected, expected message or None). The generated image is made from
+#: crop "torso"; crop "face" is another box of the same person photo.
+PASTE_CROP_ROWS = [
+    ("torso", None),
+    ("face", "MaX4Zero Paste Back: generated_image was made from the crop of MaX4Zero Crop To Mask (node {torso}), but "
+             "crop_info comes from MaX4Zero Crop To Mask (node {face}), another crop of the same photo"),
+]
+
+
+@pytest.mark.parametrize("crop_info_of, expected", PASTE_CROP_ROWS, ids=[r[0] for r in PASTE_CROP_ROWS])
+def test_paste_back_refuses_the_crop_info_of_another_crop_of_the_same_photo(comfy_env, crop_info_of, expected):
+    """Before: accepted (the photo's fingerprint matches), and the torso's result landed over the face."""
+    person, person_mask, _, _ = _photos()
+    face = torch.zeros_like(person_mask)
+    face[:, 8:40, 20:52] = 1.0
+    g = Graph()
+    photo = g.obj(person, "IMAGE")
+    crops = {"torso": _crop(g, photo, person_mask), "face": _crop(g, photo, face)}  # one Load Image, two crops
+    generated = g.node("ImageInvert", image=crops["torso"][0])  # stands in for the stage-2 decode of the torso crop
+    paste = g.node("MaX4ZeroPasteBack", original_image=photo, generated_image=generated[0],
+                   crop_info=crops[crop_info_of][2], mask=crops["torso"][1], feather=3)
+    g.capture(paste[0], "out")
+    if expected is None:
+        assert run_prompt(g)["out"].shape == person.shape
+        return
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroPasteBack"
+    assert err.message.startswith(expected.format(torso=crops["torso"].id, face=crops["face"].id)), err.message
+    assert f"connect the crop_info output of MaX4Zero Crop To Mask (node {crops['torso'].id}) to crop_info" \
+        in err.message
+    assert_names_real("MaX4ZeroPasteBack", err.message)
