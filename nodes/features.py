@@ -65,8 +65,9 @@ def check_unet(model, node: str):
     if dm is None or not isinstance(dm, UNetModel) or not hasattr(dm, "output_blocks"):
         kind = type(dm).__name__ if dm is not None else type(model).__name__
         raise NodeInputError(
-            node, f"the MODEL is a {kind}, not a Stable Diffusion UNet (SD1.5, SD2, SDXL); MaX4Zero reads UNet "
-            "decoder features and patches UNet self-attention, so DiT/Flux/SD3-style models are not supported",
+            node, f"the MODEL is a {kind}, not a Stable Diffusion UNet (SD1.5, SD2, SDXL), which this node needs: "
+            "Correspondence reads UNet decoder features (give it an SD model even in a Flux workflow), and of the other "
+            "families only FLUX.1 is taken, by Masked Extended Attention; SD3 and other DiTs are not supported",
             "load an SD1.5/SD2/SDXL checkpoint (ideally an inpainting one) with the stock checkpoint loader")
     return dm
 

@@ -366,8 +366,8 @@ def _grow(lo: int, hi: int, side: int, limit: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Hostile-input detectors (issue 13). Each returns a sentence saying what is wrong and what to do,
-# or None; the nodes put their own name in front and decide whether it is an error or a warning.
+# Detectors of masks that would make a silent no-op. Each returns a sentence saying what is wrong and what to
+# do, or None; the nodes put their own name in front and decide whether it is an error or a warning.
 
 def token_grids(hw: Sequence[int], levels: Sequence[int], ratio: int = 8) -> list[tuple[int, int]]:
     """The token grids ``(h, w)`` of an image of size ``hw`` at UNet grid ``levels`` (docs/method.md §3b).
