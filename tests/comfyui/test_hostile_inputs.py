@@ -563,7 +563,6 @@ def test_a_good_set_of_manual_points_gives_no_warning(comfy_env, pair, ui_text):
 # real-server runner can replay; every test below fails on the code before issue 18.
 # ================================================================================================
 
-NAMES["MaX4ZeroFlowView"] = "MaX4Zero Leffa Flow View"
 cm.register_object_type("MAX4ZERO_TRACE")
 
 
