@@ -73,10 +73,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "ComfyUI users do not need this module."
     ) from exc
 
-from ..warping.masks import to_bool
+from ..tensors.masks import binary_mask
 from ..attention.masked_extended import masked_extended_attention
 from ..attention.policy import DEFAULT_LAYERS, LAYER_CHOICES, check_contrast, token_grid, token_mask
-from ..warping.shapes import as_hw
+from ..tensors.shapes import as_hw, batch_problem
 
 __all__ = [
     "MaskedExtendedAttnProcessor",
@@ -92,17 +92,11 @@ _LAYOUTS = ("halves", "interleaved")
 
 
 def _mask_bool(mask: torch.Tensor | None, name: str) -> torch.Tensor | None:
-    """Bool ``[B, 1, H, W]`` (or None); validates the layout with a message saying what to do."""
+    """Bool ``[B, 1, H, W]`` (or None), through the pack's one mask normaliser (``tensors/masks.py: binary_mask``):
+    the layouts, NaN and soft masks are refused with a message that says what to do."""
     if mask is None:
         return None
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor mask ([H, W], [B, H, W] or [B, 1, H, W]), got {type(mask).__name__}")
-    on = to_bool(mask)
-    if on.ndim == 2:
-        on = on[None, None]
-    elif on.ndim == 3:
-        on = on[:, None]
-    return on
+    return binary_mask(mask, name)
 
 
 def _plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -404,11 +398,9 @@ class MaskedExtendedAttnProcessor:
         ref_mask = hs._grid_mask("ref", hw_ref, hw_ref[0] * hw_ref[1], device)
         query_mask = hs._grid_mask("query", hw_tgt, hw_tgt[0] * hw_tgt[1], device)
         for label, m in (("ref_key_mask", ref_mask), ("query_mask", query_mask)):
-            if m.shape[0] not in (1, n_tgt):
-                raise ValueError(
-                    f"{label} has batch {m.shape[0]} but there are {n_tgt} target rows: give one mask "
-                    "(batch 1, shared) or one per target row"
-                )
+            problem = batch_problem({label: m.shape[0], "the target": n_tgt}, fixed="the target")
+            if problem:
+                raise ValueError(f"{problem[0]}: give one mask (batch 1, shared) or one per target row")
         return ref_mask, query_mask
 
     def _mea(

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, List, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..warping.shapes import as_hw
+from ..tensors.shapes import as_hw
 
 __all__ = [
     "FlowStats",

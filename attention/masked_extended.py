@@ -31,7 +31,8 @@ the plain result O_t and the reference half, given lse_t, the log-sum-exp of the
   - otherwise (CUDA, autograd, ``USE_KERNEL_LSE = False``) SDPA over the compacted
     [K ; K_ref[garment]] for the gathered region queries: cost ≈ (1 + region·(1 + garment)) × plain.
 * Explicit path (contrast ≠ 1): the reference half is written out in float32, in query chunks whose
-  buffers plus the gathered garment keys/values stay under ``chunk_bytes`` (48 MB) whatever the
+  buffers plus the gathered garment keys/values stay under ``chunk_bytes`` (48 MB,
+  :data:`DEFAULT_CHUNK_BYTES`) whatever the
   resolution; lse_t comes from the kernel or, without one, from a chunked log-sum-exp of the target
   logits (then the [heads, chunk, T] logits count in the budget too).
 

@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..warping.masks import resize_to_grid
-from ..warping.shapes import halved
+from ..tensors.masks import resize_to_grid
+from ..tensors.shapes import halved
 
 __all__ = [
     "GUIDANCE_MODES",

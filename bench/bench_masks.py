@@ -1,4 +1,4 @@
-"""Benchmark: square mask dilation/erosion, separable running counts (``warping.masks``) vs ``max_pool2d``.
+"""Benchmark: square mask dilation/erosion, separable running counts (``tensors.masks``) vs ``max_pool2d``.
 
 Run from the repository root (needs only torch; about 1 minute on 2 CPU cores)::
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from pack_import import import_pack  # noqa: E402
 
 import_pack()
-from max4zero.warping import masks  # noqa: E402
+from max4zero.tensors import masks  # noqa: E402
 
 
 def _odd(kernel_512: int, size: int) -> int:

@@ -1,8 +1,10 @@
 """ComfyUI tensor layouts ↔ the pack's pure helpers, with checks whose errors name the node and the fix.
 
 ComfyUI passes ``IMAGE`` as float ``[B, H, W, C]`` in 0..1 (C is 3, sometimes 4 or 1) and ``MASK``
-as float ``[B, H, W]`` (a bare ``[H, W]`` happens; 1 = change). ``warping/`` works channels-first
-``[B, C, H, W]``. Nothing here imports ComfyUI, so the normal test suite covers it.
+as float ``[B, H, W]`` (a bare ``[H, W]`` happens; 1 = change). The core works channels-first ``[B, C, H, W]``; its
+mask rules (the one normaliser, "soft", "empty", the batch rule) live in ``tensors/masks.py`` and
+``tensors/shapes.py`` and are only given the node's name here. Nothing here imports ComfyUI, so the normal test suite
+covers it.
 
 Every check raises :class:`NodeInputError` (a ``ValueError``) whose message starts with the node's
 display name, says what is wrong and what to do.
@@ -10,9 +12,15 @@ display name, says what is wrong and what to do.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
+
+from ..tensors import masks as _masks
+from ..tensors.images import to_rgb
+from ..tensors.masks import PLACEHOLDER_HW
+from ..tensors.shapes import batch_problem
 
 __all__ = [
     "NodeInputError",
@@ -29,7 +37,9 @@ __all__ = [
     "placeholder_mask_problem",
     "check_odd",
     "check_widgets",
+    "number_problem",
     "validation_result",
+    "vae_ratio",
     "window_problem",
     "mask_latent_problem",
 ]
@@ -84,44 +94,18 @@ def bchw_to_image(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).float().clamp(0.0, 1.0).contiguous()
 
 
-def to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` → 3 channels: grey repeated, alpha (4th channel) dropped. What VAEs take."""
-    if x.shape[1] == 3:
-        return x
-    if x.shape[1] == 1:
-        return x.expand(-1, 3, -1, -1)
-    if x.shape[1] == 2:  # grey + alpha
-        return x[:, :1].expand(-1, 3, -1, -1)
-    return x[:, :3]
-
-
 def mask_to_bhw(mask: torch.Tensor, node: str, name: str = "mask") -> torch.Tensor:
-    """``MASK`` ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]`` → float32 ``[B, H, W]`` (values kept, soft allowed).
+    """``MASK`` ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]`` → float32 ``[B, H, W]`` through the one mask normaliser
+    (``tensors/masks.py: usable_mask``): values kept, empty items allowed, a soft item refused, as for every mask
+    input of every node.
 
     Raises:
-        NodeInputError: not a tensor, an image-shaped tensor, NaN.
+        NodeInputError: not a tensor, an image-shaped tensor, NaN, a soft mask.
     """
-    if not isinstance(mask, torch.Tensor):
-        raise NodeInputError(node, f"{name} is a {type(mask).__name__}, not a MASK tensor",
-                             f"connect a MASK output (e.g. from a segmenter or Load Image's mask) to '{name}'")
-    m = mask
-    if m.ndim == 2:
-        m = m[None]
-    elif m.ndim == 4 and m.shape[1] == 1:
-        m = m[:, 0]
-    elif m.ndim == 4 and m.shape[-1] in (1, 3, 4):
-        raise NodeInputError(node, f"{name} has shape {_shape(mask)}, which is an IMAGE, not a MASK",
-                             "convert it with 'Convert Image to Mask' (pick a channel) first")
-    if m.ndim != 3:
-        raise NodeInputError(node, f"{name} has shape {_shape(mask)}, expected a MASK [batch, height, width]",
-                             f"connect a MASK to '{name}'")
-    if m.dtype == torch.bool:
-        m = m.float()
-    elif not m.is_floating_point():
-        m = m.float() / (255.0 if mask.dtype == torch.uint8 and m.max() > 1 else 1.0)
-    if torch.isnan(m).any():
-        raise NodeInputError(node, f"{name} contains NaN values", "check the node that produced it")
-    return m.float()
+    try:
+        return _masks.usable_mask(mask, name)
+    except _masks.MaskError as exc:
+        raise NodeInputError(node, exc.problem, exc.fix) from None
 
 
 def mask_to_image(mask: torch.Tensor) -> torch.Tensor:
@@ -138,12 +122,11 @@ def broadcast_batch(node: str, **tensors: torch.Tensor) -> dict[str, torch.Tenso
         NodeInputError: two different batch sizes > 1.
     """
     sizes = {k: int(v.shape[0]) for k, v in tensors.items()}
-    big = {b for b in sizes.values() if b != 1}
-    if len(big) > 1:
-        listed = ", ".join(f"{k} has {v}" for k, v in sizes.items())
-        raise NodeInputError(node, f"batch sizes differ ({listed})",
-                             "give every input the same batch size, or batch 1 to share one image/mask across the batch")
-    B = big.pop() if big else 1
+    problem = batch_problem(sizes)
+    if problem:
+        raise NodeInputError(node, *problem)
+    big = [b for b in sizes.values() if b != 1]
+    B = big[0] if big else 1
     return {k: (v.expand(B, *v.shape[1:]) if v.shape[0] != B else v) for k, v in tensors.items()}
 
 
@@ -159,23 +142,11 @@ def check_same_size(node: str, image_name: str, image_hw: Sequence[int], mask_na
 
 
 def check_nonempty(node: str, name: str, mask: torch.Tensor, what: str = "the region") -> None:
-    """Raise if no pixel of ``mask`` (any batch item) is above 0.5; a soft mask is told apart from an empty one."""
-    if not bool((mask > 0.5).any()):
-        peak = float(mask.max()) if mask.numel() else 0.0
-        if peak > 0.05:
-            raise NodeInputError(node, f"{name} is soft: no pixel above 0.5 (its largest value is {peak:.2f}), and a "
-                                 "mask counts only where it is above 0.5",
-                                 f"connect a hard mask that covers {what} (white = inside), or threshold this one "
-                                 "first (ThresholdMask with a value below its level)")
-        hint = ""
-        if tuple(mask.shape[-2:]) == PLACEHOLDER_HW:
-            hint = " (a 64x64 empty mask is what Load Image gives for an image without alpha: load the mask itself)"
-        raise NodeInputError(node, f"{name} is empty (no pixel above 0.5)",
-                             f"connect a mask that covers {what} (white = inside){hint}")
-
-
-#: Load Image's MASK output for an image without an alpha channel: ``torch.zeros(64, 64)``.
-PLACEHOLDER_HW = (64, 64)
+    """Raise if no pixel of ``mask`` (any batch item) is on, for an input that must select something; a soft mask is
+    told apart from an empty one (``tensors/masks.py: empty_mask_problem``)."""
+    problem = _masks.empty_mask_problem(mask, name, what)
+    if problem:
+        raise NodeInputError(node, *problem)
 
 
 def placeholder_mask_problem(mask: torch.Tensor, image_hw: Sequence[int], name: str = "mask") -> Optional[str]:
@@ -224,12 +195,34 @@ def check_odd(node: str, name: str, value, lo: int = 1, hi: int = 255) -> None:
                              "square)", fix)
 
 
+#: Widget types whose values are numbers (V3 ``io.Int`` / ``io.Float`` inputs).
+NUMBER_TYPES = ("INT", "FLOAT")
+
+
+def number_problem(name: str, value: Any, lo: Any = None, hi: Any = None) -> Optional[str]:
+    """Why ``value`` is not a usable number for the widget ``name`` (not a number, NaN, ±inf, outside ``lo..hi``), or
+    None. NaN and ±inf reach a node through the API (JSON ``NaN``/``Infinity``): ComfyUI's own min/max check lets NaN
+    through (every comparison with it is false), and the node would fail late or give a black image."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return f"{name}={value!r} is not a number"
+    if not math.isfinite(x):
+        return f"{name}={value!r} is not a finite number"
+    if (lo is not None and x < lo) or (hi is not None and x > hi):
+        return f"{name}={value!r} is outside {lo}..{hi}"
+    return None
+
+
 def check_widgets(node: str, inputs: Iterable, values: dict) -> None:
-    """ComfyUI's own widget checks (combo options, min, max) for the ``values`` given, by the node's schema inputs.
+    """ComfyUI's own widget checks (combo options, min, max) for the ``values`` given, by the node's schema inputs,
+    and every number finite.
 
     ComfyUI skips these checks for every input that a V3 ``validate_inputs`` declares, and 0.3.64 never checks
-    V3 combo values: this restores them, with messages that name the node, the input and a fix. A value of
-    None (a widget converted to a link, unknown at queue time) is skipped.
+    V3 combo values: this restores them, with messages that name the node, the input and a fix. Every ``INT`` and
+    ``FLOAT`` widget is also refused when NaN or ±inf, with or without min/max, so a node's ``validate_inputs`` must
+    take every number widget (tests/comfyui/test_hostile_inputs.py: ``QUEUE_TIME_ROWS`` holds every node to it). A
+    value of None (a widget converted to a link, unknown at queue time) is skipped.
     """
     for inp in inputs:
         name = getattr(inp, "id", None)
@@ -241,22 +234,26 @@ def check_widgets(node: str, inputs: Iterable, values: dict) -> None:
             check_choice(node, name, v, list(options))
             continue
         lo, hi = getattr(inp, "min", None), getattr(inp, "max", None)
-        if lo is None and hi is None:
+        if lo is None and hi is None and getattr(inp, "io_type", None) not in NUMBER_TYPES:
             continue
-        try:
-            x = float(v)
-        except (TypeError, ValueError):
-            raise NodeInputError(node, f"{name}={v!r} is not a number", f"give a number from {lo} to {hi}") from None
-        if x != x or (lo is not None and x < lo) or (hi is not None and x > hi):
-            raise NodeInputError(node, f"{name}={v!r} is outside {lo}..{hi}", f"give a number from {lo} to {hi}")
+        problem = number_problem(name, v, lo, hi)
+        if problem:
+            fix = (f"give a number from {lo} to {hi}" if lo is not None and hi is not None
+                   else "give a finite number")
+            raise NodeInputError(node, problem, fix)
 
 
-def validation_result(check: Callable[[], None]) -> "bool | str":
-    """What a V3 ``validate_inputs`` returns: True, or the message of the NodeInputError ``check`` raised."""
-    try:
-        check()
-    except NodeInputError as exc:
-        return str(exc)
+def validation_result(check: Callable[[], None]) -> bool:
+    """What a V3 ``validate_inputs`` does with the node's widget checks: True when they pass, else the
+    :class:`NodeInputError` is RAISED, not returned.
+
+    Why raise: ComfyUI (0.3.64 and 0.33, ``execution.validate_inputs``) files a returned message once under EVERY input
+    the ``validate_inputs`` declares ("Custom validation failed for node: <input> - ..."), so a node that checks all its
+    widgets would show one problem eight times, each under an input that is not at fault. An exception raised there is
+    filed once, under the node (``exception_during_inner_validation``, or ``exception_during_validation`` for an output
+    node), with this message as its details, and the prompt is still refused before anything runs.
+    """
+    check()
     return True
 
 
@@ -289,9 +286,9 @@ def mask_latent_problem(mask_shape: Sequence[int], latent_shape: Sequence[int], 
     ms = [int(s) for s in mask_shape]
     mb, mh, mw = (ms if len(ms) == 3 else [1, *ms])[-3:]
     lb, lh, lw = int(latent_shape[0]), int(latent_shape[-2]), int(latent_shape[-1])
-    if mb not in (1, lb):
-        return (f"{name} holds {mb} masks but the latent being sampled is a batch of {lb}: give one mask (shared by "
-                f"the batch) or one per latent, in the latent's order")
+    batch = batch_problem({name: mb, "the latent being sampled": lb}, fixed="the latent being sampled")
+    if batch:
+        return f"{batch[0]}: give one mask (shared by the batch) or one per latent, in the latent's order"
     if mh < 1 or mw < 1 or lh < 1 or lw < 1:
         return f"{name} is {mw}x{mh} and the latent {lw}x{lh} cells: neither may be empty"
     off_h = abs(mh * lw / mw - lh)
@@ -344,3 +341,15 @@ def conditioning_problem(positive, model, name: str = "positive") -> Optional[st
     return (f"{name} is text conditioning {bad[0]} wide but this model's cross-attention takes {want} (SD1.5: 768, "
             "SD2: 1024, SDXL: 2048), so the prompt was encoded by the CLIP of another model family. Encode it with "
             "the CLIP of this checkpoint (the CLIP output of the loader that gives this MODEL)")
+
+
+def vae_ratio(vae: Any) -> int:
+    """Image pixels per latent cell of a ComfyUI ``VAE`` (8 for SD1.5/SD2/SDXL and FLUX.1), asked from the VAE
+    (``spacial_compression_encode``, as ComfyUI's own nodes do), 8 when it cannot say. Duck-typed: no ComfyUI import.
+    """
+    ask = getattr(vae, "spacial_compression_encode", None)
+    try:
+        ratio = ask() if callable(ask) else None
+    except Exception:  # an unusual VAE object: the SD ratio, which every supported model family uses
+        ratio = None
+    return int(ratio) if isinstance(ratio, int) and not isinstance(ratio, bool) and ratio > 0 else 8

@@ -8,10 +8,10 @@ import dataclasses
 
 from comfy_api.latest import io
 
+from ..registration import previews as pv
+from ..registration import recipe as reg
 from ..warping import matching as _matching
 from . import convert as cv
-from . import preview as pv
-from . import registration as reg
 from .sockets import CATEGORY, MATCHES
 from .stage1_checks import WidgetChecks, check_region_left, eroded_garment, single_item, warn_if_inverted
 
@@ -20,7 +20,8 @@ class Correspondence(WidgetChecks, io.ComfyNode):
     """Deep-feature correspondence between the garment photo and the person (docs/method.md §2a-c)."""
 
     NODE = "MaX4Zero Correspondence"
-    WIDGETS = ("mode", "outlier_filter", "control_points", "target_dilation")
+    WIDGETS = ("mode", "ensemble", "outlier_filter", "outlier_threshold", "control_points", "score_threshold", "seed",
+               "target_dilation")
 
     @classmethod
     def _rules(cls, values: dict) -> None:
@@ -28,9 +29,11 @@ class Correspondence(WidgetChecks, io.ComfyNode):
             cv.check_odd(cls.NODE, "target_dilation", values["target_dilation"])
 
     @classmethod
-    def validate_inputs(cls, mode=None, outlier_filter=None, control_points=None, target_dilation=None):
+    def validate_inputs(cls, mode=None, ensemble=None, outlier_filter=None, outlier_threshold=None, control_points=None,
+                        score_threshold=None, seed=None, target_dilation=None):
         return cv.validation_result(lambda: cls.check_widget_values(
-            mode=mode, outlier_filter=outlier_filter, control_points=control_points, target_dilation=target_dilation))
+            mode=mode, ensemble=ensemble, outlier_filter=outlier_filter, outlier_threshold=outlier_threshold,
+            control_points=control_points, score_threshold=score_threshold, seed=seed, target_dilation=target_dilation))
 
     @classmethod
     def define_schema(cls):
@@ -106,8 +109,9 @@ class Correspondence(WidgetChecks, io.ComfyNode):
         from . import features as ft
 
         n = cls.NODE
-        cls.check_widget_values(mode=mode, outlier_filter=outlier_filter, control_points=control_points,
-                                target_dilation=target_dilation)
+        cls.check_widget_values(mode=mode, ensemble=ensemble, outlier_filter=outlier_filter,
+                                outlier_threshold=outlier_threshold, control_points=control_points,
+                                score_threshold=score_threshold, seed=seed, target_dilation=target_dilation)
         ft.check_unet(model, n)
         problem = cv.conditioning_problem(positive, model, "positive")
         if problem:
@@ -130,8 +134,7 @@ class Correspondence(WidgetChecks, io.ComfyNode):
         check_region_left(n, tm)
         gm = eroded_garment(n, gm)
 
-        spec = ft.FeatureSpec(mode=mode, t=ft.PAPER_T if mode == "paper" else ft.DIFT_T,
-                              ensemble=int(ensemble) if mode == "dift" else 1, seed=int(seed))
+        spec = reg.FeatureSpec.for_mode(mode, ensemble, seed)
         feats, works = ft.pair_features(model, vae, positive, [(ref, gm), (tgt, tm)], spec, n)
         grids = [reg.grid_mask(m, tuple(f.shape[-2:])) for m, f in ((gm, feats[0]), (tm, feats[1]))]
         try:

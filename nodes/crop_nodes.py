@@ -7,8 +7,9 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..registration import crop as geo
 from . import convert as cv
-from . import geometry as geo
+from .prompt_graph import other_crop_problem
 from .sockets import CATEGORY, CROP
 from .stage1_checks import WidgetChecks, warn_if_inverted
 
@@ -118,6 +119,9 @@ class PasteBack(WidgetChecks, io.ComfyNode):
             outputs=[
                 io.Image.Output("pasted_image", display_name="image", tooltip="The full photo with the result pasted in."),
             ],
+            # The prompt's links tell which Crop To Mask the generated image came from (another crop of the same
+            # photo has the same fingerprint): prompt_graph.other_crop_problem.
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
@@ -133,6 +137,11 @@ class PasteBack(WidgetChecks, io.ComfyNode):
         if problem:
             raise cv.NodeInputError(n, problem, "connect the crop_info of the MaX4Zero Crop To Mask node whose image "
                                     "is this original_image (the person's crop, not the garment's)")
+        hidden = getattr(cls, "hidden", None)
+        other = other_crop_problem(getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None),
+                                   CropToMask.NODE)
+        if other:
+            raise cv.NodeInputError(n, *other)
         S = int(crop_info.size)
         if gen.shape[-1] != gen.shape[-2]:
             raise cv.NodeInputError(n, f"generated_image is {gen.shape[-1]}x{gen.shape[-2]}, not square (the crop was "

@@ -1,4 +1,6 @@
-"""Deep UNet features from the user's ComfyUI ``MODEL`` for the initial registration (docs/method.md §2a).
+"""The feature pass of the initial registration (docs/method.md §2a) run on the user's ComfyUI ``MODEL``: the
+host half. What the UNet is shown (timesteps, masked images, noise, working size, the grid read) is stage 1's recipe,
+``registration/recipe.py``; this module only drives ComfyUI's model with it.
 
 Which features
 --------------
@@ -26,7 +28,7 @@ Modes
   conditioning as connected (DIFT uses an empty prompt), features averaged over an ensemble of draws.
 
 Noise: :func:`pair_features` draws the reference's and the target's noise together from one seed
-(:func:`.registration.feature_noise`, a batch-of-2 draw per ensemble member), so the two
+(``registration/recipe.py: feature_noise``, a batch-of-2 draw per ensemble member), so the two
 passes never share noise: identical images give (slightly) different features, as in the method.
 
 Only the base weights with their weight patches (LoRAs) are used: attention patches and wrappers
@@ -35,41 +37,23 @@ attached to the ``MODEL`` (e.g. Masked Extended Attention) are deliberately left
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import comfy.model_management
 import comfy.utils
 
-from ..warping import masks as _masks
-from ..warping.images import grey_out
-from ..warping.shapes import halved
-from .convert import NodeInputError
-from .registration import feature_noise
+from ..registration import recipe
+from ..registration.recipe import DIFT_T, PAPER_T, FeatureSpec, feature_draws, resize_image, work_size
+from .convert import NodeInputError, vae_ratio
 
-__all__ = ["PAPER_T", "DIFT_T", "FeatureSpec", "check_unet", "is_inpainting", "extract_features", "work_size", "resize_image", "feature_grid", "progress_bar",
-           "pair_features", "latent_shape", "feature_draws"]
-
-PAPER_T = 981  # first step of 50 DDIM "leading" steps
-DIFT_T = 261
-
+__all__ = ["PAPER_T", "DIFT_T", "FeatureSpec", "check_unet", "is_inpainting", "extract_features", "work_size",
+           "resize_image", "progress_bar", "pair_features", "latent_shape", "feature_draws"]
 
 
 class _Captured(Exception):
     """Raised by the capture patch to stop the UNet once the features are in hand."""
-
-
-@dataclass
-class FeatureSpec:
-    """What :func:`extract_features` computes; ``t`` is the discrete timestep (0..999)."""
-
-    mode: str  # "paper" | "dift"
-    t: int
-    ensemble: int = 1
-    seed: int = 0
 
 
 def check_unet(model, node: str):
@@ -81,8 +65,9 @@ def check_unet(model, node: str):
     if dm is None or not isinstance(dm, UNetModel) or not hasattr(dm, "output_blocks"):
         kind = type(dm).__name__ if dm is not None else type(model).__name__
         raise NodeInputError(
-            node, f"the MODEL is a {kind}, not a Stable Diffusion UNet (SD1.5, SD2, SDXL); MaX4Zero reads UNet "
-            "decoder features and patches UNet self-attention, so DiT/Flux/SD3-style models are not supported",
+            node, f"the MODEL is a {kind}, not a Stable Diffusion UNet (SD1.5, SD2, SDXL), which this node needs: "
+            "Correspondence reads UNet decoder features (give it an SD model even in a Flux workflow), and of the other "
+            "families only FLUX.1 is taken, by Masked Extended Attention; SD3 and other DiTs are not supported",
             "load an SD1.5/SD2/SDXL checkpoint (ideally an inpainting one) with the stock checkpoint loader")
     return dm
 
@@ -93,32 +78,15 @@ def is_inpainting(model) -> bool:
     return int(getattr(dm, "in_channels", 4)) == 9 and "mask" in getattr(model.model, "concat_keys", ())
 
 
-def latent_shape(model, hw: tuple[int, int]) -> tuple[int, int, int]:
-    """``(C, h, w)`` of the noise :func:`extract_features` needs for an image of size ``hw`` (multiples of 16)."""
+def latent_shape(model, hw: tuple[int, int], ratio: int = 8) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the noise :func:`extract_features` needs for an image of size ``hw`` (multiples of 16), with
+    ``ratio`` image pixels per latent cell (the VAE's, ``convert.vae_ratio``)."""
     lf = model.model.latent_format
     c = int(lf.latent_channels) if hasattr(lf, "latent_channels") else 4
-    return c, int(hw[0]) // 8, int(hw[1]) // 8
+    return c, int(hw[0]) // int(ratio), int(hw[1]) // int(ratio)
 
 
-def feature_draws(spec: "FeatureSpec") -> int:
-    """Noise draws per image: 1 in paper mode, the ensemble size (≥ 1) in DIFT mode."""
-    return max(1, int(spec.ensemble)) if spec.mode == "dift" else 1
-
-
-def work_size(h: int, w: int) -> tuple[int, int]:
-    """The image size features are computed at: each side rounded to a multiple of 16 (≥ 64)."""
-    return max(64, int(round(h / 16)) * 16), max(64, int(round(w / 16)) * 16)
-
-
-def resize_image(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """``[B, C, H, W]`` → ``hw`` (bicubic, antialiased when shrinking); no-op when already that size."""
-    if tuple(img.shape[-2:]) == hw:
-        return img
-    down = hw[0] < img.shape[-2] or hw[1] < img.shape[-1]
-    return F.interpolate(img.float(), size=hw, mode="bicubic", align_corners=False, antialias=down).clamp(0, 1)
-
-
-def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, concat_mask) -> dict:
+def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, concat_mask, ratio: int = 8) -> dict:
     """Build ``apply_model`` keyword arguments the way ComfyUI's samplers do (``extra_conds``).
 
     Uses the first entry of the CONDITIONING; its extras (SDXL pooled output, size) are passed to
@@ -132,7 +100,7 @@ def _model_kwargs(model, positive, noise: torch.Tensor, device, concat_latent, c
     params = dict(extras)
     params.update(
         cross_attn=cond, device=device, noise=noise, prompt_type="positive",
-        width=params.get("width", noise.shape[-1] * 8), height=params.get("height", noise.shape[-2] * 8),
+        width=params.get("width", noise.shape[-1] * ratio), height=params.get("height", noise.shape[-2] * ratio),
     )
     if concat_latent is not None:
         params["concat_latent_image"] = concat_latent
@@ -167,7 +135,7 @@ def extract_features(
         info: if given, receives ``"block"`` (the ``("output", i)`` block whose input was read) and
             ``"sigma"``.
         noise: the N(0, 1) draws to use, ``[draws, C, H/8, W/8]`` (``draws`` = :func:`feature_draws`,
-            ``(C, H/8, W/8)`` = :func:`latent_shape`); :func:`pair_features` passes independent draws
+            ``(C, H/r, W/r)`` = :func:`latent_shape`, r the VAE's ratio); :func:`pair_features` passes independent draws
             for the two images. ``None``: drawn here from ``spec.seed`` (this image alone).
 
     Returns:
@@ -180,9 +148,7 @@ def extract_features(
     device = model.load_device
     base = model.model
     ms = model.get_model_object("model_sampling")
-    # Via the schedule fraction so continuous-sigma samplings (EDM, v-pred EDM) work too; for the usual
-    # discrete 1000-step schedule this is exactly sigma(t).
-    sigma = torch.tensor([float(ms.percent_to_sigma(1.0 - spec.t / 999.0))], dtype=torch.float32)
+    sigma = torch.tensor([float(ms.percent_to_sigma(recipe.schedule_fraction(spec.t)))], dtype=torch.float32)
     inpaint = is_inpainting(model)
     img_bhwc = image.permute(0, 2, 3, 1).float()
 
@@ -194,24 +160,26 @@ def extract_features(
                 "switch mode to 'dift' (works with any SD UNet), or load an inpainting checkpoint "
                 "(e.g. sd-v1-5-inpainting or stable-diffusion-2-inpainting)")
         latent = None
-        concat_latent = vae.encode(grey_out(img_bhwc.permute(0, 3, 1, 2), mask).permute(0, 2, 3, 1).contiguous())
+        concat_latent = vae.encode(
+            recipe.paper_masked_image(img_bhwc.permute(0, 3, 1, 2), mask).permute(0, 2, 3, 1).contiguous())
         concat_mask = mask.float()[:, None]
     elif spec.mode == "dift":
         raw = vae.encode(img_bhwc)
         latent = base.process_latent_in(raw).float()
         concat_latent = raw if inpaint else None
-        concat_mask = torch.zeros((1, 1, H, W)) if inpaint else None
+        concat_mask = recipe.dift_mask_channel((H, W)) if inpaint else None
     else:
         raise ValueError(f"unknown feature mode {spec.mode!r}")
 
     # After the VAE encodes: loading the VAE may evict the UNet when memory is short.
     comfy.model_management.load_models_gpu([model])
     draws = feature_draws(spec)
-    shape = latent_shape(model, (H, W))
+    ratio = vae_ratio(vae)
+    shape = latent_shape(model, (H, W), ratio)
     lh, lw = shape[1], shape[2]
-    grid = halved((lh, lw))  # decoder block 1 (up_ft_index 1): 1/16 of the image
+    grid = recipe.feature_grid((lh, lw))
     if noise is None:
-        noise = feature_noise([shape], draws, spec.seed)[0]
+        noise = recipe.feature_noise([shape], draws, spec.seed)[0]
     elif tuple(noise.shape) != (draws, *shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(draws, *shape)} "
                          f"({spec.mode} mode, {W}x{H} image)")
@@ -225,7 +193,7 @@ def extract_features(
         return h, hsp
 
     acc: Optional[torch.Tensor] = None
-    chunk = min(draws, 4)
+    chunk = min(draws, recipe.DRAWS_PER_CALL)
     done = 0
     while done < draws:
         n = min(chunk, draws - done)
@@ -237,7 +205,7 @@ def extract_features(
             x = ms.noise_scaling(sig, eps, torch.zeros_like(eps), max_denoise=True)
         else:
             x = ms.noise_scaling(sig, eps, latent.to(device).expand(n, -1, -1, -1), max_denoise=False)
-        kwargs = _model_kwargs(model, positive, x, device, concat_latent, concat_mask)
+        kwargs = _model_kwargs(model, positive, x, device, concat_latent, concat_mask, ratio)
         topts = {"patches": {"output_block_patch": [capture]}, "sigmas": sig, "cond_or_uncond": [0] * n}
         captured.clear()
         try:
@@ -263,21 +231,21 @@ def extract_features(
 def pair_features(model, vae, positive, pairs, spec: FeatureSpec, node: str) -> tuple[list, list]:
     """Features of several ``(image [1, C, H, W], mask [1, H, W])`` pairs, with one progress bar.
 
-    Each image is resized to :func:`work_size` first (RGB). Returns ``(features, work_sizes)``.
-    The images' noise is drawn together from ``spec.seed`` (:func:`.registration.feature_noise`):
+    Each image is brought to :func:`work_size` first (RGB; ``registration/recipe.py: feature_input``). Returns
+    ``(features, work_sizes)``. The images' noise is drawn together from ``spec.seed``
+    (``registration/recipe.py: feature_noise``):
     independent across the images (and across DIFT's ensemble draws), and the same for the same seed.
     Identical images therefore give different (if close) features, as with the method's batch-of-2 draw.
     """
     draws = feature_draws(spec)
     step = progress_bar(len(pairs) * draws)
-    works = [work_size(*img.shape[-2:]) for img, _ in pairs]
-    noises = feature_noise([latent_shape(model, w) for w in works], draws, spec.seed)
+    inputs = [recipe.feature_input(img, m) for img, m in pairs]
+    works = [work for _, _, work in inputs]
+    ratio = vae_ratio(vae)
+    noises = recipe.feature_noise([latent_shape(model, w, ratio) for w in works], draws, spec.seed)
     feats = []
-    for (img, m), work, eps in zip(pairs, works, noises):
-        rgb = img[:, :3] if img.shape[1] >= 3 else img[:, :1].expand(-1, 3, -1, -1)
-        m_w = _masks.resize_to_grid(m > 0.5, work).float()
-        feats.append(extract_features(model, vae, positive, resize_image(rgb, work), m_w, spec, step, node,
-                                      noise=eps))
+    for (img, m_w, _), eps in zip(inputs, noises):
+        feats.append(extract_features(model, vae, positive, img, m_w, spec, step, node, noise=eps))
     return feats, works
 
 

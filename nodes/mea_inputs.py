@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..warping import masks as _masks
-from ..warping.images import center_crop_multiple, neutralise_background
+from ..tensors import masks as _masks
+from ..tensors.images import center_crop_multiple, neutralise_background
 from . import convert as cv
 from .notify import warn_on_node
 

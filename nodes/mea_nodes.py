@@ -158,11 +158,12 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, guidance=None, layers=None, background=None, start=None, end=None,
-                        reference_every=None):
-        """Queue time: widget values (a widget turned into a link arrives as None and is checked in execute)."""
-        values = dict(guidance=guidance, layers=layers, background=background, start=start, end=end,
-                      reference_every=reference_every)
+    def validate_inputs(cls, guidance=None, s_mea=None, contrast=None, start=None, end=None, layers=None,
+                        reference_seed=None, background=None, reference_every=None):
+        """Queue time: widget values, every number among them finite (a widget turned into a link arrives as None and
+        is checked in execute)."""
+        values = dict(guidance=guidance, s_mea=s_mea, contrast=contrast, start=start, end=end, layers=layers,
+                      reference_seed=reference_seed, background=background, reference_every=reference_every)
         return cv.validation_result(lambda: cls._check_widgets(values))
 
     @classmethod
@@ -389,6 +390,25 @@ class FlowViewNode(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, layers=None, step_start=None, step_end=None, tau=None, mode=None, mls_kind=None,
+                        mls_alpha=None, epe_scale_px=None):
+        """Queue time, before the MEA sampling this view waits for: widget values, every number finite, and a step
+        range that holds a step (a widget turned into a link arrives as None and is not checked here)."""
+        values = dict(layers=layers, step_start=step_start, step_end=step_end, tau=tau, mode=mode, mls_kind=mls_kind,
+                      mls_alpha=mls_alpha, epe_scale_px=epe_scale_px)
+        return cv.validation_result(lambda: cls._check_widgets(values))
+
+    @classmethod
+    def _check_widgets(cls, values: dict) -> None:
+        # ComfyUI skips its own combo/min/max checks for inputs validate_inputs declares: check them here.
+        values = {k: v for k, v in values.items() if v is not None}
+        cv.check_widgets(cls.NODE, cls.define_schema().inputs, values)
+        start, end = values.get("step_start"), values.get("step_end")
+        if start is not None and end is not None and float(start) > float(end):
+            raise cv.NodeInputError(cls.NODE, f"step_start={start} is after step_end={end}: the view would use no "
+                                    "recorded MEA evaluation", "set step_start <= step_end (0 and 1: all of them)")
 
     @classmethod
     def execute(

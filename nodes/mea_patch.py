@@ -58,7 +58,7 @@ from ..attention.policy import (
 )
 from ..attention.reference import DROPPED_INPUTS, ReferenceRow, append_row, reference_row
 from ..attention.run import MeaRun, MeaSettings, WorkerState
-from ..warping.masks import token_grids, unusable_mask_problem
+from ..tensors.masks import token_grids, unusable_mask_problem
 from .convert import NodeInputError, mask_latent_problem
 from .mea_calls import (
     MEA_PASS_KEY,

@@ -10,9 +10,9 @@ __all__ = ["CATEGORY", "MATCHES", "CROP", "TRACE"]
 #: the node menu's folder of every MaX4Zero node
 CATEGORY = "MaX4Zero"
 
-#: control-point pairs (``nodes/matches.py: Matches``): Correspondence → MLS Warp, Double-Mask Inpaint, Flow View
+#: control-point pairs (``registration/matches.py: Matches``): Correspondence → MLS Warp, Double-Mask Inpaint, Flow View
 MATCHES = io.Custom("MAX4ZERO_MATCHES")
-#: where a crop came from (``nodes/geometry.py``): Crop To Mask → Paste Back
+#: where a crop came from (``registration/crop.py``): Crop To Mask → Paste Back
 CROP = io.Custom("MAX4ZERO_CROP")
 #: the attention trace handle (``nodes/trace.py: MeaTrace``): Masked Extended Attention → Flow View
 TRACE = io.Custom("MAX4ZERO_TRACE")

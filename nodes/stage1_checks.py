@@ -1,12 +1,14 @@
-"""Checks shared by the stage-1 nodes: one image pair, the eroded garment, inverted masks, the region left after
-protection, and the widget checks run at queue time (V3 ``validate_inputs``) and again in ``execute``.
+"""What the stage-1 nodes share around the core's rules: one image pair, the eroded garment and the region left after
+protection refused with the node's name (the rules are ``registration/recipe.py``'s), the inverted-mask warning on the
+node, and the widget checks run at queue time (V3 ``validate_inputs``) and again in ``execute``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..warping import masks as _masks
+from ..registration import recipe
+from ..tensors import masks as _masks
 from . import convert as cv
 from .notify import warn_on_node
 
@@ -23,10 +25,9 @@ def single_item(node: str, name: str, x: torch.Tensor) -> torch.Tensor:
 
 def eroded_garment(node: str, gm: torch.Tensor) -> torch.Tensor:
     """Garment mask [B, H, W] eroded by ``GARMENT_EROSION`` (float); refused when nothing is left of it."""
-    er = _masks.erode(gm > 0.5, _masks.GARMENT_EROSION)
+    er = recipe.eroded_garment_mask(gm)
     if not bool(er.any()):
-        raise cv.NodeInputError(node, "garment_mask vanishes after the 1-pixel erosion (it is only a thin line)",
-                                "connect a mask that covers the whole garment")
+        raise cv.NodeInputError(node, *_masks.eroded_away_problem("garment_mask", _masks.GARMENT_EROSION))
     return er.float()
 
 
@@ -62,9 +63,6 @@ class WidgetChecks:
 
 def check_region_left(node: str, processed: torch.Tensor) -> None:
     """Refuse, before any sampling, a protect_mask that removes the whole try-on region."""
-    if not bool((processed > 0.5).any()):
-        raise cv.NodeInputError(
-            node, "protect_mask covers the whole target_mask: nothing is left to repaint, so the result would be "
-            "the input photo unchanged", "protect_mask should cover only what must be kept inside the region (hands, "
-            "hair, objects), white = keep; check that it is not inverted, or disconnect it")
-
+    problem = recipe.region_left_problem(processed)
+    if problem:
+        raise cv.NodeInputError(node, *problem)

@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..registration import previews as pv
+from ..registration import recipe as reg
+from ..registration.matches import Matches
+from ..tensors import images as _images
 from ..warping import fringe as _fringe
-from ..warping import images as _images
 from ..warping import mls as _mls
 from ..warping import point_checks as _point_checks
 from . import convert as cv
-from . import preview as pv
-from . import registration as reg
-from .matches import Matches
 from .notify import warn_on_node
 from .sockets import CATEGORY, MATCHES
 from .stage1_checks import WidgetChecks, check_region_left, eroded_garment, warn_if_inverted
@@ -25,7 +25,7 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
     """Moving Least Squares warp of the garment onto the target (docs/method.md §2d)."""
 
     NODE = "MaX4Zero MLS Warp"
-    WIDGETS = ("kind", "sampling", "manual_points")
+    WIDGETS = ("kind", "alpha", "stride", "sampling", "manual_points")
 
     @classmethod
     def _rules(cls, values: dict) -> None:
@@ -46,9 +46,9 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
             raise cv.NodeInputError(cls.NODE, f"manual_points: {problem}")
 
     @classmethod
-    def validate_inputs(cls, kind=None, sampling=None, manual_points=None):
+    def validate_inputs(cls, kind=None, alpha=None, stride=None, sampling=None, manual_points=None):
         return cv.validation_result(lambda: cls.check_widget_values(
-            kind=kind, sampling=sampling, manual_points=manual_points))
+            kind=kind, alpha=alpha, stride=stride, sampling=sampling, manual_points=manual_points))
 
     @classmethod
     def define_schema(cls):
@@ -103,7 +103,7 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
     def execute(cls, reference_image, garment_mask, target_image, kind, alpha, stride, sampling, matches=None,
                 manual_points="") -> io.NodeOutput:
         n = cls.NODE
-        cls.check_widget_values(kind=kind, sampling=sampling)
+        cls.check_widget_values(kind=kind, alpha=alpha, stride=stride, sampling=sampling)
         ref = cv.to_rgb(cv.image_to_bchw(reference_image, n, "reference_image"))  # RGB out: alpha is not warped
         gm = cv.mask_to_bhw(garment_mask, n, "garment_mask")
         tgt = cv.image_to_bchw(target_image, n, "target_image")
@@ -144,16 +144,16 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
         return io.NodeOutput(cv.bchw_to_image(warped), wmask.contiguous(), cv.bchw_to_image(prev[None]))
 
 
-def _check_same_region(node: str, matches, target: torch.Tensor) -> None:
-    """Refuse to repaint another region than the one the correspondence matched in (docs/method.md §1: one processed mask)."""
+def _check_same_region(node: str, matches, target: torch.Tensor, target_dilation: int) -> None:
+    """Refuse to repaint another region than the one the correspondence matched in (docs/method.md §1: one processed
+    mask), for every batch item, also when Correspondence ran at another size of the crop."""
     region = getattr(matches, "target_region", None)
-    if region is None or tuple(region.shape) != tuple(target.shape[-2:]):
-        return  # hand-made points, or matches made at another size: nothing to compare
-    if not torch.equal(region, target[0] > 0.5):
-        differ = int((region != (target[0] > 0.5)).sum())
-        raise cv.NodeInputError(
-            node, f"the processed target mask differs from the one MaX4Zero Correspondence matched in ({differ} "
-            "pixels)", "give both nodes the same target_mask, protect_mask and target_dilation")
+    if region is None:
+        return  # hand-made points: nothing to compare
+    problem = reg.region_mismatch_problem(region, target, target_dilation)
+    if problem:
+        raise cv.NodeInputError(node, problem, "give both nodes the same target_mask, protect_mask and "
+                                "target_dilation (the same crop, at any size)")
 
 
 class DoubleMaskInpaint(WidgetChecks, io.ComfyNode):
@@ -260,13 +260,15 @@ class DoubleMaskInpaint(WidgetChecks, io.ComfyNode):
         warn_if_inverted(n, "target_mask", tm)
         tmask, thin, dil = reg.double_mask(tm, wm, b.get("protect_mask"), int(target_dilation), int(fringe_dilation))
         check_region_left(n, tmask)
-        _check_same_region(n, matches, tmask)
+        _check_same_region(n, matches, tmask, int(target_dilation))
 
         comp = _fringe.composite(tgt.float(), wimg.float(), wm, tmask)
         comp_img = cv.bchw_to_image(comp)
-        # Same pixel/mask handling as ComfyUI's InpaintModelConditioning: centre-crop to multiples of 8.
-        pix = _images.center_crop_multiple(comp_img, 8, (1, 2))
-        d8, f8 = (_images.center_crop_multiple(m, 8, (1, 2)) for m in (dil, thin))
+        # Same pixel/mask handling as ComfyUI's InpaintModelConditioning: centre-crop to multiples of the VAE's ratio
+        # (8 for every supported model family; asked from the VAE, which crops to it anyway).
+        ratio = cv.vae_ratio(vae)
+        pix = _images.center_crop_multiple(comp_img, ratio, (1, 2))
+        d8, f8 = (_images.center_crop_multiple(m, ratio, (1, 2)) for m in (dil, thin))
         h8, w8 = int(pix.shape[1]), int(pix.shape[2])
         concat_latent = vae.encode(cv.bchw_to_image(_images.grey_out(pix.permute(0, 3, 1, 2), d8)))
         samples = vae.encode(pix)

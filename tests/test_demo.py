@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import registration_demo as demo  # tools/ is on sys.path (tests/conftest.py)
-from max4zero.warping import masks
+from max4zero.tensors import masks
 
 SIZE = 96
 SAMPLE_FILES = list(demo.SAMPLE_FILES)
@@ -202,7 +202,7 @@ def test_a_16_bit_greyscale_photo_and_mask_are_scaled_not_clipped(tmp_path: Path
 
 
 def test_writes_the_points_in_the_one_format_that_the_node_reads(sample_run: Path) -> None:
-    from max4zero.nodes.matches import Matches
+    from max4zero.registration.matches import Matches
 
     shipped = json.loads(SAMPLE_FILES[4].read_text())
     written = json.loads((sample_run / "points.json").read_text())
@@ -215,7 +215,7 @@ def test_writes_the_points_in_the_one_format_that_the_node_reads(sample_run: Pat
 
 def test_crop_points_land_where_crop_to_mask_puts_those_pixels(sample_run: Path) -> None:
     """A marker drawn at a target point on the full photo, cropped as Crop To Mask does, sits at the crop point."""
-    from max4zero.nodes import geometry
+    from max4zero.registration import crop as geometry
 
     doc = json.loads(SAMPLE_FILES[4].read_text())
     crop = json.loads((sample_run / "manual_points_crop512.json").read_text())

@@ -16,7 +16,7 @@ from max4zero.adapters.diffusers_processor import (  # noqa: E402
     token_grid,
 )
 from max4zero.attention.flow import AttentionCapture  # noqa: E402
-from max4zero.warping.masks import resize_to_grid  # noqa: E402
+from max4zero.tensors.masks import resize_to_grid  # noqa: E402
 
 LAT = 16  # latent side; up_blocks run at 4², 8², 16² tokens (latent/4, /2, /1)
 # Self-attention layers at latent/1 and latent/2 in the decoder: up_blocks.1 and up_blocks.2, two each.
@@ -323,7 +323,7 @@ def test_bad_use_raises_value_error(unet: UNet2DConditionModel) -> None:
     three = torch.stack([garment] * 3)
     handle = install_masked_extended_attention(unet, three, region)
     try:
-        with pytest.raises(ValueError, match="ref_key_mask has batch 3"):
+        with pytest.raises(ValueError, match=r"batch sizes differ \(ref_key_mask has 3, the target has 1\)"):
             _run(unet, x[:2], emb[:2])
     finally:
         handle.remove()

@@ -14,7 +14,7 @@ NEEDS_COMFY = {"nodes.features", "nodes.registration_nodes", "nodes.corresponden
                "nodes.crop_nodes", "nodes.mea_nodes", "nodes.extension", "nodes.sockets"}
 MODULES = sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts)
-    for folder in ("attention", "warping", "nodes", "adapters")
+    for folder in ("attention", "warping", "tensors", "registration", "nodes", "adapters")
     for p in (ROOT / folder).glob("*.py")
     if p.name != "__init__.py"
 )
@@ -34,7 +34,7 @@ def test_docstring_examples_run(name):
 
 def test_the_pure_core_has_examples():
     counted = 0
-    for name in ("attention.policy", "warping.shapes", "warping.images", "nodes.trace"):
+    for name in ("attention.policy", "tensors.shapes", "tensors.images", "nodes.trace"):
         module = importlib.import_module(f"max4zero.{name}")
         counted += sum(len(t.examples) for t in doctest.DocTestFinder().find(module, module.__name__))
     assert counted >= 15

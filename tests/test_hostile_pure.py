@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from max4zero.nodes import convert as cv
-from max4zero.nodes import geometry as geo
+from max4zero.registration import crop as geo
 from max4zero.nodes import notify
-from max4zero.nodes import registration as reg
-from max4zero.nodes.matches import Matches
-from max4zero.warping import masks as M
+from max4zero.registration import recipe as reg
+from max4zero.registration.matches import Matches
+from max4zero.tensors import masks as M
 from max4zero.warping import matching as mt
 
 
@@ -48,7 +48,7 @@ def test_empty_masks_are_not_a_problem_zero_mask_means_no_effect():
 
 def test_a_soft_mask_is_unusable():
     p = M.unusable_mask_problem(torch.full((1, 64, 64), 0.45), [(8, 8)], name="target_mask")
-    assert p.startswith("target_mask is soft: its largest value is 0.45") and "ThresholdMask" in p
+    assert p.startswith("target_mask is soft: no pixel above 0.5 (its largest value is 0.45)") and "ThresholdMask" in p
 
 
 def test_a_thin_line_that_vanishes_at_every_token_grid_is_unusable():
@@ -128,7 +128,7 @@ def test_mask_latent_problem_batch_and_aspect():
     assert cv.mask_latent_problem((2, 512, 512), (2, 4, 64, 64)) is None
     assert cv.mask_latent_problem((515, 512), (1, 4, 64, 64)) is None  # a bare [H, W]; within one cell
     p = cv.mask_latent_problem((3, 512, 512), (2, 4, 64, 64))
-    assert p.startswith("target_mask holds 3 masks but the latent being sampled is a batch of 2")
+    assert p.startswith("batch sizes differ (target_mask has 3, the latent being sampled has 2)")
     p = cv.mask_latent_problem((1, 256, 64), (1, 4, 8, 8))
     assert p.startswith("target_mask is 64x256 (aspect 0.25) but the latent is 8x8 cells (64x64 px, aspect 1.00)")
     assert "stretched" in p
@@ -197,7 +197,18 @@ def test_check_odd_and_widgets():
     def bad():
         raise cv.NodeInputError("N", "p", "f")
 
-    assert cv.validation_result(bad) == "N: p. f"
+    # raised, not returned: ComfyUI files a returned message under every input validate_inputs declares
+    with pytest.raises(cv.NodeInputError, match=r"^N: p\. f$"):
+        cv.validation_result(bad)
+    # every number widget is finite, with or without min/max
+    nums = [types.SimpleNamespace(id="x", options=None, min=None, max=None, io_type="FLOAT"),
+            types.SimpleNamespace(id="n", options=None, min=0, max=10, io_type="INT")]
+    for v in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(cv.NodeInputError, match=rf"N: x={v!r} is not a finite number\. give a finite number"):
+            cv.check_widgets("N", nums, {"x": v})
+        with pytest.raises(cv.NodeInputError, match=rf"N: n={v!r} is not a finite number\. give a number from 0 to 10"):
+            cv.check_widgets("N", nums, {"n": v})
+    cv.check_widgets("N", nums, {"x": -1e30, "n": 10})
 
 
 def test_placeholder_mask_is_recognised():
@@ -227,7 +238,7 @@ def test_crop_info_fingerprint_recognises_its_photo():
     p = geo.fingerprint_problem(info, b)
     assert p.startswith("crop_info was made from another 64x48 photo, not from original_image")
     assert "is 32x48 but crop_info was made from a 64x48 image" in geo.fingerprint_problem(info, a[..., :32])
-    assert "batch of 3" in geo.fingerprint_problem(
+    assert "batch sizes differ (original_image has 3, the photo crop_info was made from has 2)" in geo.fingerprint_problem(
         geo.CropInfo((48, 64), (0, 0, 48, 48), 32, fingerprint=geo.fingerprint(a.expand(2, -1, -1, -1))),
         a.expand(3, -1, -1, -1))
     legacy = geo.CropInfo((48, 64), (0, 0, 48, 48), 32)  # made without a fingerprint: only the size is compared

@@ -14,8 +14,8 @@ from max4zero.attention import policy
 from max4zero.nodes import mea_calls as calls
 from max4zero.nodes import mea_patch as mp
 from max4zero.nodes.mea_replace import Attn1Replace, CallRows, RefEntry
-from max4zero.warping import images
-from max4zero.nodes.matches import Matches
+from max4zero.tensors import images
+from max4zero.registration.matches import Matches
 from max4zero.attention.flow_view import render_flow_view, select_for_view
 from max4zero.attention.flow_view import mls_flow
 from max4zero.attention import reference as refpass

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from max4zero.nodes import convert as cv
-from max4zero.nodes import geometry as geo
-from max4zero.nodes import preview as pv
-from max4zero.warping.images import grey_out
-from max4zero.nodes import registration as reg
-from max4zero.nodes.matches import FORMAT, Matches
+from max4zero.registration import crop as geo
+from max4zero.registration import previews as pv
+from max4zero.tensors.images import grey_out
+from max4zero.registration import recipe as reg
+from max4zero.registration.matches import FORMAT, Matches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_pure_node_modules_do_not_import_comfy():
     code = (
         "import sys; sys.path.insert(0, %r); from pack_import import import_pack; import_pack()\n"
-        "import max4zero.nodes.convert, max4zero.nodes.geometry, max4zero.nodes.matches\n"
-        "import max4zero.nodes.registration, max4zero.nodes.preview\n"
+        "import max4zero.nodes.convert, max4zero.registration.crop, max4zero.registration.matches\n"
+        "import max4zero.registration.recipe, max4zero.registration.previews\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'nodes', 'folder_paths')]\n"
         "assert not bad, bad\n"
     ) % str(ROOT / "tools")

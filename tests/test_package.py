@@ -31,7 +31,7 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_core_never_imports_comfy_or_diffusers_at_top_level():
-    for folder in ("attention", "warping", "adapters"):
+    for folder in ("attention", "warping", "tensors", "registration", "adapters"):
         for path in (ROOT / folder).rglob("*.py"):
             mods = _imported_modules(path)
             assert "comfy" not in mods and "comfy_api" not in mods, path
@@ -46,7 +46,7 @@ def test_importing_the_pack_does_not_import_diffusers():
         "import sys; sys.path.insert(0, %r); from pack_import import import_pack; "
         "import_pack(); import max4zero.attention, max4zero.warping; "
         "import pkgutil, importlib\n"
-        "for m in ('attention', 'warping', 'adapters'):\n"
+        "for m in ('attention', 'warping', 'tensors', 'registration', 'adapters'):\n"
         "    pkg = importlib.import_module('max4zero.' + m)\n"
         "    for info in pkgutil.iter_modules(pkg.__path__):\n"
         "        if info.name != 'diffusers_processor':\n"

@@ -16,7 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Quotes of messages that come from ComfyUI or torch, not from the pack.
 FOREIGN = {
-    "Custom validation failed for node",  # ComfyUI's validation error around a node's validate_inputs message
+    "Exception when validating inner node",  # ComfyUI's words around a node's queue-time (validate_inputs) error
+    "Exception when validating node",  # the same for an output node
+    "Validation failed",  # frontend 1.49's title for it
     "expected input[…, 4, …] to have 3 channels",  # torch's convolution error in a core node
 }
 ANY = "\x00"
@@ -24,7 +26,7 @@ ANY = "\x00"
 
 def _templates() -> list[str]:
     out = []
-    for folder in ("nodes", "warping", "attention"):
+    for folder in ("nodes", "warping", "tensors", "registration", "attention"):
         for path in sorted((ROOT / folder).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if isinstance(node, ast.JoinedStr):

@@ -49,7 +49,8 @@ from pack_import import import_pack  # noqa: E402
 
 import_pack()
 from max4zero.attention import flow as fl  # noqa: E402
-from max4zero.warping import masks, mls  # noqa: E402
+from max4zero.tensors import masks  # noqa: E402
+from max4zero.warping import mls  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parent / "samples"

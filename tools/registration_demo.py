@@ -10,7 +10,7 @@ matching would produce are given by hand in a small JSON file, so nothing is dow
 
 Inputs: a person photo and its mask (white = region to repaint), a garment photo and its mask (white =
 garment), and ``points.json``, the control points in the pack's one control-point format (the format of
-MLS Warp's ``manual_points`` and of the Correspondence node's matches, ``nodes/matches.py``)::
+MLS Warp's ``manual_points`` and of the Correspondence node's matches, ``registration/matches.py``)::
 
     {"format": "max4zero-matches/1",
      "reference_size": [H, W],                   # size of the garment photo the points were picked on
@@ -110,10 +110,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack_import import import_pack  # noqa: E402
 
 import_pack()
-from max4zero.nodes import geometry  # noqa: E402  (pure: no ComfyUI import)
-from max4zero.nodes.matches import FORMAT as POINTS_FORMAT  # noqa: E402
-from max4zero.nodes.matches import Matches  # noqa: E402
-from max4zero.warping import fringe, masks, mls, point_checks  # noqa: E402
+from max4zero.registration import crop as geometry  # noqa: E402  (pure: no ComfyUI import)
+from max4zero.registration.matches import FORMAT as POINTS_FORMAT  # noqa: E402
+from max4zero.registration.matches import Matches  # noqa: E402
+from max4zero.tensors import masks  # noqa: E402
+from max4zero.warping import fringe, mls, point_checks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -341,7 +342,7 @@ def _read_old_format(doc: dict, path: Path, reference_size, target_size):
 
 
 def _read_format(doc, path: Path, reference_size, target_size):
-    """The one format (nodes/matches.py), parsed by the node's own parser. Returns (ref, tgt, labels, sizes)."""
+    """The one format (registration/matches.py), parsed by the node's own parser. Returns (ref, tgt, labels, sizes)."""
     try:
         m = Matches.from_json(doc, (reference_size[1], reference_size[0]), (target_size[1], target_size[0]))
     except ValueError as exc:

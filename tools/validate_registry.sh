@@ -123,7 +123,8 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 if os.environ.get("MAX4ZERO_PACK_LIST"):
     print("\n".join(sorted(names)))
 required = ["__init__.py", "pyproject.toml", "LICENSE", "README.md", "CHANGELOG.md", "docs/icon.png",
-            "nodes/extension.py", "attention/masked_extended.py", "warping/mls.py"]
+            "nodes/extension.py", "attention/masked_extended.py", "warping/mls.py", "tensors/masks.py",
+            "registration/recipe.py"]
 problems = [f"{r} is missing from the archive: check .comfyignore" for r in required if r not in names]
 problems += [f"{n} is in the archive: add its folder to .comfyignore" for n in names
              if n.split("/")[0] in ("tests", "bench", "tools", ".ci") or n.startswith("docs/screenshots/raw/")]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from . import masks as _masks
+from ..tensors import masks as _masks
 
 __all__ = ["fringe_masks", "composite", "latent_fringe_mask", "clear_latent_cells"]
 

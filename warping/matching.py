@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .shapes import as_hw
+from ..tensors.shapes import as_hw
 
 __all__ = [
     "NoMatchError",
@@ -64,7 +64,7 @@ def _grid_mask(mask: Optional[torch.Tensor], hw: tuple[int, int], name: str) -> 
     if tuple(m.shape) != tuple(hw):
         raise ValueError(
             f"{name} has shape {tuple(mask.shape)} but the feature grid is {hw[0]}x{hw[1]}: "
-            "resize the mask to the feature grid first (warping.masks.resize_to_grid)"
+            "resize the mask to the feature grid first (tensors.masks.resize_to_grid)"
         )
     if m.dtype != torch.bool:
         if m.is_floating_point() and torch.isnan(m).any():

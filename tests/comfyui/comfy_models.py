@@ -119,7 +119,7 @@ def boot(comfyui_path: str) -> dict[str, Any]:
 
 
 def pack_module(name: str = ""):
-    """A submodule of the pack AS COMFYUI LOADED IT (e.g. ``pack_module("nodes.geometry")``).
+    """A submodule of the pack AS COMFYUI LOADED IT (e.g. ``pack_module("registration.crop")``).
 
     The normal suite's ``max4zero.*`` (tests/conftest.py) is a second, separate copy of the same files:
     its classes are not the ones flowing through the graph (``isinstance`` across copies fails).

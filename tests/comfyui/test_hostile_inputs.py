@@ -556,3 +556,294 @@ def test_a_good_set_of_manual_points_gives_no_warning(comfy_env, pair, ui_text):
     g.capture(_warp(g, pair)[0], "x")
     run_prompt(g)
     assert ui_text.texts == []
+
+
+# ================================================================================================
+# Issue 18 (hostile round 2), the stage-1 side. Each case is a small data row (node, inputs, expected message) that a
+# real-server runner can replay; every test below fails on the code before issue 18.
+# ================================================================================================
+
+cm.register_object_type("MAX4ZERO_TRACE")
+
+
+def _pack_schemas() -> dict:
+    return {cls.define_schema().node_id: cls.define_schema() for cls in cm.pack_node_classes()}
+
+
+def _widget_defaults(schema) -> dict:
+    """Every widget of a node at its default (links are left out)."""
+    out = {}
+    for inp in schema.inputs:
+        if getattr(inp, "io_type", None) in ("INT", "FLOAT", "COMBO", "STRING", "BOOLEAN"):
+            default = getattr(inp, "default", None)
+            if default is None and getattr(inp, "options", None):
+                default = list(inp.options)[0]
+            if default is not None:
+                out[inp.id] = default
+    return out
+
+
+def _queue_only(node_id: str, **widgets) -> tuple[Graph, str]:
+    """A prompt with ``node_id`` at its widget defaults (``widgets`` override them), every link an object of the right
+    type, captured: for queue-time validation only (nothing is executed, so the objects can be placeholders)."""
+    schema = _pack_schemas()[node_id]
+    g = Graph()
+    inputs = _widget_defaults(schema)
+    for inp in schema.inputs:
+        if inp.id not in inputs and not getattr(inp, "optional", False):
+            inputs[inp.id] = g.obj(None, inp.io_type)
+    inputs.update(widgets)
+    n = g.node(node_id, **inputs)
+    out_types = [o.io_type for o in schema.outputs]
+    if out_types:
+        g.capture(n[0], "x")
+    return g, n.id
+
+
+def _queue_errors(g: Graph) -> dict:
+    """ComfyUI's queue-time verdict on a prompt: ``{node id: [error, ...]}`` (empty when it would be queued)."""
+    import asyncio
+    import uuid
+
+    import execution
+
+    ok, err, _, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), g.prompt(), None))
+    return {nid: e["errors"] for nid, e in node_errors.items()} if not ok or node_errors else {}
+
+
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def _number_rows() -> list[tuple[str, dict, str]]:
+    """item 4: every number widget of every node, NaN and ±inf (as the API delivers JSON NaN/Infinity)."""
+    rows = []
+    for node_id, schema in sorted(_pack_schemas().items()):
+        for inp in schema.inputs:
+            if getattr(inp, "io_type", None) in ("INT", "FLOAT"):
+                for v in NONFINITE:
+                    rows.append((node_id, {inp.id: v}, f"{NAMES[node_id]}: {inp.id}={v!r} is not a finite number"))
+    return rows
+
+
+#: item 4 and its neighbours: refused at queue time, once, with the node's message.
+QUEUE_TIME_ROWS = _number_rows() + [
+    ("MaX4ZeroFlowView", {"step_start": 0.8, "step_end": 0.2}, "MaX4Zero Leffa Flow View: step_start=0.8 is after "
+     "step_end=0.2: the view would use no recorded MEA evaluation. set step_start <= step_end"),
+    ("MaX4ZeroCorrespondence", {"outlier_threshold": 200.0}, "MaX4Zero Correspondence: outlier_threshold=200.0 is "
+     "outside 0.5..64.0. give a number from 0.5 to 64.0"),
+]
+
+
+def test_every_node_at_its_default_widgets_is_queued(comfy_env):
+    for node_id in _pack_schemas():
+        g, _ = _queue_only(node_id)
+        assert _queue_errors(g) == {}, node_id
+
+
+@pytest.mark.parametrize("node_id, widgets, message", QUEUE_TIME_ROWS,
+                         ids=[f"{r[0][8:]}-{'-'.join(f'{k}={v}' for k, v in r[1].items())}" for r in QUEUE_TIME_ROWS])
+def test_bad_numbers_are_refused_at_queue_time_once(comfy_env, node_id, widgets, message):
+    """Before: NaN passed ComfyUI's min/max check (every comparison with NaN is false) and the node failed late or
+    returned a black image; a refused widget was repeated under every input its node validates."""
+    g, nid = _queue_only(node_id, **widgets)
+    errors = _queue_errors(g)
+    assert list(errors) == [nid], errors
+    assert len(errors[nid]) == 1, [e["details"] for e in errors[nid]]  # once, not once per validated input
+    assert message in errors[nid][0]["details"], errors[nid][0]["details"]
+    assert errors[nid][0]["details"].count(NAMES[node_id] + ":") == 1
+    assert_names_real(node_id, errors[nid][0]["details"])
+
+
+STAGE1_NAN_ROWS = [r for r in QUEUE_TIME_ROWS if r[0] in NAMES and r[0] not in (
+    "MaX4ZeroMaskedExtendedAttention", "MaX4ZeroFlowView") and all(v != v for v in r[1].values())]
+
+
+@pytest.mark.parametrize("node_id, widgets, message", STAGE1_NAN_ROWS,
+                         ids=[f"{r[0][8:]}-{next(iter(r[1]))}" for r in STAGE1_NAN_ROWS])
+def test_a_bad_number_that_reaches_a_stage1_node_is_refused_with_the_same_message(comfy_env, pair, node_id, widgets,
+                                                                                  message):
+    """A value that bypassed queue time (validation off) gets the same message from the node, not a late error such as
+    Correspondence's "threshold … or None" for a NaN outlier_threshold."""
+    g = Graph()
+    g.capture(_node_with(g, pair, node_id, widgets)[0], "x")
+    err = _fails(g, validate=False)
+    assert err.node_type == node_id and err.message.startswith(message), err.message
+
+
+# ------------------------------------------------------------------------------------------------
+# item 3: one rule for every mask input of every node: a soft mask (nothing above 0.5) is refused, never ignored
+# ------------------------------------------------------------------------------------------------
+
+
+def _soft(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.45
+
+
+def _mea_node(g, pair, **masks):
+    inputs = dict(model=g.obj(cm.small_sd15_model(), "MODEL"), vae=g.obj(cm.small_vae(), "VAE"),
+                  reference=g.obj(pair["reference"], "IMAGE"), garment_mask=g.obj(pair["garment_mask"], "MASK"),
+                  target_mask=g.obj(pair["target_mask"], "MASK"), positive=g.obj(cm.conditioning(3), "CONDITIONING"),
+                  guidance="fused", s_mea=15.0, contrast=1.25, start=0.0, end=1.0,
+                  layers="decoder 1/16 + 1/8 (paper)", reference_seed=0, background="kept")
+    inputs.update({k: g.obj(v, "MASK") for k, v in masks.items()})
+    return g.node("MaX4ZeroMaskedExtendedAttention", **inputs)
+
+
+def _protect(pair) -> torch.Tensor:
+    m = torch.zeros_like(pair["target_mask"])
+    m[:, 30:40, 28:36] = 1.0  # a hand inside the target region
+    return m
+
+
+#: item 3: (node, mask input) → the mask to make soft; the message is "<node>: <input> is soft: ...".
+SOFT_MASK_ROWS = [
+    ("MaX4ZeroCorrespondence", "garment_mask"), ("MaX4ZeroCorrespondence", "target_mask"),
+    ("MaX4ZeroCorrespondence", "protect_mask"), ("MaX4ZeroMLSWarp", "garment_mask"),
+    ("MaX4ZeroDoubleMaskInpaint", "target_mask"), ("MaX4ZeroDoubleMaskInpaint", "warped_mask"),
+    ("MaX4ZeroDoubleMaskInpaint", "protect_mask"), ("MaX4ZeroCropToMask", "mask"), ("MaX4ZeroPasteBack", "mask"),
+    ("MaX4ZeroMaskedExtendedAttention", "garment_mask"), ("MaX4ZeroMaskedExtendedAttention", "target_mask"),
+]
+
+
+def _with_soft_mask(g, pair, node_id, name):
+    hard = {"garment_mask": pair["garment_mask"], "target_mask": pair["target_mask"], "protect_mask": _protect(pair),
+            "warped_mask": pair["target_mask"], "mask": pair["target_mask"]}[name]
+    soft = g.obj(_soft(hard), "MASK")
+    if node_id == "MaX4ZeroMaskedExtendedAttention":
+        return _mea_node(g, pair, **{name: _soft(hard)})
+    if node_id == "MaX4ZeroPasteBack":
+        c = _crop(g, pair["target"], pair["target_mask"])
+        return g.node("MaX4ZeroPasteBack", original_image=g.obj(pair["target"], "IMAGE"), generated_image=c[0],
+                      crop_info=c[2], mask=soft, feather=3)
+    if node_id == "MaX4ZeroCropToMask":
+        return _crop(g, pair["target"], soft)
+    return _node_with(g, pair, node_id, {name: soft})
+
+
+def test_the_soft_mask_rows_cover_every_mask_input_of_every_node(comfy_env):
+    every = {(nid, inp.id) for nid, s in _pack_schemas().items() for inp in s.inputs
+             if getattr(inp, "io_type", None) == "MASK"}
+    assert set(SOFT_MASK_ROWS) == every
+
+
+@pytest.mark.parametrize("node_id, name", SOFT_MASK_ROWS, ids=[f"{r[0][8:]}-{r[1]}" for r in SOFT_MASK_ROWS])
+def test_a_soft_mask_is_refused_on_every_mask_input(comfy_env, pair, node_id, name):
+    """Before: a soft protect_mask (max 0.45) gave a result bit-identical to no protect mask, a soft warped_mask was
+    taken as "nothing warped", and Paste Back called a soft mask empty; soft target and garment masks were refused."""
+    g = Graph()
+    g.capture(_with_soft_mask(g, pair, node_id, name)[0], "x")
+    err = _fails(g)
+    assert err.node_type == node_id, (err.node_type, err.message)
+    assert err.message.startswith(f"{NAMES[node_id]}: {name} is soft: no pixel above 0.5 (its largest value is 0.45)")
+    assert "ThresholdMask" in err.message
+    assert_names_real(node_id, err.message)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 6 (part): the "same region" check between Correspondence and Double-Mask Inpaint
+# ------------------------------------------------------------------------------------------------
+
+
+def _half(x: torch.Tensor, mask: bool = False) -> torch.Tensor:
+    """The same crop at half the size (what a second Crop To Mask at size/2 gives)."""
+    if mask:
+        return torch.nn.functional.interpolate(x[:, None], scale_factor=0.5, mode="bilinear")[:, 0]
+    return torch.nn.functional.interpolate(x.permute(0, 3, 1, 2), scale_factor=0.5, mode="bicubic",
+                                           antialias=True).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def big_pair():
+    return cm.synthetic_pair(128)
+
+
+def _region_case(g, p, corr_protect, double_protect, corr_half: bool, batch: int = 1):
+    """Correspondence (at the crop's size, or half of it) → MLS Warp → Double-Mask Inpaint at the crop's size."""
+    tgt, tm = p["target"], p["target_mask"]
+    c_tgt, c_tm = (_half(tgt), _half(tm, True)) if corr_half else (tgt, tm)
+    extra = {}
+    if corr_protect is not None:
+        extra["protect_mask"] = g.obj(_half(corr_protect, True) if corr_half else corr_protect, "MASK")
+    c = _correspondence(g, p, target_image=g.obj(c_tgt, "IMAGE"), target_mask=g.obj(c_tm, "MASK"), **extra)
+    w = g.node("MaX4ZeroMLSWarp", reference_image=g.obj(p["reference"], "IMAGE"),
+               garment_mask=g.obj(p["garment_mask"], "MASK"), target_image=g.obj(tgt, "IMAGE"), matches=c[0],
+               manual_points="", kind="affine", alpha=0.1, stride=8, sampling="bilinear")
+    dextra = {"protect_mask": g.obj(double_protect, "MASK")} if double_protect is not None else {}
+    b_tgt = tgt.expand(batch, -1, -1, -1).contiguous()
+    return g.node("MaX4ZeroDoubleMaskInpaint", positive=g.obj(cm.conditioning(1), "CONDITIONING"),
+                  negative=g.obj(cm.conditioning(2), "CONDITIONING"), vae=g.obj(cm.small_vae(), "VAE"),
+                  target_image=g.obj(b_tgt, "IMAGE"), target_mask=g.obj(tm, "MASK"), warped_image=w[0],
+                  warped_mask=w[1], target_dilation=13, fringe_dilation=19, matches=c[0], **dextra)
+
+
+def _hand(p, batch_items=(0,)) -> torch.Tensor:
+    m = torch.zeros(max(batch_items) + 1, *p["target_mask"].shape[-2:])
+    for b in batch_items:
+        m[b, 56:96, 52:92] = 1.0  # a 40x40 px hand inside the 128 px crop's target region (rows 48-111, cols 40-103)
+    return m
+
+
+#: item 6: (what, Correspondence's protect, Double-Mask's protect, Correspondence at half size, batch, expected)
+REGION_ROWS = [
+    ("half-size-consistent", "hand", "hand", True, 1, None),
+    ("half-size-no-protect-on-correspondence", None, "hand", True, 1,
+     "MaX4Zero Double-Mask Inpaint: the processed target mask differs from the one MaX4Zero Correspondence matched in"),
+    ("batch-item-1-differs", None, "hand-on-item-1", False, 2,
+     "MaX4Zero Double-Mask Inpaint: the processed target mask (batch item 1) differs from the one MaX4Zero "
+     "Correspondence matched in"),
+]
+
+
+@pytest.mark.parametrize("what, corr_protect, double_protect, corr_half, batch, expected", REGION_ROWS,
+                         ids=[r[0] for r in REGION_ROWS])
+def test_the_same_region_is_checked_at_another_crop_size_and_for_every_batch_item(
+        comfy_env, big_pair, what, corr_protect, double_protect, corr_half, batch, expected):
+    """Before: skipped when Correspondence ran at another size, and only batch item 0 was compared."""
+    masks = {None: None, "hand": _hand(big_pair), "hand-on-item-1": _hand(big_pair, (1,))}
+    g = Graph()
+    d = _region_case(g, big_pair, masks[corr_protect], masks[double_protect], corr_half, batch)
+    g.capture(d[4], "t")
+    if expected is None:
+        assert run_prompt(g)["t"].shape == (batch, 128, 128)
+        return
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroDoubleMaskInpaint" and err.message.startswith(expected), err.message
+    assert "give both nodes the same target_mask, protect_mask and target_dilation" in err.message
+    assert_names_real("MaX4ZeroDoubleMaskInpaint", err.message)
+
+
+# ------------------------------------------------------------------------------------------------
+# item 5: Paste Back tells crops of one photo apart, not only photos
+# ------------------------------------------------------------------------------------------------
+
+#: item 5: (which Crop To Mask's crop_info is connected, expected message or None). The generated image is made from
+#: crop "torso"; crop "face" is another box of the same person photo.
+PASTE_CROP_ROWS = [
+    ("torso", None),
+    ("face", "MaX4Zero Paste Back: generated_image was made from the crop of MaX4Zero Crop To Mask (node {torso}), but "
+             "crop_info comes from MaX4Zero Crop To Mask (node {face}), another crop of the same photo"),
+]
+
+
+@pytest.mark.parametrize("crop_info_of, expected", PASTE_CROP_ROWS, ids=[r[0] for r in PASTE_CROP_ROWS])
+def test_paste_back_refuses_the_crop_info_of_another_crop_of_the_same_photo(comfy_env, crop_info_of, expected):
+    """Before: accepted (the photo's fingerprint matches), and the torso's result landed over the face."""
+    person, person_mask, _, _ = _photos()
+    face = torch.zeros_like(person_mask)
+    face[:, 8:40, 20:52] = 1.0
+    g = Graph()
+    photo = g.obj(person, "IMAGE")
+    crops = {"torso": _crop(g, photo, person_mask), "face": _crop(g, photo, face)}  # one Load Image, two crops
+    generated = g.node("ImageInvert", image=crops["torso"][0])  # stands in for the stage-2 decode of the torso crop
+    paste = g.node("MaX4ZeroPasteBack", original_image=photo, generated_image=generated[0],
+                   crop_info=crops[crop_info_of][2], mask=crops["torso"][1], feather=3)
+    g.capture(paste[0], "out")
+    if expected is None:
+        assert run_prompt(g)["out"].shape == person.shape
+        return
+    err = _fails(g)
+    assert err.node_type == "MaX4ZeroPasteBack"
+    assert err.message.startswith(expected.format(torso=crops["torso"].id, face=crops["face"].id)), err.message
+    assert f"connect the crop_info output of MaX4Zero Crop To Mask (node {crops['torso'].id}) to crop_info" \
+        in err.message
+    assert_names_real("MaX4ZeroPasteBack", err.message)

@@ -65,7 +65,7 @@ def test_an_empty_mask_is_still_plain_sampling_and_says_so_on_the_node(comfy_env
     assert any("target mask is empty" in t and "plain sampling" in t for t in said), ui_text.texts
 
 
-@pytest.mark.parametrize("mask_shape, needle", [((1, 256, 64), "would be stretched"), ((3, SIZE, SIZE), "holds 3 masks")])
+@pytest.mark.parametrize("mask_shape, needle", [((1, 256, 64), "would be stretched"), ((3, SIZE, SIZE), "target_mask has 3")])
 def test_target_mask_that_does_not_fit_the_latent_is_refused_before_the_first_step(comfy_env, small_sd15_model,
                                                                                     small_vae, pair, mask_shape, needle):
     """Before: a 256x64 mask was stretched over a square latent silently; a batch mismatch failed inside the UNet."""

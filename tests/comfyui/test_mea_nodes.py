@@ -469,7 +469,7 @@ def test_neutralised_background_makes_reference_outside_garment_irrelevant(comfy
 
 
 def test_flow_view_outputs_and_recording_only_when_connected(comfy_env, small_sd15_model, small_vae, pair):
-    from max4zero.nodes.matches import Matches
+    from max4zero.registration.matches import Matches
 
     model = small_sd15_model()
     g = Graph()

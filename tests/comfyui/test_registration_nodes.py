@@ -401,7 +401,7 @@ def test_two_stage_pipeline_with_stock_ksampler_advanced(comfy_env, small_vae, b
     final = r["final"]
     assert final.shape == photo.shape and torch.isfinite(final).all()
     # outside the target mask (mapped back from the crop) the photo is returned bit for bit
-    geo = cm.pack_module("nodes.geometry")
+    geo = cm.pack_module("registration.crop")
     full = geo.uncrop_mask(r["tmask"][:, None], r["info"])[:, 0] > 0.5
     assert torch.equal(final[~full.expand(batch, -1, -1)], photo[~full.expand(batch, -1, -1)])
     assert not torch.equal(final, photo)
@@ -465,7 +465,7 @@ def test_feature_passes_of_identical_images_see_independent_noise(comfy_env, sma
     model = cm.small_sd15_model(inpaint=True)
     draws = 1 if mode == "paper" else 2
     # the node erodes the garment mask by 1 px: give the target that eroded mask, so the two passes match
-    eroded = cm.pack_module("warping.masks").erode(pair["garment_mask"] > 0.5, 3).float()
+    eroded = cm.pack_module("tensors.masks").erode(pair["garment_mask"] > 0.5, 3).float()
     runs = []
     for _ in range(2):
         with _UNetInputs(model) as rec:
@@ -576,3 +576,51 @@ def test_stage1_fringe_starts_from_pure_noise(comfy_env, small_vae, pair):
         out = res["out"]["samples"]
         assert torch.allclose(out[~inside], res["latent"]["samples"][~inside], atol=1e-4)
         assert (out[inside] - res["latent"]["samples"][inside]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# the VAE's ratio (issue 17: the stage-1 nodes ask the VAE, as the MEA node does, instead of assuming 8)
+# ------------------------------------------------------------------------------------------------
+
+
+class _Ratio16Vae:
+    """A VAE with 16 image pixels per latent cell (as a deeper autoencoder has): the small SD VAE on the image
+    halved. Only what the stage-1 nodes call."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def spacial_compression_encode(self):
+        return 16
+
+    def encode(self, pixels):
+        half = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 2).movedim(1, -1)
+        return self.vae.encode(half.contiguous())
+
+
+def test_double_mask_inpaint_crops_to_the_vae_ratio(comfy_env, small_vae, pair):
+    """Before: centre-cropped to multiples of 8 whatever the VAE, so a 200 px target gave F on a 200 px grid for a
+    12-cell latent ("the VAE's latent does not fit the image")."""
+    tgt = torch.nn.functional.interpolate(pair["target"].movedim(-1, 1), size=(200, 200)).movedim(1, -1).contiguous()
+    tm = torch.nn.functional.interpolate(pair["target_mask"][:, None], size=(200, 200))[:, 0]
+    wm = torch.zeros_like(tm)
+    wm[:, 80:150, 70:140] = 1.0
+    g = Graph()
+    d = g.node("MaX4ZeroDoubleMaskInpaint", positive=g.obj(cm.conditioning(1), "CONDITIONING"),
+               negative=g.obj(cm.conditioning(2), "CONDITIONING"), vae=g.obj(_Ratio16Vae(small_vae), "VAE"),
+               target_image=g.obj(tgt, "IMAGE"), target_mask=g.obj(tm, "MASK"), warped_image=g.obj(tgt, "IMAGE"),
+               warped_mask=g.obj(wm, "MASK"), target_dilation=13, fringe_dilation=19)
+    g.capture(d[2], "latent")
+    g.capture(d[0], "positive")
+    r = run_prompt(g)
+    assert r["latent"]["samples"].shape[-2:] == (12, 12) and r["latent"]["noise_mask"].shape[-2:] == (12, 12)
+    assert r["positive"][0][1]["concat_mask"].shape[-2:] == (192, 192)  # 12 cells of 16 px
+
+
+def test_correspondence_draws_feature_noise_at_the_vae_ratio(comfy_env, small_vae, pair):
+    """Before: the DIFT pass drew noise for an 8 px latent cell, so a 16 px VAE's latent did not match it."""
+    g = Graph()
+    c = _correspondence(g, cm.small_sd15_model(inpaint=False), _Ratio16Vae(small_vae), pair, mode="dift", ensemble=1)
+    g.capture(c[0], "m")
+    m = run_prompt(g)["m"]
+    assert len(m) > 0 and tuple(m.target_size) == (SIZE, SIZE)

@@ -12,7 +12,7 @@ Writes into ``example_inputs/`` (shipped in the registry archive, under the name
   colours), the control image of the LoRA + ControlNet workflow.
 
 and next to this file ``points.json``: hand-chosen control-point pairs, garment (reference) → person
-(target), in the pack's one control-point format (MLS Warp's ``manual_points``; ``nodes/matches.py``).
+(target), in the pack's one control-point format (MLS Warp's ``manual_points``; ``registration/matches.py``).
 
 Only Pillow is needed. The person photo is not drawn: see README.md in this folder for where it comes from.
 """

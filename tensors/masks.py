@@ -1,20 +1,27 @@
-"""Mask helpers: resize to a token grid, square erode/dilate, padded bounding boxes.
+"""Masks: the one normaliser every mask input goes through, morphology, token grids, and the checks that say
+why a mask selects nothing.
 
 Conventions shared by every function here:
 
-* Layouts: a mask is ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``.
-* Values: ``bool`` masks are taken as they are; any other dtype is "on" where ``mask > 0.5``
-  (so float 0/1, float soft masks and uint8 0/1 or 0/255 all work).
+* Layouts: a mask is ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]``; :func:`mask_layout` is the one parser of
+  them (an image-shaped tensor, NaN or a non-tensor is refused with what to do).
+* Values: a mask is on where it is above :data:`ON_ABOVE` (0.5); ``bool`` masks are taken as they are, uint8
+  0/255 masks are scaled to 0/1 (:func:`mask_values`). A mask whose largest value is at most :data:`EMPTY_BELOW`
+  is empty; one above it with nothing on is *soft* and refused wherever a mask is used (:func:`soft_mask_problem`),
+  never taken as empty.
 * Cost: :func:`dilate` and :func:`erode` are separable running counts, so their cost per pixel does not
   grow with the kernel (``bench/bench_masks.py`` compares them with the ``max_pool2d`` formulation).
 * Return rule: a mask comes back in the **same layout and dtype as the input**, with values
   exactly 0/1 (``False``/``True`` for bool). Only the spatial size may change
   (:func:`resize_to_grid`). ComfyUI ``MASK`` tensors (``[B, H, W]`` float32) therefore round-trip.
+
+Problems are :class:`MaskError` (a ``ValueError`` with ``problem`` and ``fix``) or ``(problem, fix)`` pairs; a
+host puts its own name in front (``nodes/convert.py: NodeInputError``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +31,93 @@ from .shapes import as_hw, halved
 #: docs/method.md §1: the garment mask is eroded by 1 px, a 3×3 square, everywhere it is used.
 GARMENT_EROSION = 3
 
+#: A mask is on where its value is above this, for every mask input of every node.
+ON_ABOVE = 0.5
+#: A mask whose largest value is at most this counts as empty (noise from 8-bit files or resizing), so "zero mask =
+#: no effect" still holds for it; above it, a mask with nothing above :data:`ON_ABOVE` is *soft*.
+EMPTY_BELOW = 0.05
+
 __all__ = [
     "GARMENT_EROSION",
+    "ON_ABOVE",
+    "EMPTY_BELOW",
+    "MaskError",
+    "sentence",
+    "mask_layout",
+    "mask_values",
+    "usable_mask",
+    "binary_mask",
+    "soft_mask_problem",
+    "empty_mask_problem",
+    "eroded_away_problem",
     "to_bool",
     "resize_to_grid",
     "erode",
     "dilate",
     "bbox",
+    "token_grids",
+    "unusable_mask_problem",
+    "inverted_mask_problem",
 ]
+
+
+class MaskError(ValueError):
+    """A mask that cannot be used: ``problem`` names the input and says what is wrong, ``fix`` what to do."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        self.problem, self.fix = problem, fix
+        super().__init__(sentence(problem, fix))
+
+
+def sentence(problem: str, fix: str = "") -> str:
+    """``problem`` and ``fix`` as the one sentence a message shows (the pack's error style: "problem. fix")."""
+    problem = problem.rstrip(". ")
+    return f"{problem}. {fix}" if fix else f"{problem}."
+
+
+def mask_layout(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """The one parser of mask layouts: ``[H, W]``, ``[B, H, W]`` or ``[B, 1, H, W]`` → a ``[B, 1, H, W]`` view.
+
+    Raises:
+        MaskError: not a tensor, an image-shaped tensor (``[B, H, W, C]``), another rank, or NaN values.
+
+    >>> mask_layout(torch.zeros(4, 5)).shape, mask_layout(torch.zeros(2, 1, 4, 5)).shape
+    (torch.Size([1, 1, 4, 5]), torch.Size([2, 1, 4, 5]))
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise MaskError(f"{name} is a {type(mask).__name__}, not a mask tensor",
+                        f"give a MASK ([H, W], [B, H, W] or [B, 1, H, W]; e.g. from a segmenter or Load Image's mask) "
+                        f"as '{name}'")
+    if mask.ndim == 2:
+        b4 = mask[None, None]
+    elif mask.ndim == 3:
+        b4 = mask[:, None]
+    elif mask.ndim == 4 and mask.shape[1] == 1:
+        b4 = mask
+    elif mask.ndim == 4 and mask.shape[-1] in (1, 3, 4):
+        raise MaskError(f"{name} has shape {tuple(mask.shape)}, which is an IMAGE, not a MASK (a multi-channel image "
+                        "is not a mask)", "convert it with 'Convert Image to Mask' (pick a channel) first")
+    else:
+        raise MaskError(f"{name} has shape {tuple(mask.shape)}, expected a MASK [batch, height, width]",
+                        "give [H, W], [B, H, W] or [B, 1, H, W] (a multi-channel image is not a mask: take one "
+                        "channel first)")
+    if b4.is_floating_point() and torch.isnan(b4).any():
+        raise MaskError(f"{name} contains NaN values", "check the node that produced it")
+    return b4
+
+
+def mask_values(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """Any mask layout and dtype → float32 ``[B, H, W]``, values kept (soft values too).
+
+    ``bool`` → 0/1; an integer mask is divided by 255 when it is uint8 with values above 1 (0/255 files), else taken
+    as it is. Raises :class:`MaskError` as :func:`mask_layout` does.
+    """
+    m = mask_layout(mask, name)[:, 0]
+    if m.dtype == torch.bool:
+        m = m.float()
+    elif not m.is_floating_point():
+        m = m.float() / (255.0 if mask.dtype == torch.uint8 and m.max() > 1 else 1.0)
+    return m.float()
 
 
 def _layout(mask: torch.Tensor, name: str = "mask") -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -39,22 +125,8 @@ def _layout(mask: torch.Tensor, name: str = "mask") -> tuple[torch.Tensor, Calla
 
     The restore function takes a bool ``[B, 1, h, w]`` tensor (``h, w`` may differ from the input's).
     """
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}: convert it with torch.as_tensor")
-    if mask.ndim == 2:
-        b4 = mask[None, None]
-    elif mask.ndim == 3:
-        b4 = mask[:, None]
-    elif mask.ndim == 4 and mask.shape[1] == 1:
-        b4 = mask
-    else:
-        raise ValueError(
-            f"{name} has shape {tuple(mask.shape)}; expected [H, W], [B, H, W] or [B, 1, H, W] "
-            "(a multi-channel image is not a mask: take one channel first)"
-        )
-    if mask.is_floating_point() and torch.isnan(b4).any():
-        raise ValueError(f"{name} contains NaN: check the node that produced it")
-    on = b4 if b4.dtype == torch.bool else b4 > 0.5
+    b4 = mask_layout(mask, name)
+    on = b4 if b4.dtype == torch.bool else b4 > ON_ABOVE
     ndim, dtype = mask.ndim, mask.dtype
 
     def restore(out: torch.Tensor) -> torch.Tensor:
@@ -65,6 +137,81 @@ def _layout(mask: torch.Tensor, name: str = "mask") -> tuple[torch.Tensor, Calla
         return out if dtype == torch.bool else out.to(dtype)
 
     return on, restore
+
+
+def _which(name: str, b: int, batch: int) -> str:
+    return f"{name} (batch item {b})" if batch > 1 else name
+
+
+def soft_mask_problem(mask: torch.Tensor, name: str = "mask") -> Optional[tuple[str, str]]:
+    """``(problem, fix)`` when a batch item of ``mask`` is soft (largest value above :data:`EMPTY_BELOW`, none above
+    :data:`ON_ABOVE`): it would select nothing without a word. None otherwise (empty items are not soft).
+
+    >>> soft_mask_problem(torch.full((4, 4), 0.45))[0]
+    'mask is soft: no pixel above 0.5 (its largest value is 0.45), and a mask counts only where it is above 0.5, so it selects nothing'
+    >>> soft_mask_problem(torch.zeros(4, 4)) is None
+    True
+    """
+    m = mask_values(mask, name)
+    B = m.shape[0]
+    for b in range(B):
+        peak = float(m[b].max()) if m[b].numel() else 0.0
+        if peak > EMPTY_BELOW and not bool((m[b] > ON_ABOVE).any()):
+            return (f"{_which(name, b, B)} is soft: no pixel above {ON_ABOVE} (its largest value is {peak:.2f}), and "
+                    f"a mask counts only where it is above {ON_ABOVE}, so it selects nothing",
+                    "connect a hard mask (white = inside), or threshold this one first (ThresholdMask with a value "
+                    "below its level, e.g. 0.25)")
+    return None
+
+
+def usable_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """The normaliser every mask input goes through: :func:`mask_values` (float32 ``[B, H, W]``, values kept), and a
+    soft batch item refused (:func:`soft_mask_problem`). Empty items pass: whether an input may be empty is the
+    caller's rule (zero mask = no effect, or :func:`empty_mask_problem`).
+
+    Raises:
+        MaskError: a bad layout, NaN, or a soft batch item.
+    """
+    m = mask_values(mask, name)
+    soft = soft_mask_problem(m, name)
+    if soft:
+        raise MaskError(*soft)
+    return m
+
+
+def binary_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    """:func:`usable_mask` binarised: bool ``[B, 1, H, W]`` (on = above :data:`ON_ABOVE`; a bool mask as it is)."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        return mask_layout(mask, name)
+    return usable_mask(mask, name)[:, None] > ON_ABOVE
+
+
+#: Load Image's MASK output for an image without an alpha channel: ``torch.zeros(64, 64)``.
+PLACEHOLDER_HW = (64, 64)
+
+
+def empty_mask_problem(mask: torch.Tensor, name: str = "mask", what: str = "the region") -> Optional[tuple[str, str]]:
+    """``(problem, fix)`` when no pixel of ``mask`` (any batch item) is on, for an input that must select something;
+    a soft mask is told apart from an empty one. None otherwise."""
+    m = mask_values(mask, name)
+    if bool((m > ON_ABOVE).any()):
+        return None
+    soft = soft_mask_problem(m, name)
+    if soft:
+        return soft
+    hint = ""
+    if tuple(m.shape[-2:]) == PLACEHOLDER_HW:
+        hint = " (a 64x64 empty mask is what Load Image gives for an image without alpha: load the mask itself)"
+    return f"{name} is empty (no pixel above {ON_ABOVE})", f"connect a mask that covers {what} (white = inside){hint}"
+
+
+def eroded_away_problem(name: str = "garment_mask", kernel: int = 3, batch_item: Optional[int] = None
+                        ) -> tuple[str, str]:
+    """``(problem, fix)`` for a mask that the ``kernel`` × ``kernel`` erosion removes entirely (a thin line)."""
+    which = name if batch_item is None else f"{name} (batch item {batch_item})"
+    px = int(kernel) // 2
+    return (f"{which} vanishes after the {px}-pixel erosion (it is only a thin line), so it selects nothing",
+            "connect a mask that covers the whole garment, or widen it (GrowMask)")
 
 
 def to_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -219,13 +366,8 @@ def _grow(lo: int, hi: int, side: int, limit: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Hostile-input detectors (issue 13). Each returns a sentence saying what is wrong and what to do,
-# or None; the nodes put their own name in front and decide whether it is an error or a warning.
-
-#: A mask whose largest value is at most this counts as empty (noise from 8-bit files or resizing),
-#: so "zero mask = no effect" still holds for it; above it, a mask with nothing > 0.5 is "soft".
-EMPTY_BELOW = 0.05
-
+# Detectors of masks that would make a silent no-op. Each returns a sentence saying what is wrong and what to
+# do, or None; the nodes put their own name in front and decide whether it is an error or a warning.
 
 def token_grids(hw: Sequence[int], levels: Sequence[int], ratio: int = 8) -> list[tuple[int, int]]:
     """The token grids ``(h, w)`` of an image of size ``hw`` at UNet grid ``levels`` (docs/method.md §3b).
@@ -238,19 +380,6 @@ def token_grids(hw: Sequence[int], levels: Sequence[int], ratio: int = 8) -> lis
     """
     h, w = max(1, int(hw[0]) // int(ratio)), max(1, int(hw[1]) // int(ratio))
     return [halved((h, w), level) for level in sorted({int(v) for v in levels})]
-
-
-def _items(mask: torch.Tensor) -> torch.Tensor:
-    """Any mask layout → float ``[B, H, W]`` (values kept)."""
-    if mask.ndim == 2:
-        m = mask[None]
-    elif mask.ndim == 4 and mask.shape[1] == 1:
-        m = mask[:, 0]
-    elif mask.ndim == 3:
-        m = mask
-    else:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected [H, W], [B, H, W] or [B, 1, H, W]")
-    return m.float()
 
 
 def unusable_mask_problem(
@@ -279,25 +408,21 @@ def unusable_mask_problem(
     Returns:
         One sentence (problem, then what to do), or None.
     """
-    m = _items(mask)
+    m = mask_values(mask, name)
     B = m.shape[0]
     for b in range(B):
         x = m[b]
         peak = float(x.max()) if x.numel() else 0.0
         if peak <= EMPTY_BELOW:
             continue  # empty: the contract, not a problem
-        which = f"{name} (batch item {b})" if B > 1 else name
-        on = x > 0.5
+        which = _which(name, b, B)
+        on = x > ON_ABOVE
         if not bool(on.any()):
-            return (f"{which} is soft: its largest value is {peak:.2f} and a mask counts only where it is above 0.5, "
-                    "so it selects nothing. Connect a hard mask (white = inside), or threshold this one first "
-                    "(ThresholdMask with a value below its level, e.g. 0.25)")
+            return sentence(*soft_mask_problem(x, which))
         if erode_kernel > 1:
             on = erode(on, int(erode_kernel))
             if not bool(on.any()):
-                px = int(erode_kernel) // 2
-                return (f"{which} vanishes after the {px}-pixel erosion (it is only a thin line), so it selects "
-                        "nothing. Connect a mask that covers the whole garment, or widen it (GrowMask)")
+                return sentence(*eroded_away_problem(name, int(erode_kernel), b if B > 1 else None))
         grids = [tuple(int(s) for s in g) for g in grid_sizes]
         if grids and not any(bool(resize_to_grid(on, g).any()) for g in grids):
             listed = ", ".join(f"{gw}x{gh}" for gh, gw in grids)
@@ -320,7 +445,7 @@ def inverted_mask_problem(mask: torch.Tensor, name: str = "mask") -> "str | None
     >>> inverted_mask_problem(m) is None, inverted_mask_problem(1 - m) is not None
     (True, True)
     """
-    m = _items(mask) > 0.5
+    m = mask_values(mask, name) > ON_ABOVE
     B, H, W = m.shape
     if H < 3 or W < 3:
         return None
@@ -336,7 +461,7 @@ def inverted_mask_problem(mask: torch.Tensor, name: str = "mask") -> "str | None
         x = m[b]
         if not bool(x.any()):
             continue
-        which = f"{name} (batch item {b})" if B > 1 else name
+        which = _which(name, b, B)
         on_border = float(x[border].float().mean())
         on_centre = float(x[centre].float().mean())
         cover = float(x.float().mean())

@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..warping import masks as _masks
+from ..tensors import masks as _masks
+from ..tensors.shapes import batch_problem
 
 __all__ = ["CropInfo", "square_box", "crop", "crop_mask", "uncrop_mask", "paste", "fingerprint", "fingerprint_problem"]
 
@@ -90,9 +91,9 @@ def fingerprint_problem(info: "CropInfo", image: torch.Tensor, name: str = "orig
     if ref is None:
         return None
     cur = fingerprint(image)
-    if ref.shape[0] != cur.shape[0] and 1 not in (ref.shape[0], cur.shape[0]):
-        return (f"{name} is a batch of {cur.shape[0]} but crop_info was made from a batch of {ref.shape[0]}, so it "
-                "belongs to another image")
+    batch = batch_problem({name: cur.shape[0], "the photo crop_info was made from": ref.shape[0]})
+    if batch:
+        return f"{batch[0]}, so crop_info belongs to another image"
     diff = (cur - ref).abs().mean(dim=(1, 2, 3))
     worst = float(diff.max())
     if worst > FINGERPRINT_TOLERANCE:

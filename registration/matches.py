@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from ..warping.shapes import as_hw
+from ..tensors.shapes import as_hw
 
 __all__ = ["Matches", "FORMAT"]
 

@@ -1,33 +1,144 @@
-"""Stage-1 glue between the nodes and ``warping/``: masks at the feature grid, features → matches,
-matches → MLS warp, and the double mask. Pure torch (no ComfyUI import), tested in the normal suite.
+"""Stage 1's recipe (docs/method.md §1-§2): every constant and rule of the initial registration, in one place.
+
+* the feature pass (§2a): the timesteps (:data:`PAPER_T` = 981, :data:`DIFT_T` = 261), what each mode shows the UNet
+  (:class:`FeatureSpec`, :func:`paper_masked_image`, :func:`dift_mask_channel`), the working size
+  (:func:`work_size`), the decoder grid read (:func:`feature_grid`) and the noise draw (:func:`feature_noise`);
+* the masks at the feature grid with the keep-thin fallback (:func:`grid_mask`) and the processed target mask
+  (:func:`prepare_target_mask`);
+* features → matches → control points (:func:`matches_from_features`), the MLS warp (:func:`warp_garment`) and
+  the double mask (:func:`double_mask`).
+
+The UNet forward itself goes through the host (``nodes/features.py`` runs it on a ComfyUI ``MODEL``); everything it
+feeds the UNet is decided here. Pure torch (no ComfyUI import), tested in the normal suite.
 
 Layouts: images ``[B, C, H, W]``, masks ``[B, H, W]`` float unless stated.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
+from ..tensors import masks as _masks
+from ..tensors.images import grey_out, to_rgb
+from ..tensors.shapes import halved
 from ..warping import fringe as _fringe
-from ..warping import masks as _masks
 from ..warping import matching as _matching
 from ..warping import mls as _mls
 from .matches import Matches
-from .preview import grid_lines
+from .previews import grid_lines
 
 __all__ = [
+    "PAPER_T", "DIFT_T", "FEATURE_MODES", "DRAWS_PER_CALL", "FeatureSpec", "feature_draws", "schedule_fraction",
+    "work_size", "resize_image", "feature_input", "feature_grid", "paper_masked_image", "dift_mask_channel",
     "OUTLIER_FILTERS", "CONTROL_POINT_MODES", "MLS_KINDS", "SAMPLINGS", "FEATURE_STRIDE",
-    "grid_mask", "matches_from_features", "warp_garment", "double_mask", "feature_noise",
-    "far_points_problem",
+    "grid_mask", "matches_from_features", "warp_garment", "prepare_target_mask", "region_left_problem",
+    "region_mismatch_problem", "eroded_garment_mask", "double_mask", "feature_noise", "far_points_problem",
 ]
 
+PAPER_T = 981  # first step of 50 DDIM "leading" steps
+DIFT_T = 261
+#: Correspondence's ``mode`` choices: the paper's pure-noise inpainting pass, or DIFT's noised clean image.
+FEATURE_MODES = ("paper", "dift")
+#: The UNet runs at most this many of DIFT's ensemble draws per forward (memory).
+DRAWS_PER_CALL = 4
 OUTLIER_FILTERS = ("ransac", "none")
 CONTROL_POINT_MODES = ("random", "deterministic", "all")
 MLS_KINDS = _mls.KINDS
 SAMPLINGS = ("bilinear", "nearest")
 FEATURE_STRIDE = 16  # image pixels per feature token (decoder features at 1/16)
+
+
+# --------------------------------------------------------------------------------------------
+# §2a the feature pass
+
+
+@dataclass
+class FeatureSpec:
+    """What the feature pass computes; ``t`` is the discrete timestep (0..999)."""
+
+    mode: str  # "paper" | "dift"
+    t: int
+    ensemble: int = 1
+    seed: int = 0
+
+    @classmethod
+    def for_mode(cls, mode: str, ensemble: int = 1, seed: int = 0) -> "FeatureSpec":
+        """The method's spec for ``mode``: paper at t = 981 with one draw, DIFT at t = 261 over ``ensemble`` draws."""
+        return cls(mode=mode, t=PAPER_T if mode == "paper" else DIFT_T,
+                   ensemble=int(ensemble) if mode == "dift" else 1, seed=int(seed))
+
+
+def feature_draws(spec: FeatureSpec) -> int:
+    """Noise draws per image: 1 in paper mode, the ensemble size (≥ 1) in DIFT mode."""
+    return max(1, int(spec.ensemble)) if spec.mode == "dift" else 1
+
+
+def schedule_fraction(t: int) -> float:
+    """The schedule fraction of discrete timestep ``t`` (σ = ``percent_to_sigma`` of it).
+
+    Via the fraction so continuous-sigma samplings (EDM, v-pred EDM) work too; for the usual discrete 1000-step
+    schedule it gives exactly σ(t).
+    """
+    return 1.0 - t / 999.0
+
+
+def work_size(h: int, w: int) -> tuple[int, int]:
+    """The image size features are computed at: each side rounded to a multiple of 16 (≥ 64)."""
+    return max(64, int(round(h / 16)) * 16), max(64, int(round(w / 16)) * 16)
+
+
+def resize_image(img: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """``[B, C, H, W]`` → ``hw`` (bicubic, antialiased when shrinking); no-op when already that size."""
+    if tuple(img.shape[-2:]) == hw:
+        return img
+    down = hw[0] < img.shape[-2] or hw[1] < img.shape[-1]
+    return F.interpolate(img.float(), size=hw, mode="bicubic", align_corners=False, antialias=down).clamp(0, 1)
+
+
+def feature_input(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """One image and its own mask as the feature pass takes them: RGB at :func:`work_size`, the mask resized there
+    by nearest neighbour (float 0/1).
+
+    Args:
+        image: ``[1, C, H, W]`` in 0..1 (grey is repeated to RGB, alpha dropped).
+        mask: ``[1, H, W]``.
+
+    Returns:
+        ``(image [1, 3, h, w], mask [1, h, w], (h, w))``.
+    """
+    work = work_size(*image.shape[-2:])
+    rgb = to_rgb(image)
+    m_w = _masks.resize_to_grid(mask > 0.5, work).float()
+    return resize_image(rgb, work), m_w, work
+
+
+def feature_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The token grid of the features read: decoder block 1 (DIFT's ``up_ft_index = 1``), 1/16 of the image, i.e.
+    the latent grid halved once.
+
+    >>> feature_grid((64, 48))
+    (32, 24)
+    """
+    return halved(latent_hw)
+
+
+def paper_masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Paper mode's masked-image channels, before the VAE: the image with its own mask set to 0.5 grey.
+
+    image ``[1, 3, H, W]``, mask ``[1, H, W]``; returns ``[1, 3, H, W]``. The mask channel is the mask itself.
+    """
+    return grey_out(image, mask)
+
+
+def dift_mask_channel(hw: tuple[int, int]) -> torch.Tensor:
+    """DIFT mode on an inpainting UNet: an all-zero mask channel ``[1, 1, H, W]`` (with the clean image as masked
+    image, the UNet reconstructs the image itself)."""
+    return torch.zeros((1, 1, int(hw[0]), int(hw[1])))
 
 
 def feature_noise(shapes, draws: int, seed: int) -> list[torch.Tensor]:
@@ -163,6 +274,65 @@ def prepare_target_mask(
     if protect_mask is not None:
         t = t & ~(protect_mask > 0.5)
     return _masks.dilate(t, int(target_dilation))
+
+
+def region_left_problem(processed: torch.Tensor) -> Optional[tuple[str, str]]:
+    """``(problem, fix)`` when the processed target mask (:func:`prepare_target_mask`) is empty although the target
+    mask was not: the protect mask removed the whole try-on region, so the photo would come back unchanged."""
+    if bool((processed > _masks.ON_ABOVE).any()):
+        return None
+    return ("protect_mask covers the whole target_mask: nothing is left to repaint, so the result would be the input "
+            "photo unchanged", "protect_mask should cover only what must be kept inside the region (hands, hair, "
+            "objects), white = keep; check that it is not inverted, or disconnect it")
+
+
+def region_mismatch_problem(region: torch.Tensor, target: torch.Tensor, target_dilation: int = 13) -> Optional[str]:
+    """Why ``target`` is not the region the correspondence matched in (docs/method.md §1: one processed mask), or None.
+
+    Args:
+        region: bool ``[h, w]``, the processed target mask Correspondence matched in (``Matches.target_region``).
+        target: ``[B, H, W]``, the processed target mask of every batch item about to be repainted (> 0.5 = on).
+        target_dilation: the dilation both nodes use (pixels of their own images).
+
+    At the same size every item must equal ``region`` exactly. Matches made at another size of the same crop are
+    compared at the target's size: ``region`` is resized there (nearest) and each mask must lie within a band of the
+    other, as wide as the two dilations at different scales and the resampling make them differ,
+    ``(target_dilation − 1)/2 · |scale − 1| + scale + 1`` px. A region of another aspect is another crop.
+    """
+    t = target > _masks.ON_ABOVE
+    if t.ndim == 2:
+        t = t[None]
+    B, H, W = (int(s) for s in t.shape)
+    h, w = (int(s) for s in region.shape[-2:])
+    which = (lambda b: f" (batch item {b})") if B > 1 else (lambda b: "")
+    if (h, w) == (H, W):
+        for b in range(B):
+            if not torch.equal(region, t[b]):
+                return (f"the processed target mask{which(b)} differs from the one MaX4Zero Correspondence matched in "
+                        f"({int((region != t[b]).sum())} pixels)")
+        return None
+    sy, sx = H / h, W / w
+    if abs(sy - sx) > 0.02 * max(sy, sx):
+        return (f"the processed target mask is {W}x{H} but MaX4Zero Correspondence matched in a {w}x{h} one, of another "
+                f"aspect: the matches belong to another crop")
+    scale = max(sy, sx)
+    reach = (int(target_dilation) - 1) / 2.0 * abs(scale - 1.0) + scale + 1.0
+    k = 2 * int(math.ceil(reach)) + 1
+    r = _masks.resize_to_grid(region.bool(), (H, W))
+    near_r = _masks.dilate(r, k)
+    for b in range(B):
+        differ = int((t[b] & ~near_r).sum()) + int((r & ~_masks.dilate(t[b], k)).sum())
+        if differ:
+            return (f"the processed target mask{which(b)} differs from the one MaX4Zero Correspondence matched in "
+                    f"({differ} pixels farther than {reach:.0f} px from it; Correspondence ran at {w}x{h}, this node at "
+                    f"{W}x{H})")
+    return None
+
+
+def eroded_garment_mask(garment_mask: torch.Tensor) -> torch.Tensor:
+    """docs/method.md §1: the garment mask eroded by 1 px (3×3, :data:`~max4zero.tensors.masks.GARMENT_EROSION`),
+    bool, same layout. Empty when the mask is only a thin line (``tensors/masks.py: eroded_away_problem``)."""
+    return _masks.erode(_masks.to_bool(garment_mask), _masks.GARMENT_EROSION)
 
 
 def double_mask(

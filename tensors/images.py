@@ -9,7 +9,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["center_crop_multiple", "grey_out", "neutralise_background"]
+__all__ = ["to_rgb", "center_crop_multiple", "grey_out", "neutralise_background"]
+
+
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` → 3 channels: grey repeated, alpha (the channel after grey or RGB) dropped. What VAEs take.
+
+    >>> to_rgb(torch.zeros(1, 2, 4, 4)).shape, to_rgb(torch.zeros(1, 4, 4, 4)).shape
+    (torch.Size([1, 3, 4, 4]), torch.Size([1, 3, 4, 4]))
+    """
+    if x.shape[1] == 3:
+        return x
+    if x.shape[1] == 1:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] == 2:  # grey + alpha
+        return x[:, :1].expand(-1, 3, -1, -1)
+    return x[:, :3]
 
 
 def center_crop_multiple(x: torch.Tensor, multiple: int, dims: tuple[int, int] = (1, 2)) -> torch.Tensor:
