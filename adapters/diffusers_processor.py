@@ -75,10 +75,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..tensors.masks import binary_mask
 from ..attention.masked_extended import masked_extended_attention
-from ..attention.policy import DEFAULT_LAYERS, LAYER_CHOICES, check_contrast, token_grid, token_mask
+from ..attention.policy import DEFAULT_LAYERS, LAYER_CHOICES, LayerSelection, check_contrast, grid_level, token_grid
+from ..attention.run import TokenMasks
 from ..tensors.shapes import as_hw, batch_problem
 
 __all__ = [
+    "DIFFUSERS_PARTS",
+    "layer_selection",
     "MaskedExtendedAttnProcessor",
     "MaskedExtendedAttentionHandle",
     "install_masked_extended_attention",
@@ -87,6 +90,8 @@ __all__ = [
 
 #: The node's default layer choice as this adapter's grid factors (2**level): (1, 2) = latent/1 and latent/2.
 DEFAULT_SCALES = tuple(sorted(2 ** level for level in LAYER_CHOICES[DEFAULT_LAYERS].levels))
+#: Where the policy's UNet parts (``attention/policy.py: LayerSelection.parts``) live in a diffusers UNet.
+DIFFUSERS_PARTS = {"input": "down_blocks.", "middle": "mid_block.", "output": "up_blocks."}
 _MODES = ("batch", "recorded")
 _LAYOUTS = ("halves", "interleaved")
 
@@ -163,6 +168,8 @@ class MaskedExtendedAttentionHandle:
         self.layout = layout
         self.contrast = contrast
         self.scales = _check_scales(scales)
+        #: the grid levels that run MEA (``attention/policy.py: grid_level``; level = log2 of the scale), None = all
+        self.levels = None if self.scales is None else frozenset(s.bit_length() - 1 for s in self.scales)
         self.capture = capture
         self.enabled = True
         self.phase = "use"
@@ -202,21 +209,16 @@ class MaskedExtendedAttentionHandle:
         """Replace the masks (any resolution; None = all on). Clears the per-grid cache."""
         self._ref_mask = _mask_bool(ref_key_mask, "ref_key_mask")
         self._query_mask = _mask_bool(query_mask, "query_mask")
-        self._grid_cache: dict[tuple[str, int, int, torch.device], torch.Tensor] = {}
+        # the same per-grid cache as the ComfyUI patch (``attention/run.py: TokenMasks``)
+        self._token_masks = {which: None if m is None else TokenMasks(m[:, 0])
+                             for which, m in (("ref", self._ref_mask), ("query", self._query_mask))}
 
     def _grid_mask(self, which: str, hw: tuple[int, int], tokens: int, device: torch.device) -> torch.Tensor:
         """``[B or 1, h·w]`` bool mask at a token grid, cached (masks are static during sampling)."""
-        key = (which, hw[0], hw[1], device)
-        hit = self._grid_cache.get(key)
-        if hit is not None:
-            return hit
-        src = self._ref_mask if which == "ref" else self._query_mask
-        if src is None:
-            out = torch.ones(1, tokens, dtype=torch.bool, device=device)
-        else:
-            out = token_mask(src, hw).to(device)
-        self._grid_cache[key] = out
-        return out
+        masks = self._token_masks[which]
+        if masks is None:
+            return torch.ones(1, tokens, dtype=torch.bool, device=device)
+        return masks.at(hw, device)
 
     # ---- recorded mode -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -376,9 +378,7 @@ class MaskedExtendedAttnProcessor:
             return None
         if hidden_states.ndim == 4:
             h, w = hidden_states.shape[-2:]
-            if hs.latent_hw is None:
-                return (h, w) if hs.scales is None or 1 in hs.scales else None
-            factor = max(1, round(hs.latent_hw[0] / h))
+            level = 0 if hs.latent_hw is None else grid_level(hs.latent_hw, (h, w))
         else:
             if hs.latent_hw is None:
                 raise ValueError(
@@ -387,7 +387,8 @@ class MaskedExtendedAttnProcessor:
                     "UNet input) or pass latent_hw=(H, W)"
                 )
             h, w, factor = token_grid(hidden_states.shape[1], hs.latent_hw)
-        if hs.scales is not None and factor not in hs.scales:
+            level = factor.bit_length() - 1
+        if hs.levels is not None and level not in hs.levels:
             return None
         return h, w
 
@@ -482,18 +483,36 @@ def _tell_capture(capture: Any, name: str, hw_tgt: tuple[int, int], hw_ref: tupl
     return capture
 
 
-def _candidate_names(unet: torch.nn.Module, layers: str | Sequence[str]) -> list[str]:
-    """Processor names of the self-attention layers selected by ``layers``."""
+def layer_selection(layers: str | LayerSelection | Sequence[str], scales: Sequence[int] | None) -> tuple[Any, Any]:
+    """``(parts or names, scales)`` of an ``install_masked_extended_attention`` call in the policy's terms.
+
+    A :class:`~max4zero.attention.policy.LayerSelection` or one of the MEA node's ``layers`` labels
+    (``attention/policy.py: LAYER_CHOICES``) chooses UNet parts and grid levels, exactly as on the ComfyUI node (its
+    levels replace ``scales``). ``"decoder"`` is the parts ``{"output"}`` at ``scales``; ``"all"`` every part; anything
+    else is processor names or prefixes.
+    """
+    if isinstance(layers, str) and layers in LAYER_CHOICES:
+        layers = LAYER_CHOICES[layers]
+    if isinstance(layers, LayerSelection):
+        return frozenset(layers.parts), tuple(sorted(2 ** level for level in layers.levels))
+    if isinstance(layers, str) and layers == "decoder":
+        return frozenset({"output"}), scales
+    if isinstance(layers, str) and layers == "all":
+        return frozenset(DIFFUSERS_PARTS), scales
+    return layers, scales
+
+
+def _candidate_names(unet: torch.nn.Module, layers: str | Sequence[str] | frozenset) -> list[str]:
+    """Processor names of the self-attention layers selected by ``layers`` (UNet parts, or names/prefixes)."""
     modules = dict(unet.named_modules())
     self_attn = []
     for pname in unet.attn_processors:
         mod = modules.get(pname[: -len(".processor")])
         if isinstance(mod, Attention) and not mod.is_cross_attention:
             self_attn.append(pname)
-    if isinstance(layers, str) and layers == "decoder":
-        return [n for n in self_attn if n.startswith("up_blocks.")]
-    if isinstance(layers, str) and layers == "all":
-        return self_attn
+    if isinstance(layers, frozenset):  # the policy's UNet parts
+        prefixes = tuple(DIFFUSERS_PARTS[p] for p in layers)
+        return [n for n in self_attn if n.startswith(prefixes)]
     if isinstance(layers, str):
         layers = [layers]
     chosen: list[str] = []
@@ -513,7 +532,7 @@ def install_masked_extended_attention(
     ref_key_mask: torch.Tensor | None,
     query_mask: torch.Tensor | None,
     contrast: float = 1.25,
-    layers: str | Sequence[str] = "decoder",
+    layers: str | LayerSelection | Sequence[str] = "decoder",
     scales: Sequence[int] | None = DEFAULT_SCALES,
     mode: str = "batch",
     layout: str = "halves",
@@ -528,8 +547,9 @@ def install_masked_extended_attention(
             ``[H, W]``/``[B, H, W]``/``[B, 1, H, W]``; None = whole reference.
         query_mask: target (try-on) region, same layouts; None = whole target.
         contrast: attention contrast on the reference half (1.0 = off; paper 1.25).
-        layers: ``"decoder"`` (self-attention under ``up_blocks``, paper), ``"all"``, or processor
-            names / name prefixes (``"up_blocks.1"``).
+        layers: ``"decoder"`` (self-attention under ``up_blocks``, paper), ``"all"``, one of the MEA node's
+            ``layers`` labels or a :class:`~max4zero.attention.policy.LayerSelection` (parts and grids, as on the
+            node; its grids replace ``scales``), or processor names / name prefixes (``"up_blocks.1"``).
         scales: latent downsampling factors whose grids run MEA (``(1, 2)`` = paper's 1/8 and 1/16 of
             the image); None = every grid of the candidate layers.
         mode: ``"batch"`` (references in the batch, see ``layout``) or ``"recorded"`` (reference
@@ -546,11 +566,12 @@ def install_masked_extended_attention(
     """
     if not hasattr(unet, "attn_processors") or not hasattr(unet, "set_attn_processor"):
         raise ValueError("unet must be a diffusers model with attn_processors/set_attn_processor (e.g. UNet2DConditionModel)")
+    chosen, scales = layer_selection(layers, scales)
     handle = MaskedExtendedAttentionHandle(
         ref_key_mask, query_mask, contrast=contrast, scales=scales, mode=mode, layout=layout,
         capture=capture, latent_hw=latent_hw,
     )
-    names = _candidate_names(unet, layers)
+    names = _candidate_names(unet, chosen)
     if not names:
         raise ValueError(f"layers={layers!r} selects no self-attention layer in this model: use 'all' or explicit names")
     current = unet.attn_processors

@@ -199,6 +199,7 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         cls._check_latent_input(target_mask, latent)
         patch, ref = cls._flux_patch(args) if is_flux(getattr(getattr(model, "model", None), "diffusion_model", None)) \
             else cls._unet_patch(args)
+        cls._check_chain(model, patch)
         patched = model.clone()
         patch.install(patched)
         preview = inputs_preview(reference, ref, patch.settings.target_mask)
@@ -216,6 +217,16 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         tm = cv.mask_to_bhw(target_mask, cls.NODE, "target_mask")
         if problem := cv.mask_latent_problem(tuple(tm.shape), tuple(samples.shape), "target_mask"):
             raise cv.NodeInputError(cls.NODE, problem)
+
+    @classmethod
+    def _check_chain(cls, model, patch: MeaPatch) -> None:
+        """Another MEA node's patch already on the input MODEL (a chain): the same check as when sampling starts
+        (``MeaPatch.check_chain``), made now, before any sampler runs."""
+        wrappers = getattr(model, "wrappers", None) or {}
+        for fn in (wrappers.get("apply_model", {}) or {}).get("max4zero_mea", []):
+            other = getattr(fn, "__self__", None)
+            if isinstance(other, MeaPatch) and other.settings.active and patch.settings.active:
+                patch.check_overlap(other.run_key, other.new_run(), None)
 
     @classmethod
     def _unet_patch(cls, args: "MeaArgs") -> tuple[MeaPatch, ReferenceInputs]:

@@ -249,11 +249,20 @@ class MeaPatch:
         target tokens in fused mode, where one node would overwrite the other (paper terms add up)."""
         hw = tuple(int(s) for s in latent_shape[-2:])
         for key, other in to.items():
-            if not key.startswith(RUN_KEY_PREFIX) or key == self.run_key or not isinstance(other, MeaRun):
-                continue
-            if not (self.settings.mode == "fused" and other.settings.mode == "fused"):
-                continue
-            mine, theirs = token_mask(self.settings.target_mask, hw), token_mask(other.settings.target_mask, hw)
+            self.check_overlap(key, other, hw)
+
+    def check_overlap(self, key: str, other: Any, hw: Optional[tuple]) -> None:
+        """Refuse a chained fused node (the run ``other`` under ``key``) whose target region overlaps this one's, at
+        the latent grid ``hw`` (None: at the masks' own resolution, before the latent is known)."""
+        if not key.startswith(RUN_KEY_PREFIX) or key == self.run_key or not isinstance(other, MeaRun):
+            return
+        if not (self.settings.mode == "fused" and other.settings.mode == "fused"):
+            return
+        a, b = self.settings.target_mask, other.settings.target_mask
+        if hw is None:
+            hw = tuple(int(s) for s in a.shape[-2:])
+        mine, theirs = token_mask(a, hw), token_mask(b, hw)
+        if mine.shape[0] == theirs.shape[0] or 1 in (mine.shape[0], theirs.shape[0]):
             if bool((mine & theirs).any()):
                 other_name = other.owner or "another Masked Extended Attention node"
                 raise NodeInputError(

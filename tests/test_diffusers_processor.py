@@ -328,3 +328,29 @@ def test_bad_use_raises_value_error(unet: UNet2DConditionModel) -> None:
     finally:
         handle.remove()
     assert all(not isinstance(p, MaskedExtendedAttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_layers_by_the_node_s_choice_select_what_the_comfyui_node_selects(unet: UNet2DConditionModel) -> None:
+    """The adapter speaks the policy's vocabulary: a node ``layers`` label (or a LayerSelection) picks the same UNet
+    parts and grids as 'decoder' + scales, and the encoder choice adds down_blocks."""
+    from max4zero.adapters.diffusers_processor import layer_selection
+    from max4zero.attention.policy import LAYER_CHOICES
+
+    parts, scales = layer_selection("decoder 1/16 + 1/8 (paper)", None)
+    assert parts == frozenset({"output"}) and scales == (1, 2)
+    assert layer_selection("decoder", (1, 2)) == (frozenset({"output"}), (1, 2))
+    parts, scales = layer_selection(LAYER_CHOICES["encoder + decoder 1/16 + 1/8"], (4,))
+    assert parts == frozenset({"input", "output"}) and scales == (1, 2)  # the selection's grids win
+    assert layer_selection(["up_blocks.1"], (2,)) == (["up_blocks.1"], (2,))
+    g = torch.Generator().manual_seed(4)
+    garment = torch.rand(1, 32, 32, generator=g) > 0.3
+    region = torch.rand(1, 32, 32, generator=g) > 0.5
+    by_label = install_masked_extended_attention(unet, garment, region, layers="decoder 1/16 + 1/8 (paper)")
+    names_label = sorted(by_label.processors)
+    by_label.remove()
+    by_decoder = install_masked_extended_attention(unet, garment, region, layers="decoder")
+    assert sorted(by_decoder.processors) == names_label and by_decoder.levels == frozenset({0, 1})
+    by_decoder.remove()
+    enc = install_masked_extended_attention(unet, garment, region, layers="encoder + decoder 1/16 + 1/8")
+    assert any(n.startswith("down_blocks.") for n in enc.processors) and set(names_label) <= set(enc.processors)
+    enc.remove()

@@ -190,7 +190,7 @@ def sampler_runs(monkeypatch):
     return runs
 
 
-@pytest.mark.parametrize("mea_target, needle", [("photo", "would be stretched"), ("batch3", "holds 3 masks")])
+@pytest.mark.parametrize("mea_target, needle", [("photo", "would be stretched"), ("batch3", "target_mask has 3")])
 def test_a_target_mask_mismatch_in_the_tryon_fails_before_any_sampler(comfy_env, small_vae, sampler_runs,
                                                                       mea_target, needle):
     g, mea = _tryon(small_vae, mea_target, latent_input=True)
