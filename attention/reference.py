@@ -26,6 +26,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 __all__ = [
+    "PreparedReference",
+    "prepare_reference",
+    "mask_findings",
+    "inputs_preview",
     "DROPPED_INPUTS",
     "MASK_PARTS",
     "IMAGE_PARTS",
@@ -167,3 +171,112 @@ def reference_row(
         c_crossattn=reference_text(ref_context, slice_row(c_crossattn, n_rows, row)),
         extra={k: slice_row(v, n_rows, row) for k, v in extra.items() if k not in DROPPED_INPUTS},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the reference branch's inputs, prepared once per MEA node (docs/method.md §3b "Reference branch")
+
+
+@dataclass(frozen=True)
+class PreparedReference:
+    """The reference as every pass reads it: ``latent``/``noise`` [1, C, h, w] (the host's scaled latent space,
+    float32, CPU); ``garment`` bool [1, H', W'] at the encoded size, eroded (:data:`~max4zero.tensors.masks.
+    GARMENT_EROSION`); ``size`` (H, W) of the given image; ``crop`` (top, left, H', W') of the encoded part (the
+    centre crop to a multiple of ``vae_ratio``, as VAE Encode does)."""
+
+    latent: torch.Tensor
+    noise: torch.Tensor
+    garment: torch.Tensor
+    size: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    vae_ratio: int = 8
+
+
+def prepare_reference(
+    image: torch.Tensor,
+    garment_mask: torch.Tensor,
+    *,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    scale_in: Callable[[torch.Tensor], torch.Tensor],
+    channels: int,
+    vae_ratio: int,
+    background: str,
+    seed: int,
+) -> PreparedReference:
+    """Neutralise (``background == "neutralised"``: flat grey outside the garment), centre-crop to the VAE's
+    multiple, encode, scale and draw the fixed noise; erode the garment mask (docs/method.md §1, §3b).
+
+    Args:
+        image: [1, H, W, 3] the reference in 0..1; garment_mask: [1, H, W] at the same size.
+        encode: the host's VAE encode (IMAGE → [1, C, h, w]); scale_in: into the model's latent space.
+        channels: the latent channels the model takes; vae_ratio: pixels per latent cell.
+
+    Raises:
+        ValueError: a reference smaller than one latent cell, or a VAE whose latents the model cannot take.
+    """
+    from ..tensors import masks as _masks
+    from ..tensors.images import center_crop_multiple, neutralise_background
+
+    if background == "neutralised":
+        image = neutralise_background(image, garment_mask)
+    ratio = int(vae_ratio)
+    H, W = int(image.shape[1]), int(image.shape[2])
+    if H < ratio or W < ratio:
+        raise ValueError(f"reference is {W}x{H}: give a reference of at least {ratio}x{ratio} px")
+    img_c = center_crop_multiple(image, ratio, (1, 2))
+    gm_c = center_crop_multiple(garment_mask, ratio, (1, 2))
+    crop = ((H % ratio) // 2, (W % ratio) // 2, int(img_c.shape[1]), int(img_c.shape[2]))
+    latent = encode(img_c.contiguous())
+    if latent.dim() != 4 or latent.shape[1] != int(channels):
+        raise ValueError(f"the VAE gives {tuple(latent.shape)} latents but the model expects {channels} channels: "
+                         "connect the VAE that belongs to this model")
+    lat = scale_in(latent.detach().float().cpu())
+    gen = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(lat.shape, generator=gen, dtype=torch.float32)
+    garment = _masks.erode(gm_c > 0.5, _masks.GARMENT_EROSION)
+    return PreparedReference(latent=lat, noise=noise, garment=garment, size=(H, W), crop=crop, vae_ratio=ratio)
+
+
+def mask_findings(garment_mask: torch.Tensor, garment: torch.Tensor, target_mask: torch.Tensor,
+                  levels: Sequence[int]) -> tuple[list[str], list[str]]:
+    """``(problems, notes)`` of the masks as MEA will use them (docs/method.md §3b), before any sampling.
+
+    * empty (nothing above ``EMPTY_BELOW``): the contract, zero mask = no effect (a batch may carry images without a
+      garment): a note, not a problem;
+    * not empty but unusable (soft, thinner than the erosion, or lost at every token grid the chosen layers use): the
+      same silent no-op by accident, so a problem;
+    * looks inverted: a note.
+
+    Args: ``garment_mask`` [1, H, W] as given, ``garment`` the eroded one at the encoded size
+    (:func:`prepare_reference`), ``target_mask`` [B, H, W], ``levels`` the token-grid levels the chosen layers use.
+    """
+    from ..tensors import masks as _masks
+
+    levels = sorted(levels)
+    problems, notes = [], []
+    grids = _masks.token_grids(tuple(garment.shape[-2:]), levels, ratio=8)
+    checks = (("garment_mask", garment_mask, grids, _masks.GARMENT_EROSION),
+              ("target_mask", target_mask, _masks.token_grids(tuple(target_mask.shape[-2:]), levels, ratio=8), 1))
+    for name, mask, mask_grids, erosion in checks:
+        if problem := _masks.unusable_mask_problem(mask, mask_grids, name, erode_kernel=erosion):
+            problems.append(problem)
+        elif warning := _masks.inverted_mask_problem(mask, name):
+            notes.append(warning)
+    for empty, what in ((not bool(garment.any()), "the garment mask is empty (after 1 px erosion)"),
+                        (not bool((target_mask > 0.5).any()), "the target mask is empty")):
+        if empty:
+            notes.append(f"{what}: sampling with this model is plain sampling, no try-on")
+    return problems, notes
+
+
+def inputs_preview(image: torch.Tensor, ref: PreparedReference, target_mask: torch.Tensor) -> torch.Tensor:
+    """What MEA will read and where, as one IMAGE [1, H', W'', 3]: the encoded part of ``image`` [1, H, W, 3] with
+    everything but the (eroded) garment dimmed, beside the first target mask at the same height (white = region)."""
+    top, left, h, w = ref.crop
+    img = image[:1, top : top + h, left : left + w, :3].permute(0, 3, 1, 2).float()
+    shown = img * (0.25 + 0.75 * ref.garment[:1, None].float())
+    tm = target_mask[:1, None].float().clamp(0, 1)
+    tw = max(1, round(tm.shape[-1] * h / max(1, tm.shape[-2])))
+    tm = torch.nn.functional.interpolate(tm, size=(h, tw), mode="nearest").expand(-1, 3, -1, -1)
+    gap = torch.full((1, 3, h, 4), 0.5)
+    return torch.cat([shown, gap, tm], dim=-1).permute(0, 2, 3, 1).clamp(0, 1).contiguous()
