@@ -468,6 +468,8 @@ def inverted_mask_problem(mask: torch.Tensor, name: str = "mask") -> "str | None
         if on_border >= 0.9 and on_centre <= 0.5:
             return (f"{which} looks inverted: it covers {on_border:.0%} of the image border but only "
                     f"{on_centre:.0%} of the centre. {fix}")
-        if cover >= 0.9:
-            return f"{which} looks inverted: it covers {cover:.0%} of the image. {fix}"
+        if cover >= 0.9:  # centre covered too: not the shape of an inverted garment, just (almost) everything
+            return (f"{which} covers {cover:.0%} of the image, so almost everything is treated as inside: an "
+                    "all-white mask, one dilated over the whole image, or an inverted one. If white should be only "
+                    f"the garment / the region: {fix[0].lower()}{fix[1:]}")
     return None

@@ -94,6 +94,9 @@ def test_inverted_mask_detector():
     big = torch.ones(1, 64, 64)
     big[:, :3, :] = 0
     assert "covers 95% of the image" in M.inverted_mask_problem(big)
+    # all white (or dilated over everything): said as it is, not called inverted (its centre is covered)
+    white = M.inverted_mask_problem(torch.ones(1, 64, 64))
+    assert "covers 100% of the image" in white and "all-white" in white and "looks inverted" not in white
     # a garment touching two image edges (a tight product photo) is not inverted
     assert M.inverted_mask_problem(_box(y0=10, y1=64, x0=0, x1=40)) is None
     # empty, tiny: nothing to say

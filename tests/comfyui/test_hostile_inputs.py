@@ -847,3 +847,19 @@ def test_paste_back_refuses_the_crop_info_of_another_crop_of_the_same_photo(comf
     assert f"connect the crop_info output of MaX4Zero Crop To Mask (node {crops['torso'].id}) to crop_info" \
         in err.message
     assert_names_real("MaX4ZeroPasteBack", err.message)
+
+
+def test_an_all_white_target_mask_is_not_called_inverted(comfy_env, small_sd15_model, small_vae, pair, caplog):
+    """Round 2: 'looks inverted: covers 100 %' appeared for an all-white or fully dilated mask, which is no inverted
+    garment shape. The MEA node now says what it is."""
+    g = Graph()
+    mea = g.node("MaX4ZeroMaskedExtendedAttention", model=g.obj(small_sd15_model(), "MODEL"), vae=g.obj(small_vae, "VAE"),
+                 reference=g.obj(pair["reference"], "IMAGE"), garment_mask=g.obj(pair["garment_mask"], "MASK"),
+                 target_mask=g.obj(torch.ones_like(pair["target_mask"]), "MASK"),
+                 positive=g.obj(cm.conditioning(3), "CONDITIONING"), guidance="fused", s_mea=15.0, contrast=1.25,
+                 start=0.0, end=1.0, layers="decoder 1/16 + 1/8 (paper)", reference_seed=0, background="kept")
+    g.capture(mea[0], "m")
+    with caplog.at_level(logging.WARNING):
+        run_prompt(g)
+    said = [r.getMessage() for r in caplog.records if "target_mask" in r.getMessage()]
+    assert said and "covers 100% of the image" in said[0] and "looks inverted" not in said[0], said
