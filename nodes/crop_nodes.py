@@ -58,12 +58,16 @@ class CropToMask(WidgetChecks, io.ComfyNode):
                 CROP.Output("crop_info", display_name="crop_info",
                                 tooltip="Where the crop came from: connect to MaX4Zero Paste Back."),
             ],
+            # Paste Back's check that its image and its crop_info come from the same crop reads the prompt's links;
+            # made here too, because this node runs before any sampler and Paste Back after all of them
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, image, mask, size, padding) -> io.NodeOutput:
         n = cls.NODE
         cls.check_widget_values(size=size, padding=padding)
+        cls._check_paste_backs()
         img = cv.image_to_bchw(image, n, "image")
         m = cv.mask_to_bhw(mask, n, "mask")
         cv.check_mask_size(n, "image", img.shape[-2:], "mask", m)
@@ -78,6 +82,27 @@ class CropToMask(WidgetChecks, io.ComfyNode):
         out = geo.crop(cv.to_rgb(img), info)
         om = geo.crop_mask(m[:, None], info)[:, 0]
         return io.NodeOutput(cv.bchw_to_image(out), om.contiguous(), info)
+
+
+    @classmethod
+    def _check_paste_backs(cls) -> None:
+        """A Paste Back of the prompt that takes this crop's crop_info with an image generated from another crop of
+        the same photo is refused now, before the expensive work, with Paste Back's own message."""
+        hidden = getattr(cls, "hidden", None)
+        prompt, uid = getattr(hidden, "prompt", None), getattr(hidden, "unique_id", None)
+        if not isinstance(prompt, dict) or uid is None:
+            return
+        for nid, node in prompt.items():
+            if not isinstance(node, dict) or node.get("class_type") != PASTE_BACK_ID:
+                continue
+            info = (node.get("inputs") or {}).get("crop_info")
+            if not (isinstance(info, list) and info and str(info[0]) == str(uid)):
+                continue
+            if other := other_crop_problem(prompt, nid, cls.NODE):
+                raise cv.NodeInputError(f"{PasteBack.NODE} (node {nid})", *other)
+
+
+PASTE_BACK_ID = "MaX4ZeroPasteBack"
 
 
 class PasteBack(WidgetChecks, io.ComfyNode):

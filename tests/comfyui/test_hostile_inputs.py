@@ -820,8 +820,9 @@ def test_the_same_region_is_checked_at_another_crop_size_and_for_every_batch_ite
 #: crop "torso"; crop "face" is another box of the same person photo.
 PASTE_CROP_ROWS = [
     ("torso", None),
-    ("face", "MaX4Zero Paste Back: generated_image was made from the crop of MaX4Zero Crop To Mask (node {torso}), but "
-             "crop_info comes from MaX4Zero Crop To Mask (node {face}), another crop of the same photo"),
+    ("face", "MaX4Zero Paste Back (node {paste}): generated_image was made from the crop of MaX4Zero Crop To Mask "
+             "(node {torso}), but crop_info comes from MaX4Zero Crop To Mask (node {face}), another crop of the same "
+             "photo"),
 ]
 
 
@@ -842,11 +843,13 @@ def test_paste_back_refuses_the_crop_info_of_another_crop_of_the_same_photo(comf
         assert run_prompt(g)["out"].shape == person.shape
         return
     err = _fails(g)
-    assert err.node_type == "MaX4ZeroPasteBack"
-    assert err.message.startswith(expected.format(torso=crops["torso"].id, face=crops["face"].id)), err.message
+    # refused by the Crop To Mask whose crop_info is misused: it runs before any sampler, Paste Back after them all
+    assert err.node_type == "MaX4ZeroCropToMask" and err.node_id == crops["face"].id
+    assert err.message.startswith(expected.format(torso=crops["torso"].id, face=crops["face"].id, paste=paste.id)), \
+        err.message
     assert f"connect the crop_info output of MaX4Zero Crop To Mask (node {crops['torso'].id}) to crop_info" \
         in err.message
-    assert_names_real("MaX4ZeroPasteBack", err.message)
+    assert err.message.startswith(NAMES["MaX4ZeroPasteBack"] + " (node "), err.message  # the node that is wrong, named
 
 
 def test_an_all_white_target_mask_is_not_called_inverted(comfy_env, small_sd15_model, small_vae, pair, caplog):

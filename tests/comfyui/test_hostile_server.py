@@ -159,6 +159,10 @@ ROWS = [
     Row("fused chain, overlapping regions", _second_mea("fused", ["15", 4]), "early", MEA, "target masks overlap"),
     Row("paper chain", _second_mea("paper", ["15", 4]), "ok"),
     Row("view on another MEA node's samples", _other_node_view, "late-ok", FLOW, "same MEA node"),
+    Row("Paste Back with another crop of the same photo",
+        _add({"60": {"class_type": CROP, "inputs": {"image": ["3", 0], "mask": ["4", 0], "size": SIZE,
+                                                     "padding": 0.4}}}, **{"26.crop_info": ["60", 2]}),
+        "early", CROP, "another"),
 ]
 
 #: What each row did on main before round 2 (ComfyUI 0.33.0 and 0.3.64 alike): the lead's run of this table.
@@ -173,6 +177,7 @@ ROUND2 = {
     "soft protect mask": "silent wrong result (ignored)",
     "fused chain, overlapping regions": "silent wrong result (non-deterministic, sometimes NaN)",
     "view on another MEA node's samples": "silent wrong result (the other node's attention shown)",
+    "Paste Back with another crop of the same photo": "silent wrong result (the crop pasted over the face)",
 }
 
 
