@@ -750,6 +750,67 @@ def small_flux2_model(seed: int = 0, variant: str = "dev"):
     return patcher
 
 
+class StubFlux2VAE:
+    """FLUX.2's latent as the model sees it: 128 channels at 16× (32 VAE channels, 2×2-patchified): area mean +
+    fixed mix, deterministic."""
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.mix = torch.randn(128, 3, generator=g)
+
+    def spacial_compression_encode(self) -> int:
+        return 16
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.avg_pool2d(image[..., :3].movedim(-1, 1).float(), 16)
+        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)
+
+
+def flux2_conditioning(seed: int = 0, variant: str = "dev", tokens: int = 8, reference_latents: Optional[list] = None,
+                       method: Optional[str] = None) -> list:
+    """CONDITIONING for the tiny FLUX.2: text [1, tokens, 64] (the model pads it to 512 in ``extra_conds``), the
+    guidance for dev, and optionally ReferenceLatent's ``reference_latents`` [1, 128, h, w] (and a method)."""
+    g = torch.Generator().manual_seed(seed)
+    opts: dict = {"guidance": 3.5} if variant == "dev" else {}
+    if reference_latents is not None:
+        opts["reference_latents"] = list(reference_latents)
+    if method is not None:
+        opts["reference_latents_method"] = method
+    return [[torch.randn(1, tokens, 64, generator=g), opts]]
+
+
+class DitBlockSpy:
+    """Records, per MEA block call of the DiT adapter, the block's own attention and MEA's result
+    (``joint_extended_attention`` in ``nodes/mea_flux.py``), with the shapes of q, k and the garment keys."""
+
+    def __init__(self, monkeypatch: Any, module: str = "nodes.mea_flux"):
+        self.calls: list[dict] = []
+        mf = pack_module(module)
+        real = mf.joint_extended_attention
+
+        def spy(q, k, v, k_ref, v_ref, region, start, base, *a, **kw):
+            out = real(q, k, v, k_ref, v_ref, region, start, base, *a, **kw)
+            self.calls.append({"q": q.shape, "k": k.shape, "k_ref": k_ref.shape, "region": region.clone(),
+                               "start": start, "base": base.clone(), "out": out.clone()})
+            return out
+
+        monkeypatch.setattr(mf, "joint_extended_attention", spy)
+
+    def check_outside_unchanged(self) -> None:
+        """Every row but the region's image rows (text, other image rows, appended reference-latent rows) equals
+        the block's own attention bit for bit; some region row changed."""
+        assert self.calls, "MEA ran in no block"
+        changed = 0
+        for c in self.calls:
+            keep = torch.ones(c["base"].shape[:2], dtype=torch.bool)
+            n = c["region"].shape[-1]
+            keep[:, c["start"] : c["start"] + n] = ~c["region"].expand(keep.shape[0], -1)
+            assert c["start"] > 0  # text tokens come first
+            assert torch.equal(c["out"][keep], c["base"][keep])  # text + outside region: bit for bit
+            changed += int(not torch.equal(c["out"][~keep], c["base"][~keep]))
+        assert changed, "MEA changed no region query"
+
+
 def flux_conditioning(seed: int = 0, tokens: int = 8, guidance: float = 3.5) -> list:
     """CLIP/T5-free Flux CONDITIONING for the tiny Flux: text [1, tokens, 64], pooled [1, 32], guidance."""
     g = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ land the same, e.g. a single cond unit at cfg 1), in either node order, and the 
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -53,6 +54,9 @@ def two_cpu_devices(comfy_env, monkeypatch):
     # start from nothing loaded: MultiGPU's reuse_loaded scan (ComfyUI's) trips over loaded-model entries whose
     # patcher the earlier tests' prompts already freed (ComfyUI logs them as leaks; its server never frees a
     # patcher it loaded this way). Harness hygiene only: drop those dead entries, then unload the rest.
+    # (collect first: a patcher held only in a reference cycle dies at the next collection, which could come
+    # during this test's prompt and leave a dead entry behind the filter)
+    gc.collect()
     mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.model is not None]
     mm.unload_all_models()
     monkeypatch.setattr(mm, "get_all_torch_devices", lambda exclude_current=False: list(DEVICES))
