@@ -88,9 +88,9 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5/SD2/SDXL UNet to patch (an inpainting model for try-on; "
-                               "LoRAs and ControlNets applied to it keep working), a FLUX.1 model (Fill or dev) or a "
-                               "FLUX.2 model (dev or klein); Flux-family models need ComfyUI 0.33.0 or newer, see "
-                               "'flux_blocks'."),
+                               "LoRAs and ControlNets applied to it keep working), a FLUX.1 model (Fill or dev), a "
+                               "FLUX.2 model (dev or klein) or a Qwen-Image(-Edit) model; these DiTs need ComfyUI "
+                               "0.33.0 or newer, see 'flux_blocks'."),
                 io.Vae.Input("vae", tooltip="The VAE of that model; it encodes the reference image."),
                 io.Image.Input("reference", tooltip="The garment photo (one image; any size, cropped to a multiple "
                                "of 8 like VAE Encode does)."),
@@ -135,13 +135,14 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                "background. This node only: MaX4Zero Correspondence still reads the garment photo's "
                                "surroundings for its features."),
                 io.String.Input("flux_blocks", default=DEFAULT_FLUX_BLOCKS, optional=True,
-                                tooltip="Flux-family models only (the 'layers' input is for UNets): the blocks that "
-                                "get MEA. 'vital' (default): on FLUX.1 Stable Flow's vital layers (double 0, 1, 17, "
+                                tooltip="Flux-family and Qwen-Image models only (the 'layers' input is for UNets): "
+                                "the blocks that get MEA. 'vital' (default): on FLUX.1 Stable Flow's vital layers (double 0, 1, 17, "
                                 "18; single 6, 9, 34, 35, 37), where that method injects a reference's attention; "
                                 "on FLUX.2 the blocks at the same relative depths (first and last double blocks, "
-                                "early and late single blocks); untuned for try-on on real weights. 'double', "
-                                "'single', 'all', or a list such as 'd0-18, s6, s9' (0-based). Needs ComfyUI 0.33.0 "
-                                "or newer."),
+                                "early and late single blocks); on Qwen-Image (joint blocks d0-d59 only) FLUX.1's "
+                                "vital layers at the same relative depths of its one stack; untuned for try-on on "
+                                "real weights. 'double', 'single', 'all', or a list such as 'd0-18, s6, s9' "
+                                "(0-based). Needs ComfyUI 0.33.0 or newer."),
                 io.Int.Input("reference_every", default=1, min=1, max=50, optional=True,
                              tooltip="How often the reference pass runs. 1 (default) = the paper: the garment "
                              "reference goes through the model at every MEA step. N: a reference pass at the first "

@@ -75,6 +75,17 @@ class QwenMeaPatch(FluxMeaPatch):
     reads_key_mask = True
     centred_ids = True
 
+    def reference_options(self, to: dict) -> dict:
+        """The reference pass's options (the Flux adapter's), refusing a blockwise model patch (``patches
+        ["double_block"]``: the DiffSynth / inpaint ControlNet model patches): it would add the target's hint to the
+        reference pass, which must describe the garment only."""
+        if (to.get("patches") or {}).get("double_block"):
+            raise NodeInputError(self.label, "a blockwise model patch (a Qwen-Image ControlNet or inpaint model patch) "
+                                 "is applied to this model, and it would add the target's hint to the garment's "
+                                 "reference pass", "inpaint with a noise mask (Set Latent Noise Mask, or Double-Mask "
+                                 "Inpaint's latent) instead, or apply the model patch after this node's sampler")
+        return super().reference_options(to)
+
     def concat_parts(self, base_model: Any, c_concat: Any) -> Optional[tuple]:
         if c_concat is not None:  # Qwen-Image takes no extra channels; something else put them there
             raise NodeInputError(self.label, "this Qwen-Image call carries extra input channels the reference pass "

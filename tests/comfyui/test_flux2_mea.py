@@ -117,6 +117,12 @@ def test_flux2_patch_takes_grid_text_reference_index_and_blocks_from_the_model(c
     prompt = cm.flux2_conditioning(3, variant)[0][0]
     assert ctx.shape == (1, TEXT, 64)
     assert torch.equal(ctx, F.pad(prompt, (0, 0, TEXT - prompt.shape[1], 0)))
+    # the garment keys' RoPE is the model's own for its first reference latent (index 10), garment tokens only
+    dm = model.model.diffusion_model
+    _, ids_model = dm.process_img(patch.settings.ref_latent, index=10.0)
+    state = patch.new_run().worker("cpu")
+    idx = patch.garment_index(state, "cpu")
+    assert torch.equal(patch.reference_pe(state, dm, "cpu", 10.0), dm.pe_embedder(ids_model[:, idx]))
     # 'vital' on FLUX.2: the relative depths of Stable Flow's FLUX.1 layers; on 2 + 2 blocks that is every block
     assert patch.blocks == frozenset({("double", 0), ("double", 1), ("single", 0), ("single", 1)})
 
