@@ -100,10 +100,21 @@ MODEL_FILES = {
     "clip_l.safetensors": "text_encoders",
     "t5xxl_fp16.safetensors": "text_encoders",
     "ae.safetensors": "vae",
+    "flux-2-klein-4b-fp8.safetensors": "diffusion_models",
+    "qwen_3_4b.safetensors": "text_encoders",
+    "flux2-vae.safetensors": "vae",
+    "qwen_image_edit_2511_fp8mixed.safetensors": "diffusion_models",
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": "text_encoders",
+    "qwen_image_vae.safetensors": "vae",
 }
 # Placeholders: present so the combo lists contain them, never loaded.
 PLACEHOLDER_MODELS = {SDXL_FILE, "sam3.1_multiplex_fp16.safetensors", "birefnet.safetensors",
                       "flux1-fill-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"}
+#: Placeholders added after the model cache's version (MODEL_VERSION): written into the base directory itself, so
+#: the cached models need no rebuild (the FLUX.2 klein and Qwen-Image-Edit workflows' files).
+LATE_PLACEHOLDERS = {"flux-2-klein-4b-fp8.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors",
+                     "qwen_image_edit_2511_fp8mixed.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                     "qwen_image_vae.safetensors"}
 
 # The shipped sample inputs (example_inputs/, the names the workflows load), copied into input/ as a user would.
 INPUT_IMAGES = sorted(p.name for p in EXAMPLE_INPUTS.glob("max4zero_*.png"))
@@ -499,6 +510,9 @@ def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Option
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         if flux is not None and name in FLUX_FILES:
             src = Path(flux) / name
+        if name in LATE_PLACEHOLDERS and not src.exists():
+            (base / "models" / folder / name).write_bytes(b"")
+            continue
         (base / "models" / folder / name).symlink_to(src)
     if flux is not None:
         (base / "models" / "text_encoders" / FLUX_T5_FP8).symlink_to(Path(flux) / FLUX_T5_FP8)

@@ -83,17 +83,31 @@ WORKFLOWS = (
     "maxzero_sdxl",
     "maxzero_masks_core",
     "maxzero_flux_fill_tryon",
+    "maxzero_flux2_klein_tryon",
+    "maxzero_qwen_image_edit_tryon",
 )
 #: Workflows that need node types only newer ComfyUI versions have: name -> oldest version that has them.
-MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0"}
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0",
+               "maxzero_flux2_klein_tryon": "0.33.0", "maxzero_qwen_image_edit_tryon": "0.33.0"}
 WHY_NEWER = {"maxzero_masks_core": "core segmentation nodes",
-             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook"}
+             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook",
+             "maxzero_flux2_klein_tryon": "FLUX.2 and Masked Extended Attention on it exist from ComfyUI 0.33 (0.3.64 "
+                                          "has no FLUX.2 and no Flux attention hook)",
+             "maxzero_qwen_image_edit_tryon": "Masked Extended Attention on Qwen-Image needs its attention hook "
+                                              "(ComfyUI 0.33)"}
 # MAX4ZERO_BROWSER_SDXL=1 builds a real (full-size, random) SDXL checkpoint and queues that workflow too.
 RUN_SDXL = os.environ.get("MAX4ZERO_BROWSER_SDXL", "").strip() not in ("", "0")
 NOT_QUEUED = {
     "maxzero_masks_core": "needs the real SAM 3.1 and BiRefNet weights (sam3.1_multiplex_fp16.safetensors, "
                           "birefnet.safetensors; about 1.7 GB, see its Note): its files here are placeholders. "
                           "Loaded, converted and checked against /object_info only.",
+    "maxzero_flux2_klein_tryon": "its text encoder (Qwen3-4B) is detected only at full size (a random one is ~4 GB "
+                                 "in fp8): its files here are placeholders. Loaded, converted and checked against "
+                                 "/object_info only; MEA on FLUX.2 klein is sampled by tests/comfyui/test_flux2_mea.py.",
+    "maxzero_qwen_image_edit_tryon": "its text encoder (Qwen2.5-VL 7B) is detected only at full size: a random one "
+                                     "is ~8 GB in fp8 and more RAM while it encodes, too heavy for this check; its "
+                                     "files here are placeholders. Loaded, converted and checked against "
+                                     "/object_info only; MEA on Qwen-Image is sampled by tests/comfyui/test_qwen_mea.py.",
 }
 FLUX_WORKFLOW = "maxzero_flux_fill_tryon"
 # Queued with the real-layout files of bs.ensure_flux when the machine has the RAM for a full-size T5-XXL.
