@@ -284,3 +284,41 @@ def test_qwen_blockwise_model_patch_is_refused_and_a_noise_mask_inpaints(comfy_e
     patched.set_model_patch(lambda kwargs: {"img": kwargs["img"], "txt": kwargs["txt"]}, "double_block")
     with pytest.raises(PromptFailed, match="blockwise model patch.*noise mask"):
         _run({"x": (patched, {}, {})})
+
+
+@needs_hook
+def test_double_mask_inpaint_latent_drives_qwen_image_stage_one_and_mea_stage_two(comfy_env):
+    """The Qwen-Image-Edit workflow's chain on the tiny model: Double-Mask Inpaint with a one-frame video VAE, stage 1
+    by its noise mask (F repainted), then MEA on the whole latent (an all-ones mask → Set Latent Noise Mask), through the
+    stock samplers."""
+    pair = _pair()
+    tm = pair["target_mask"]
+    wm = torch.zeros_like(tm)
+    wm[:, 56:112, 40:104] = 1.0
+    g = Graph()
+    model = g.obj(cm.small_qwen_image_model(), "MODEL")
+    pos, neg = g.obj(cm.qwen_conditioning(1), "CONDITIONING"), g.obj(cm.qwen_conditioning(2), "CONDITIONING")
+    d = g.node("MaX4ZeroDoubleMaskInpaint", positive=pos, negative=neg, vae=g.obj(cm.StubWanVAE(), "VAE"),
+               target_image=g.obj(pair["target"], "IMAGE"), target_mask=g.obj(tm, "MASK"),
+               warped_image=g.obj(pair["reference"], "IMAGE"), warped_mask=g.obj(wm, "MASK"), target_dilation=13,
+               fringe_dilation=19)
+    common = dict(noise_seed=3, steps=4, cfg=1.0, sampler_name="euler", scheduler="simple", positive=d[0],
+                  negative=d[1])
+    s1 = g.node("KSamplerAdvanced", model=model, add_noise="enable", latent_image=d[2], start_at_step=0,
+                end_at_step=3, return_with_leftover_noise="enable", **common)
+    mea = _mea(g, model, target_mask=tm)
+    lat2 = g.node("SetLatentNoiseMask", samples=s1[0], mask=g.obj(torch.ones(1, SIZE, SIZE), "MASK"))  # SolidMask 1
+    s2 = g.node("KSamplerAdvanced", model=mea[0], add_noise="disable", latent_image=lat2[0], start_at_step=3,
+                end_at_step=4, return_with_leftover_noise="disable", **common)
+    for name, link in (("latent", d[2]), ("s1", s1[0]), ("out", s2[0])):
+        g.capture(link, name)
+    res = run_prompt(g)
+    lat, s1_out = res["latent"], res["s1"]["samples"]
+    assert lat["samples"].shape == (1, 16, 1, *LATENT)
+    cells = lat["noise_mask"]
+    inside = (cells > 0.5).reshape(1, 1, 1, *LATENT).expand_as(s1_out)
+    assert inside.any() and (~inside).any()
+    assert not torch.allclose(s1_out[inside], lat["samples"][inside], atol=1e-3)  # F repainted
+    out = res["out"]["samples"]
+    assert out.shape == (1, 16, 1, *LATENT) and torch.isfinite(out).all()
+    assert cm.mea_run(mea.id, out).stats["mea_calls"] > 0
