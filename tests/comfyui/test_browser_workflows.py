@@ -49,8 +49,9 @@ loaded, converted and checked, and the skip says why.
 
 The FLUX.2 klein workflow is queued the same way on ComfyUI 0.33+ (``browser_support.ensure_klein``: a reduced FLUX.2
 that ComfyUI detects as ``Flux2``, a full-size random Qwen3-4B text encoder in fp8 and a full-size random FLUX.2
-VAE), when the machine has the RAM for the text encoder. The Qwen-Image-Edit workflow is loaded, converted and
-checked only: its Qwen2.5-VL 7B text encoder is detected only at full size (see :data:`NOT_QUEUED`).
+VAE), when the machine has the RAM for the text encoder; the Qwen-Image-Edit workflow too
+(``browser_support.ensure_qwen``: Qwen-Image's widths at 2 blocks, detected as ``QwenImage``, a full-size random
+Qwen2.5-VL 7B in fp8 and a narrow random Wan 2.1 VAE).
 
 The sample inputs (``example_inputs/``, 512×512, the pose image included) are used as they are.
 
@@ -106,10 +107,6 @@ NOT_QUEUED = {
     "maxzero_masks_core": "needs the real SAM 3.1 and BiRefNet weights (sam3.1_multiplex_fp16.safetensors, "
                           "birefnet.safetensors; about 1.7 GB, see its Note): its files here are placeholders. "
                           "Loaded, converted and checked against /object_info only.",
-    "maxzero_qwen_image_edit_tryon": "its text encoder (Qwen2.5-VL 7B) is detected only at full size: a random one "
-                                     "is ~8 GB in fp8 and more RAM while it encodes, too heavy for this check; its "
-                                     "files here are placeholders. Loaded, converted and checked against "
-                                     "/object_info only; MEA on Qwen-Image is sampled by tests/comfyui/test_qwen_mea.py.",
 }
 FLUX_WORKFLOW = "maxzero_flux_fill_tryon"
 # Queued with the real-layout files of bs.ensure_flux when the machine has the RAM for a full-size T5-XXL.
@@ -124,6 +121,13 @@ KLEIN_NOT_QUEUED = bs.klein_skip_reason()
 if KLEIN_NOT_QUEUED:
     NOT_QUEUED[KLEIN_WORKFLOW] = (KLEIN_NOT_QUEUED + ". Loaded, converted and checked against /object_info only; "
                                   "Masked Extended Attention on FLUX.2 is sampled by tests/comfyui/test_flux2_mea.py.")
+QWEN_WORKFLOW = "maxzero_qwen_image_edit_tryon"
+# Queued with the real-layout files of bs.ensure_qwen (Qwen-Image's widths at 2 blocks, a full-size random
+# Qwen2.5-VL 7B in fp8, a narrow random Wan 2.1 VAE) when the machine has the RAM for the text encoder.
+QWEN_NOT_QUEUED = bs.qwen_skip_reason()
+if QWEN_NOT_QUEUED:
+    NOT_QUEUED[QWEN_WORKFLOW] = (QWEN_NOT_QUEUED + ". Loaded, converted and checked against /object_info only; "
+                                 "Masked Extended Attention on Qwen-Image is sampled by tests/comfyui/test_qwen_mea.py.")
 if not RUN_SDXL:
     NOT_QUEUED["maxzero_sdxl"] = (
         "SDXL is detected only from the full 2.6 B-parameter UNet (supported_models.SDXL matches "
@@ -137,7 +141,7 @@ REDUCE = {"MaX4ZeroCropToMask": {"size": 128}, "MaX4ZeroCorrespondence": {"ensem
           "DualCLIPLoader": {"clip_name2": bs.FLUX_T5_FP8}}
 RUN_TIMEOUT_S = 300
 #: The klein run encodes its prompt with a full-size Qwen3-4B on the CPU (about 2 min on 2 cores).
-RUN_TIMEOUT_BY_NAME = {"maxzero_flux2_klein_tryon": 900}
+RUN_TIMEOUT_BY_NAME = {"maxzero_flux2_klein_tryon": 900, "maxzero_qwen_image_edit_tryon": 900}
 VIEWPORT = {"width": 2560, "height": 1440}
 
 SETTINGS = {
@@ -166,7 +170,9 @@ def server():
     cache = bs.ensure_models(root)
     flux = None if (FLUX_WORKFLOW in NOT_QUEUED or _needs_newer(FLUX_WORKFLOW)) else bs.ensure_flux(root)
     klein = None if (KLEIN_WORKFLOW in NOT_QUEUED or _needs_newer(KLEIN_WORKFLOW)) else bs.ensure_klein(root)
-    base = bs.make_base_dir(cache, sdxl=bs.ensure_sdxl(root) if RUN_SDXL else None, flux=flux, klein=klein)
+    qwen = None if (QWEN_WORKFLOW in NOT_QUEUED or _needs_newer(QWEN_WORKFLOW)) else bs.ensure_qwen(root)
+    base = bs.make_base_dir(cache, sdxl=bs.ensure_sdxl(root) if RUN_SDXL else None, flux=flux, klein=klein,
+                            qwen=qwen)
     (base / "user" / "default").mkdir(parents=True, exist_ok=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     srv = bs.ComfyServer(root, base).start()
