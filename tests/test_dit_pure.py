@@ -161,3 +161,32 @@ def test_patch_level_reference_index_and_vital_blocks_per_family():
         dit.parse_flux_blocks("vital", 2, 2, "hunyuan")
     ids = dit.reference_token_ids((2, 3), 4, 10.0)
     assert ids.shape == (1, 6, 4) and torch.all(ids[0, :, 0] == 10.0) and not ids[0, :, 3].any()
+
+
+def test_key_keep_from_a_padding_mask_is_the_masked_attention_and_a_soft_mask_is_refused():
+    """Qwen-Image's text padding mask (0 / -finfo.max per key): the region rows redone over the kept keys equal
+    plain attention with that additive mask (contrast 1, garment keys appended); a soft bias is refused."""
+    torch.manual_seed(3)
+    b, heads, txt, n_img, d = 1, 2, 4, 6, 8
+    lq = txt + n_img
+    q, k, v = (torch.randn(b, heads, lq, d) for _ in range(3))
+    k_ref, v_ref = torch.randn(1, heads, 3, d), torch.randn(1, heads, 3, d)
+    bias = torch.zeros(b, 1, lq)
+    bias[..., 1] = -torch.finfo(torch.float32).max  # one padded text token
+    keep = dit.key_keep_from_bias(bias, lq)
+    assert keep.tolist() == [[True, False] + [True] * (lq - 2)]
+    region = torch.zeros(1, n_img, dtype=torch.bool)
+    region[0, 2:4] = True
+    base = torch.zeros(b, lq, heads * d)
+    out = dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, 1.0, key_keep=keep)
+    # reference: softmax over [all keys with the additive bias ; garment keys]
+    logits = torch.cat([q @ k.transpose(-1, -2) + bias[:, None], q @ k_ref.transpose(-1, -2)], -1) / d**0.5
+    want = (logits.softmax(-1) @ torch.cat([v, v_ref.expand(b, -1, -1, -1)], 2)).transpose(1, 2).reshape(b, lq, -1)
+    rows = txt + region[0].nonzero().flatten()
+    assert torch.allclose(out[0, rows], want[0, rows], atol=1e-5)
+    ignored = dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, 1.0)  # the mask dropped
+    assert not torch.allclose(ignored[0, rows], want[0, rows], atol=1e-3)
+    with pytest.raises(ValueError, match="not a padding mask"):
+        dit.key_keep_from_bias(torch.full((1, 1, lq), -0.5), lq)
+    with pytest.raises(ValueError, match="covers 3 keys"):
+        dit.key_keep_from_bias(torch.zeros(1, 3), lq)
