@@ -190,3 +190,19 @@ def test_key_keep_from_a_padding_mask_is_the_masked_attention_and_a_soft_mask_is
         dit.key_keep_from_bias(torch.full((1, 1, lq), -0.5), lq)
     with pytest.raises(ValueError, match="covers 3 keys"):
         dit.key_keep_from_bias(torch.zeros(1, 3), lq)
+
+
+def test_mask_checks_look_at_the_token_grid_of_the_vae_ratio():
+    """FLUX.2's tokens are its 16x latent cells (level 0 at ratio 16): a target stripe that the 1/8 grid keeps but the
+    1/16 grid loses is refused there, as it is for FLUX.1 (level 1 at ratio 8); at ratio 8 and level 0 it would pass."""
+    from max4zero.attention.reference import mask_findings
+
+    garment = torch.zeros(1, 128, 128)
+    garment[:, 16:112, 16:112] = 1
+    target = torch.zeros(1, 128, 128)
+    target[:, 8:14, :] = 1  # a 6 px stripe
+    flux2 = mask_findings(garment, garment.bool(), target, [0], ratio=16)[0]
+    flux1 = mask_findings(garment, garment.bool(), target, [1], ratio=8)[0]
+    wrong = mask_findings(garment, garment.bool(), target, [0], ratio=8)[0]
+    assert any("target_mask" in p for p in flux2) and flux2 == flux1
+    assert not any("target_mask" in p for p in wrong)

@@ -356,3 +356,15 @@ def test_flux2_flow_view_names_the_1_16_grid_and_renders_at_16x(comfy_env):
     assert float(res["reliance"][0][tm].mean()) > 0
     records = cm.mea_run(mea.id, res.output(samp.id, 0)["samples"]).records[1.0]
     assert {r.query_hw for r in records} == {GRID} and {r.ref_hw for r in records} == {GRID}
+
+
+@needs_flux2
+def test_flux2_mask_check_uses_the_16x_token_grid(comfy_env):
+    """A 6 px target stripe survives FLUX.1-style checks at 1/8 of the image but vanishes at FLUX.2's 1/16 token grid:
+    the node refuses it before any sampler (with the latent grid read at 8x it would pass and do nothing)."""
+    stripe = torch.zeros(1, SIZE, SIZE)
+    stripe[:, 8:14, :] = 1.0
+    g = Graph()
+    g.capture(_mea(g, g.obj(cm.small_flux2_model(variant="klein"), "MODEL"), "klein", target_mask=stripe)[0], "p")
+    with pytest.raises(cm.PromptFailed, match="target_mask"):
+        run_prompt(g)
