@@ -31,16 +31,22 @@ adapter does); every other call is untouched.
 Reference pass: a separate batch-1 call per sigma (cached for the cond/uncond/MEA passes at that sigma; with
 ``reference_every`` = N > 1 also reused for the next N − 1 sampler steps, an approximation of the paper), built by
 the core like the UNet's: FLUX.1 Fill's extra channels say "keep everything" (:func:`flux_concat_parts`), no
-ControlNet, no Kontext reference latents, no attention mask. Only the garment tokens' K/V are kept, per block.
+ControlNet, no Kontext reference latents, no attention mask; the node's prompt as the model's own ``extra_conds``
+hands it over (:func:`model_text`: FLUX.2 pads it to 512 tokens, as the target's). Only the garment tokens' K/V are
+kept, per block.
 
-Reference positions (RoPE): the garment keys are roped at the reference's own token grid shifted to index 1 on
-the first axis (``attention/dit.py: reference_token_ids``) — where Flux Kontext puts a reference latent — with
-the model's own ``pe_embedder`` and ComfyUI's ``apply_rope1``. ``rope_options`` (LongCat-style shifts) are not
+Token grid: from the model's own ``patch_size`` (FLUX.1 2, FLUX.2 1), for target, reference, garment indices and
+the mask checks (:func:`flux_selection`).
+
+Reference positions (RoPE): the garment keys are roped at the reference's own token grid, placed on the first axis
+as the model places a reference latent (``attention/dit.py: reference_rope_index``): index 1 for FLUX.1's
+``offset`` (Flux Kontext), one ``ref_index_scale`` step after the call's reference latents for FLUX.2's ``index``;
+with the model's own ``pe_embedder`` and ComfyUI's ``apply_rope1``. ``rope_options`` (LongCat-style shifts) are not
 applied to them.
 
-Guidance: ``paper`` as on the UNet. FLUX.1 is distilled (sampled at cfg 1 without a negative), so by the core's
-cfg-1 rule (``attention/policy.py: keeps_negative_pass_at_cfg1``) the negative pass is not kept at cfg 1: the base
-is ε_c and the step is ε_c + s_mea·M⊙(ε_MEA − ε_c). With real CFG (cfg ≠ 1) the base is ε_u as in the paper.
+Guidance: ``paper`` as on the UNet. FLUX.1 and FLUX.2 are distilled (sampled at cfg 1 without a negative), so by the
+core's cfg-1 rule (``attention/policy.py: keeps_negative_pass_at_cfg1``) the negative pass is not kept at cfg 1: the
+base is ε_c and the step is ε_c + s_mea·M⊙(ε_MEA − ε_c). With real CFG (cfg ≠ 1) the base is ε_u as in the paper.
 """
 
 from __future__ import annotations
