@@ -230,6 +230,8 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         if latent is None:
             return
         samples = latent.get("samples") if isinstance(latent, dict) else None
+        if isinstance(samples, torch.Tensor) and samples.dim() == 5 and samples.shape[2] == 1:
+            samples = samples[:, :, 0]  # a video VAE's one frame (Qwen-Image): its image grid
         if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
             raise cv.NodeInputError(cls.NODE, "latent is not an image LATENT", "connect the LATENT the patched model "
                                     "will sample (Double-Mask Inpaint's latent), or leave 'latent' unconnected")
@@ -482,7 +484,8 @@ class FlowViewNode(io.ComfyNode):
             raise cv.NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
                                     "MaX4Zero Masked Extended Attention")
         lat = samples.get("samples") if isinstance(samples, dict) else None
-        if not isinstance(lat, torch.Tensor) or lat.dim() != 4:
+        # an image latent, or a video VAE's one frame [B, C, 1, h, w] (Qwen-Image)
+        if not isinstance(lat, torch.Tensor) or not (lat.dim() == 4 or (lat.dim() == 5 and lat.shape[2] == 1)):
             raise cv.NodeInputError(node, "samples is not an image LATENT", "connect the sampler's LATENT output")
         ref = cv.image_to_bchw(reference, node, "reference")[:1, :3].float()
         if trace.reference_key is not None and samples_key(reference) != trace.reference_key:

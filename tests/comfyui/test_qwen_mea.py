@@ -307,6 +307,7 @@ def test_double_mask_inpaint_latent_drives_qwen_image_stage_one_and_mea_stage_tw
     s1 = g.node("KSamplerAdvanced", model=model, add_noise="enable", latent_image=d[2], start_at_step=0,
                 end_at_step=3, return_with_leftover_noise="enable", **common)
     mea = _mea(g, model, target_mask=tm)
+    g.nodes[mea.id]["inputs"]["latent"] = d[2]  # the optional check input takes the one-frame latent too
     lat2 = g.node("SetLatentNoiseMask", samples=s1[0], mask=g.obj(torch.ones(1, SIZE, SIZE), "MASK"))  # SolidMask 1
     s2 = g.node("KSamplerAdvanced", model=mea[0], add_noise="disable", latent_image=lat2[0], start_at_step=3,
                 end_at_step=4, return_with_leftover_noise="disable", **common)
@@ -322,3 +323,19 @@ def test_double_mask_inpaint_latent_drives_qwen_image_stage_one_and_mea_stage_tw
     out = res["out"]["samples"]
     assert out.shape == (1, 16, 1, *LATENT) and torch.isfinite(out).all()
     assert cm.mea_run(mea.id, out).stats["mea_calls"] > 0
+
+
+@needs_hook
+def test_qwen_flow_view_renders_on_the_1_16_grid(comfy_env):
+    g = Graph()
+    mea = _mea(g, g.obj(cm.small_qwen_image_model(), "MODEL"), contrast=1.0)
+    samp = _sampler(g, mea[0])
+    view = g.node("MaX4ZeroFlowView", trace=mea[1], reference=g.obj(_pair()["reference"], "IMAGE"), samples=samp[0],
+                  layers="1/16 grid", step_start=0.0, step_end=1.0, tau=1.0, mode="absolute")
+    g.capture(view[0], "flow")
+    g.capture(view[2], "reliance")
+    res = run_prompt(g)
+    assert res["flow"].shape == (1, SIZE, SIZE, 3) and res["reliance"].shape == (1, SIZE, SIZE)
+    assert float(res["reliance"][0][_pair()["target_mask"][0] > 0.5].mean()) > 0
+    records = cm.mea_run(mea.id, res.output(samp.id, 0)["samples"]).records[1.0]
+    assert {r.query_hw for r in records} == {GRID} and {r.layer for r in records} == {("double", 0), ("double", 1)}
