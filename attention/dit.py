@@ -12,12 +12,15 @@ block. MEA there means (same method as the UNet, ``attention/masked_extended.py`
 
 What is policy and lives here (plain PyTorch, no host import):
 
-* the token grid of a packed Flux latent (2×2 latent patch per token = 16×16 px with an 8× VAE):
-  :func:`flux_token_grid`; masks at that grid are :func:`~.policy.token_mask` at it;
+* the token grid of a packed latent from the model's own patch size (FLUX.1: 2×2 latent cells per token =
+  16×16 px with its 8× VAE; FLUX.2: 1×1 cell of its 16× latent = 16×16 px): :func:`flux_token_grid`,
+  :func:`patch_level`; masks at that grid are :func:`~.policy.token_mask` at it;
 * which blocks carry MEA: :data:`FLUX_BLOCK_CHOICES`, :func:`parse_flux_blocks` (default
-  :data:`DEFAULT_FLUX_BLOCKS`, the "vital layers" of Stable Flow — untuned for try-on on real weights);
-* where the reference tokens sit for RoPE: :data:`REFERENCE_ROPE_INDEX`, :func:`reference_token_ids`
-  (Kontext's layout for a reference latent: its own grid, shifted to index 1 on the first axis);
+  :data:`DEFAULT_FLUX_BLOCKS`: :func:`vital_blocks` of the model's family — Stable Flow's "vital layers" on
+  FLUX.1, the same relative depths on FLUX.2; untuned for try-on on real weights);
+* where the reference tokens sit for RoPE: :func:`reference_rope_index` (the model's own way of placing a
+  reference latent: Kontext's index 1 for FLUX.1's ``offset``, FLUX.2's ``index`` method one
+  ``ref_index_scale`` step after the call's own reference latents), :func:`reference_token_ids`;
 * :func:`joint_extended_attention`: the region's image queries redone over [all keys ; garment keys],
   written into the block's own attention output.
 
@@ -38,6 +41,12 @@ __all__ = [
     "FLUX_PATCH",
     "FLUX_LEVEL",
     "REFERENCE_ROPE_INDEX",
+    "DIT_FAMILIES",
+    "patch_level",
+    "reference_rope_index",
+    "vital_blocks",
+    "FLUX_VITAL_GLOBAL",
+    "key_keep_from_bias",
     "FLUX_VITAL_DOUBLE",
     "FLUX_VITAL_SINGLE",
     "FLUX_BLOCK_CHOICES",
@@ -48,11 +57,17 @@ __all__ = [
     "joint_extended_attention",
 ]
 
-#: A Flux image token packs a 2×2 patch of latent cells (16×16 px with the 8× VAE).
+#: A FLUX.1 image token packs a 2×2 patch of latent cells (16×16 px with the 8× VAE). Only FLUX.1's; every
+#: grid is computed from the model's own ``patch_size`` (FLUX.2 packs 1×1 cells of its 16× latent).
 FLUX_PATCH = 2
-#: The Flux token grid is the latent grid halved once (⌈n/2⌉), i.e. grid level 1 of ``policy.grid_level``:
-#: the mask checks shared with the UNet adapter use this level.
+#: FLUX.1's token grid is the latent grid halved once (⌈n/2⌉), i.e. grid level 1 of ``policy.grid_level``
+#: (:func:`patch_level` of its patch size).
 FLUX_LEVEL = 1
+#: The DiT families the adapters know (ComfyUI's ``unet_config["image_model"]``); any other is refused.
+DIT_FAMILIES = ("flux", "flux2", "qwen_image")
+#: Stable Flow's vital layers of FLUX.1-dev in its global numbering (19 double then 38 single blocks, 0 … 56), for a
+#: family whose blocks are all joint (double-stream) blocks: the same relative depths of one stack.
+FLUX_VITAL_GLOBAL = (0, 1, 17, 18, 25, 28, 53, 54, 56)
 #: First RoPE axis of the reference tokens. Flux Kontext places a reference latent at index 1 on its own
 #: grid (``Flux._forward``, ``ref_latents_method = "offset"``); MEA's reference tokens sit there too.
 REFERENCE_ROPE_INDEX = 1
@@ -71,22 +86,92 @@ DEFAULT_FLUX_BLOCKS = "vital"
 _TOKEN = re.compile(r"^([ds])(\d+)(?:-(?:[ds])?(\d+))?$")
 
 
-def flux_token_grid(latent_hw: Sequence[int], patch: int = FLUX_PATCH) -> tuple[int, int]:
-    """Token grid ``(h, w)`` of a Flux latent ``(H, W)``: ComfyUI pads to the patch size, so ⌈H/2⌉ × ⌈W/2⌉.
+def flux_token_grid(latent_hw: Sequence[int], patch: int) -> tuple[int, int]:
+    """Token grid ``(h, w)`` of a latent ``(H, W)`` packed in ``patch``×``patch`` cells per token: ComfyUI pads
+    to the patch size, so ⌈H/p⌉ × ⌈W/p⌉. ``patch`` is the model's own (no default: FLUX.1 2, FLUX.2 1).
 
-    >>> flux_token_grid((128, 128)), flux_token_grid((13, 20))
-    ((64, 64), (7, 10))
+    >>> flux_token_grid((128, 128), 2), flux_token_grid((13, 20), 2), flux_token_grid((13, 20), 1)
+    ((64, 64), (7, 10), (13, 20))
     """
     h, w = (int(s) for s in latent_hw[-2:])
     if h < 1 or w < 1:
         raise ValueError(f"latent size must be positive, got {h}x{w}")
+    patch = int(patch)
+    if patch < 1:
+        raise ValueError(f"patch size must be positive, got {patch}")
     return -(-h // patch), -(-w // patch)
 
 
-def parse_flux_blocks(spec: str, n_double: int, n_single: int) -> frozenset:
+def patch_level(patch: int) -> int:
+    """The grid level (``policy.grid_level``: halvings of the latent grid) of tokens that pack ``patch``×``patch``
+    latent cells, for the mask checks shared with the UNet adapter. A patch size that is not a power of two has no
+    level (refused: the checks would look at the wrong grid).
+
+    >>> patch_level(1), patch_level(2), patch_level(4)
+    (0, 1, 2)
+    """
+    patch = int(patch)
+    if patch < 1 or patch & (patch - 1):
+        raise ValueError(f"a DiT patch size of {patch} is not a power of two: its token grid is no grid level")
+    return patch.bit_length() - 1
+
+
+def reference_rope_index(method: str, index_scale: float = 1.0, n_refs: int = 0) -> float:
+    """First RoPE axis of MEA's garment keys, placed as the model places a reference latent of its own.
+
+    ``method`` is the call's ``ref_latents_method`` (the model's ``default_ref_method`` when the call gives none):
+
+    * ``"offset"`` (FLUX.1 Kontext, FLUX.1's default): index 1 (:data:`REFERENCE_ROPE_INDEX`), as before;
+    * ``"index"`` / ``"index_timestep_zero"`` (FLUX.2's default): the k-th reference latent sits at k ×
+      ``index_scale`` (FLUX.2: 10); the garment goes one step after the call's own ``n_refs`` reference latents
+      (``ReferenceLatent``), so it never shares an index with one of them: ``(n_refs + 1) × index_scale``.
+
+    Any other method (``"uxo"``: references beside the target at index 0) is refused: it has no index step.
+
+    >>> reference_rope_index("offset"), reference_rope_index("index", 10.0), reference_rope_index("index", 10.0, 2)
+    (1.0, 10.0, 30.0)
+    """
+    if method == "offset":
+        return float(REFERENCE_ROPE_INDEX)
+    if method in ("index", "index_timestep_zero"):
+        if not index_scale > 0:
+            raise ValueError(f"ref_index_scale must be positive for the '{method}' method, got {index_scale}")
+        return float(index_scale) * (int(n_refs) + 1)
+    raise ValueError(f"the reference latent method {method!r} places references beside the target, not at a "
+                     "RoPE index: MEA cannot place the garment there; use 'offset' or 'index'")
+
+
+def vital_blocks(family: str, n_double: int, n_single: int) -> frozenset:
+    """The ``vital`` choice of a model family at its depth, as ``{("double", i), ("single", j)}``.
+
+    * ``"flux"`` (FLUX.1): Stable Flow's vital layers (:data:`FLUX_VITAL_DOUBLE`, :data:`FLUX_VITAL_SINGLE`), the
+      indices that exist in this model (unchanged from before FLUX.2 was supported);
+    * ``"flux2"``: no vital layers are published for FLUX.2; the same *relative* depths on its stacks
+      (index i of FLUX.1's 19 double blocks → round(i / 18 · (n_double − 1)), single j of 38 → round(j / 37 ·
+      (n_single − 1))): first and last double blocks, early and late single blocks. An analogy, untuned;
+    * ``"qwen_image"`` (one stack of joint blocks, 60 in Qwen-Image): FLUX.1's vital layers in its global
+      numbering (:data:`FLUX_VITAL_GLOBAL`, 57 blocks) at the same relative depths of that stack
+      (60 blocks: 0, 1, 18, 19, 26, 30, 56, 57, 59). An analogy, untuned.
+
+    >>> sorted(vital_blocks("flux2", 8, 48))
+    [('double', 0), ('double', 7), ('single', 8), ('single', 11), ('single', 43), ('single', 44), ('single', 47)]
+    """
+    if family == "flux":
+        return frozenset({("double", i) for i in FLUX_VITAL_DOUBLE if i < n_double}
+                         | {("single", i) for i in FLUX_VITAL_SINGLE if i < n_single})
+    rel = lambda idx, src, n: {round(i / (src - 1) * (n - 1)) for i in idx} if n > 0 else set()  # noqa: E731
+    if family == "flux2":
+        return frozenset({("double", i) for i in rel(FLUX_VITAL_DOUBLE, 19, n_double)}
+                         | {("single", i) for i in rel(FLUX_VITAL_SINGLE, 38, n_single)})
+    if family == "qwen_image" and n_single == 0:
+        return frozenset({("double", i) for i in rel(FLUX_VITAL_GLOBAL, 57, n_double)})
+    raise ValueError(f"no 'vital' blocks are known for the {family!r} family: pick 'double', 'single', 'all' or a list")
+
+
+def parse_flux_blocks(spec: str, n_double: int, n_single: int, family: str = "flux") -> frozenset:
     """The blocks a ``flux_blocks`` text selects, as ``{("double", i), ("single", j), …}``.
 
-    Comma-separated items, each one of: ``vital`` (Stable Flow's vital layers that exist in this model),
+    Comma-separated items, each one of: ``vital`` (:func:`vital_blocks` of the model's ``family`` at its depth),
     ``double`` (every double block), ``single`` (every single block), ``all``, ``d<i>`` / ``s<j>`` (one
     double / single block, 0-based) or a range ``d<i>-<k>`` / ``s<i>-<k>`` (inclusive).
 
@@ -106,8 +191,7 @@ def parse_flux_blocks(spec: str, n_double: int, n_single: int) -> frozenset:
         if not item:
             continue
         if item == "vital":
-            out |= {("double", i) for i in FLUX_VITAL_DOUBLE if i < n_double}
-            out |= {("single", i) for i in FLUX_VITAL_SINGLE if i < n_single}
+            out |= vital_blocks(family, n_double, n_single)
             continue
         if item in ("double", "all"):
             out |= {("double", i) for i in range(n_double)}
@@ -128,11 +212,12 @@ def parse_flux_blocks(spec: str, n_double: int, n_single: int) -> frozenset:
         out |= {(kind, i) for i in range(lo, hi + 1)}
     if not out:
         raise ValueError(f"flux_blocks {spec!r} selects no block of this model ({n_double} double, {n_single} single "
-                         "blocks); 'vital' needs the FLUX.1 depth (19 + 38): pick 'double', 'single', 'all' or a list")
+                         "blocks): pick 'double', 'single', 'all' or a list")
     return frozenset(out)
 
 
-def reference_token_ids(hw: Sequence[int], n_axes: int = 3, index: float = REFERENCE_ROPE_INDEX) -> torch.Tensor:
+def reference_token_ids(hw: Sequence[int], n_axes: int = 3, index: float = REFERENCE_ROPE_INDEX,
+                        centred: bool = False) -> torch.Tensor:
     """RoPE position ids ``[1, h·w, n_axes]`` of the reference's tokens (row-major).
 
     Axis 0 = ``index``, axis 1 = row, axis 2 = column on the reference's own token grid (further axes 0):
@@ -149,9 +234,30 @@ def reference_token_ids(hw: Sequence[int], n_axes: int = 3, index: float = REFER
         raise ValueError(f"Flux position ids have at least 3 axes, got {n_axes}")
     ids = torch.zeros(h, w, n_axes, dtype=torch.float32)
     ids[..., 0] = float(index)
-    ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None]
-    ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :]
+    ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None] - (h // 2 if centred else 0)
+    ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :] - (w // 2 if centred else 0)
     return ids.reshape(1, h * w, n_axes)
+
+
+def key_keep_from_bias(bias: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """The keys an additive attention mask lets through, bool ``[B, n_keys]``, from ``bias`` [B, n_keys],
+    [B, 1, n_keys] or [B, 1, 1, n_keys] (Qwen-Image's text padding: 0 = attend, −finfo.max = padding).
+
+    A key whose bias is below −1e4 gets weight exactly 0 after the softmax in float32 and bfloat16, so dropping it
+    is the same attention; any other bias must be 0 (a soft mask cannot be dropped: refused, the region rows
+    would silently ignore it).
+
+    >>> key_keep_from_bias(torch.tensor([[0.0, -3e38, 0.0]]), 3).tolist()
+    [[True, False, True]]
+    """
+    b = bias.reshape(bias.shape[0], -1)
+    if b.shape[-1] != n_keys:
+        raise ValueError(f"the attention mask covers {b.shape[-1]} keys but the block attends over {n_keys}")
+    keep = b > -1e4
+    if bool((b[keep] != 0).any()):
+        raise ValueError("the attention mask is not a padding mask (0 or a large negative bias per key): Masked "
+                         "Extended Attention cannot recompute the region's rows with a soft mask")
+    return keep
 
 
 def joint_extended_attention(
@@ -168,6 +274,7 @@ def joint_extended_attention(
     *,
     capture: Union[None, CaptureProtocol, Sequence[CaptureProtocol]] = None,
     ref_positions: Optional[torch.Tensor] = None,
+    key_keep: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The block's attention output with the region's image queries redone as Masked Extended Attention.
 
@@ -192,6 +299,8 @@ def joint_extended_attention(
             (row-major, increasing), so the flow points at reference coordinates. The garment keys are then
             laid out on the full reference grid (``ref_count`` = h_ref·w_ref tokens) with the other tokens
             masked out, which the core drops before the softmax: the same numbers as without the capture.
+        key_keep: optional bool [1 or B, L_k]: the block's keys its own attention mask lets through
+            (:func:`key_keep_from_bias`); the region's queries attend over those (plus the garment keys) only.
 
     Returns:
         A new [B, L_q, H·dv] tensor: ``base`` with the region rows replaced. ``base`` itself is untouched.
@@ -232,6 +341,9 @@ def joint_extended_attention(
         rb = 0 if k_ref.shape[0] == 1 else bi
         q_b = to_flat(q[bi : bi + 1].index_select(2, qi))
         k_b, v_b = to_flat(k[bi : bi + 1]), to_flat(v[bi : bi + 1])
+        if key_keep is not None:  # the block's own mask: its masked keys have weight 0, so they are dropped
+            kk = key_keep[0 if key_keep.shape[0] == 1 else bi].nonzero().flatten().to(k.device)
+            k_b, v_b = k_b.index_select(1, kk), v_b.index_select(1, kk)
         kr, vr = to_flat(k_ref[rb : rb + 1]), to_flat(v_ref[rb : rb + 1])
         ones_q = torch.ones(1, qi.numel(), dtype=torch.bool, device=q.device)
         if key_mask is None:

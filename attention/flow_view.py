@@ -16,7 +16,7 @@ from . import flow as _flow
 from .flow import FlowRecord
 from .policy import grid_level
 
-__all__ = ["FLOW_MODES", "FlowView", "select_for_view", "no_match_message", "render_flow_view", "mls_flow",
+__all__ = ["FLOW_MODES", "FlowView", "select_for_view", "view_levels", "no_match_message", "render_flow_view", "mls_flow",
            "disagreement"]
 
 FLOW_MODES = ("absolute", "displacement")
@@ -54,21 +54,36 @@ def _is_dit_block(layer: object) -> bool:
     return isinstance(layer, tuple) and len(layer) == 2 and layer[0] in ("double", "single")
 
 
-def no_match_message(records: Sequence[FlowRecord], latent_hw: Sequence[int]) -> tuple[str, str]:
-    """(problem, fix) when no record matches a grid choice, naming the grids this run did record.
+def view_levels(choice: Optional[frozenset], vae_ratio: int = 8) -> Optional[frozenset]:
+    """The grid levels (halvings of the latent grid) a Flow View ``layers`` choice means for a model whose VAE
+    packs ``vae_ratio`` pixels per latent cell. The choices name fractions of the image at an 8× VAE
+    (``policy.FLOW_LAYER_CHOICES``: "1/16 grid" = level 1); with FLUX.2's 16× latent, "1/16 grid" is level 0.
 
-    A Flux-family run (records labelled with DiT blocks) says that every block attends at 1/16 of the image.
+    >>> sorted(view_levels(frozenset({1}), 8)), sorted(view_levels(frozenset({1}), 16)), view_levels(None, 16)
+    ([1], [0], None)
+    """
+    if choice is None:
+        return None
+    shift = int(vae_ratio).bit_length() - 1 - 3  # log2(ratio / 8)
+    return frozenset(lvl - shift for lvl in choice if lvl - shift >= 0)
+
+
+def no_match_message(records: Sequence[FlowRecord], latent_hw: Sequence[int], vae_ratio: int = 8) -> tuple[str, str]:
+    """(problem, fix) when no record matches a grid choice, naming the grids this run did record (as fractions of
+    the image: ``vae_ratio`` pixels per latent cell).
+
+    A Flux-family run (records labelled with DiT blocks) says that every block attends at one grid.
 
     >>> r = FlowRecord(torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2), None, None, None, (2, 2), (2, 2), ("double", 0))
-    >>> no_match_message([r], (4, 4))[1]
-    "pick 'all MEA layers' or '1/16 grid'"
+    >>> no_match_message([r], (4, 4))[1], no_match_message([r], (2, 2), 16)[1]
+    ("pick 'all MEA layers' or '1/16 grid'", "pick 'all MEA layers' or '1/16 grid'")
     """
     levels = sorted({grid_level(latent_hw, r.query_hw) for r in records})
     if not levels:
         return "no MEA layer call was recorded", "check the MEA window against the sampler's steps, and the masks"
-    names = [f"1/{8 * 2 ** lvl} grid" for lvl in levels]
+    names = [f"1/{int(vae_ratio) * 2 ** lvl} grid" for lvl in levels]
     flux = all(_is_dit_block(r.layer) for r in records)
-    note = " (a Flux model: every block attends at 1/16 of the image, 2x2 latent cells per token)" if flux else ""
+    note = f" (a Flux model: every block attends at {names[0][:-5]} of the image)" if flux and len(names) == 1 else ""
     return (f"no recorded MEA layer call is at the chosen grid: this run recorded {', '.join(names)} only{note}",
             "pick 'all MEA layers' or " + " or ".join(f"'{n}'" for n in names))
 
@@ -103,13 +118,14 @@ def render_flow_view(
     step_end: float = 1.0,
     mode: str = "absolute",
     mls_flow: Optional[torch.Tensor] = None,
+    vae_ratio: int = 8,
 ) -> FlowView:
     """Average the selected records (flow weighted by row mass) and draw the views at ``out_hw``.
 
     Args:
         records: :class:`FlowRecord` list from a :class:`MeaTrace`.
         reference_bchw: [1, C, Hr, Wr] the reference image the flow points into (the encoded part).
-        latent_hw: the target latent's (h, w), to name the records' grids.
+        latent_hw: the target latent's (h, w), to name the records' grids (``vae_ratio`` pixels per cell).
         out_hw: output size (the target image's pixels).
         mls_flow: optional [H, W, 2] or [B, H, W, 2] MLS backward map in the normalised convention
             (:func:`mls_flow_from_matches`) for the end-point-error map.
@@ -118,7 +134,7 @@ def render_flow_view(
         raise ValueError(f"mode must be one of {FLOW_MODES}, got {mode!r}")
     chosen = select_for_view(records, latent_hw, levels, step_start, step_end)
     if not chosen:
-        raise ValueError("; ".join(no_match_message(records, latent_hw)))
+        raise ValueError("; ".join(no_match_message(records, latent_hw, vae_ratio)))
     batch = {int(r.flow.shape[0]) for r in chosen}
     if len(batch) > 1:
         raise ValueError(f"the recorded calls have different batch sizes {sorted(batch)}; view one sampling layout")

@@ -179,7 +179,8 @@ def reference_row(
 
 @dataclass(frozen=True)
 class PreparedReference:
-    """The reference as every pass reads it: ``latent``/``noise`` [1, C, h, w] (the host's scaled latent space,
+    """The reference as every pass reads it: ``latent``/``noise`` [1, C, h, w] or [1, C, 1, h, w] (a video VAE's one
+    frame, as the model takes it) (the host's scaled latent space,
     float32, CPU); ``garment`` bool [1, H', W'] at the encoded size, eroded (:data:`~max4zero.tensors.masks.
     GARMENT_EROSION`); ``size`` (H, W) of the given image; ``crop`` (top, left, H', W') of the encoded part (the
     centre crop to a multiple of ``vae_ratio``, as VAE Encode does)."""
@@ -227,7 +228,8 @@ def prepare_reference(
     gm_c = center_crop_multiple(garment_mask, ratio, (1, 2))
     crop = ((H % ratio) // 2, (W % ratio) // 2, int(img_c.shape[1]), int(img_c.shape[2]))
     latent = encode(img_c.contiguous())
-    if latent.dim() != 4 or latent.shape[1] != int(channels):
+    # [1, C, h, w], or [1, C, 1, h, w] from a video VAE (Qwen-Image's Wan 2.1: one frame), kept as the model takes it
+    if latent.dim() not in (4, 5) or (latent.dim() == 5 and latent.shape[2] != 1) or latent.shape[1] != int(channels):
         raise ValueError(f"the VAE gives {tuple(latent.shape)} latents but the model expects {channels} channels: "
                          "connect the VAE that belongs to this model")
     lat = scale_in(latent.detach().float().cpu())
@@ -238,7 +240,7 @@ def prepare_reference(
 
 
 def mask_findings(garment_mask: torch.Tensor, garment: torch.Tensor, target_mask: torch.Tensor,
-                  levels: Sequence[int]) -> tuple[list[str], list[str]]:
+                  levels: Sequence[int], ratio: int = 8) -> tuple[list[str], list[str]]:
     """``(problems, notes)`` of the masks as MEA will use them (docs/method.md §3b), before any sampling.
 
     * empty (nothing above ``EMPTY_BELOW``): the contract, zero mask = no effect (a batch may carry images without a
@@ -248,15 +250,16 @@ def mask_findings(garment_mask: torch.Tensor, garment: torch.Tensor, target_mask
     * looks inverted: a note.
 
     Args: ``garment_mask`` [1, H, W] as given, ``garment`` the eroded one at the encoded size
-    (:func:`prepare_reference`), ``target_mask`` [B, H, W], ``levels`` the token-grid levels the chosen layers use.
+    (:func:`prepare_reference`), ``target_mask`` [B, H, W], ``levels`` the token-grid levels the chosen layers use
+    (halvings of the latent grid), ``ratio`` pixels per latent cell (the VAE's: 8, FLUX.2's 16).
     """
     from ..tensors import masks as _masks
 
     levels = sorted(levels)
     problems, notes = [], []
-    grids = _masks.token_grids(tuple(garment.shape[-2:]), levels, ratio=8)
+    grids = _masks.token_grids(tuple(garment.shape[-2:]), levels, ratio=ratio)
     checks = (("garment_mask", garment_mask, grids, _masks.GARMENT_EROSION),
-              ("target_mask", target_mask, _masks.token_grids(tuple(target_mask.shape[-2:]), levels, ratio=8), 1))
+              ("target_mask", target_mask, _masks.token_grids(tuple(target_mask.shape[-2:]), levels, ratio=ratio), 1))
     for name, mask, mask_grids, erosion in checks:
         if problem := _masks.unusable_mask_problem(mask, mask_grids, name, erode_kernel=erosion):
             problems.append(problem)

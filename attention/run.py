@@ -173,9 +173,10 @@ class WorkerState:
         return (self._garment if which == "garment" else self._target).at(hw, device)
 
     def latent_mask(self, x: torch.Tensor) -> torch.Tensor:
-        """Target mask at latent size as float [B or 1, 1, h, w] on x's device (paper guidance M)."""
+        """Target mask at latent size as float [B or 1, 1, h, w] on x's device (paper guidance M); [B or 1, 1, 1, h, w]
+        for a one-frame video latent x [B, C, 1, h, w] (Qwen-Image)."""
         hw = (int(x.shape[-2]), int(x.shape[-1]))
-        m = self.grid_mask("target", hw, x.device).view(-1, 1, *hw)
+        m = self.grid_mask("target", hw, x.device).view(-1, 1, *([1] * (x.dim() - 4)), *hw)
         if m.shape[0] not in (1, x.shape[0]):
             row_mask_index(range(x.shape[0]), x.shape[0], 1, m.shape[0])  # raises the clear error
         return m.to(x.dtype)

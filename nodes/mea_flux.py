@@ -31,16 +31,22 @@ adapter does); every other call is untouched.
 Reference pass: a separate batch-1 call per sigma (cached for the cond/uncond/MEA passes at that sigma; with
 ``reference_every`` = N > 1 also reused for the next N − 1 sampler steps, an approximation of the paper), built by
 the core like the UNet's: FLUX.1 Fill's extra channels say "keep everything" (:func:`flux_concat_parts`), no
-ControlNet, no Kontext reference latents, no attention mask. Only the garment tokens' K/V are kept, per block.
+ControlNet, no Kontext reference latents, no attention mask; the node's prompt as the model's own ``extra_conds``
+hands it over (:func:`model_text`: FLUX.2 pads it to 512 tokens, as the target's). Only the garment tokens' K/V are
+kept, per block.
 
-Reference positions (RoPE): the garment keys are roped at the reference's own token grid shifted to index 1 on
-the first axis (``attention/dit.py: reference_token_ids``) — where Flux Kontext puts a reference latent — with
-the model's own ``pe_embedder`` and ComfyUI's ``apply_rope1``. ``rope_options`` (LongCat-style shifts) are not
+Token grid: from the model's own ``patch_size`` (FLUX.1 2, FLUX.2 1), for target, reference, garment indices and
+the mask checks (:func:`flux_selection`).
+
+Reference positions (RoPE): the garment keys are roped at the reference's own token grid, placed on the first axis
+as the model places a reference latent (``attention/dit.py: reference_rope_index``): index 1 for FLUX.1's
+``offset`` (Flux Kontext), one ``ref_index_scale`` step after the call's reference latents for FLUX.2's ``index``;
+with the model's own ``pe_embedder`` and ComfyUI's ``apply_rope1``. ``rope_options`` (LongCat-style shifts) are not
 applied to them.
 
-Guidance: ``paper`` as on the UNet. FLUX.1 is distilled (sampled at cfg 1 without a negative), so by the core's
-cfg-1 rule (``attention/policy.py: keeps_negative_pass_at_cfg1``) the negative pass is not kept at cfg 1: the base
-is ε_c and the step is ε_c + s_mea·M⊙(ε_MEA − ε_c). With real CFG (cfg ≠ 1) the base is ε_u as in the paper.
+Guidance: ``paper`` as on the UNet. FLUX.1 and FLUX.2 are distilled (sampled at cfg 1 without a negative), so by the
+core's cfg-1 rule (``attention/policy.py: keeps_negative_pass_at_cfg1``) the negative pass is not kept at cfg 1: the
+base is ε_c and the step is ε_c + s_mea·M⊙(ε_MEA − ε_c). With real CFG (cfg ≠ 1) the base is ε_u as in the paper.
 """
 
 from __future__ import annotations
@@ -50,7 +56,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..attention.dit import FLUX_LEVEL, FLUX_PATCH, flux_token_grid, joint_extended_attention, reference_token_ids
+from ..attention.dit import (
+    DIT_FAMILIES,
+    FLUX_LEVEL,
+    FLUX_PATCH,
+    flux_token_grid,
+    joint_extended_attention,
+    key_keep_from_bias,
+    patch_level,
+    reference_rope_index,
+    reference_token_ids,
+)
 from ..attention.policy import LayerSelection, token_mask
 from ..attention.run import WorkerState
 from .convert import NodeInputError
@@ -59,10 +75,31 @@ from .mea_patch import MeaPatch
 from .mea_replace import CallRows
 
 __all__ = ["FLUX_SELECTION", "FluxMeaPatch", "FluxAttention", "FluxRefEntry", "flux_hook_problem", "is_flux",
-           "flux_layout_problem", "flux_concat_parts"]
+           "flux_layout_problem", "flux_concat_parts", "flux_selection", "dit_family", "model_text"]
 
-#: What the mask checks shared with the UNet adapter see: Flux tokens are the latent grid halved once.
+#: What the mask checks shared with the UNet adapter see on FLUX.1: tokens are the latent grid halved once.
 FLUX_SELECTION = LayerSelection(frozenset({"flux"}), frozenset({FLUX_LEVEL}))
+
+
+def flux_selection(patch: int) -> LayerSelection:
+    """What the mask checks see on a Flux-family model whose tokens pack ``patch``×``patch`` latent cells."""
+    return LayerSelection(frozenset({"flux"}), frozenset({patch_level(patch)}))
+
+
+def dit_family(base_model: Any) -> str:
+    """ComfyUI's name for the model's family (``unet_config["image_model"]``: ``"flux"``, ``"flux2"``, …)."""
+    unet_config = getattr(getattr(base_model, "model_config", None), "unet_config", {}) or {}
+    return str(unet_config.get("image_model", "flux"))
+
+
+def model_text(base_model: Any, context: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """The text ``context`` [1, L, D] as the model's own ``extra_conds`` hands it to the model (FLUX.2 pads it to
+    512 tokens in front, so its text RoPE ids are the target's), for the reference pass. ``latent`` [1, C, h, w]:
+    the reference latent (what ``extra_conds`` sizes its image inputs by; they are not used)."""
+    out = base_model.extra_conds(cross_attn=context, noise=torch.zeros_like(latent), device=latent.device,
+                                 guidance=None)
+    cond = out.get("c_crossattn")
+    return context if cond is None else cond.cond
 
 def is_flux(diffusion_model: Any) -> bool:
     """Whether ComfyUI's diffusion model is a Flux-family DiT (``comfy.ldm.flux.model.Flux`` or a subclass)."""
@@ -74,24 +111,27 @@ def is_flux(diffusion_model: Any) -> bool:
 
 
 def flux_layout_problem(base_model: Any) -> Optional[str]:
-    """None for a FLUX.1-layout model (2×2 patches of a 16-channel latent), else why this adapter would be wrong.
+    """None for a Flux-family layout the adapter knows, else why it would be wrong on this model.
 
-    FLUX.2 runs on the same ``comfy.ldm.flux.model.Flux`` class but packs 1×1 patches of a 128-channel latent,
-    pads its text to 512 tokens in ``extra_conds``, places references with ``ref_index_scale`` and has other
-    block counts: the token grid, reference pass and block choices here are FLUX.1's, so it is refused until
-    they are made for it rather than run with the wrong image tokens.
+    Known: FLUX.1 (``"flux"``: 2×2 patches of a 16-channel latent, Kontext's ``offset`` references) and FLUX.2
+    (``"flux2"``: 1×1 patches of a 128-channel latent, text padded to 512 tokens in ``extra_conds``, ``index``
+    references every ``ref_index_scale``; dev with a guidance embedding, klein without). Every grid, the reference
+    text and the garment keys' RoPE index are taken from the model; another family (or a known family with another
+    layout) is refused rather than run with the wrong image tokens.
     """
     dm = base_model.diffusion_model
     unet_config = getattr(getattr(base_model, "model_config", None), "unet_config", {}) or {}
-    family = unet_config.get("image_model", "flux")
+    family = dit_family(base_model)
     patch = int(getattr(dm, "patch_size", FLUX_PATCH))
     channels = int(unet_config.get("out_channels", 16))
-    if family == "flux" and patch == FLUX_PATCH and channels == 16:
+    known = {"flux": (FLUX_PATCH, 16), "flux2": (1, 128)}
+    if family in DIT_FAMILIES and known.get(family) == (patch, channels):
         return None
-    name = "FLUX.2" if family == "flux2" else f"this Flux-family model ({family!r})"
-    return (f"{name} is not supported yet: it packs {patch}x{patch} patches of a {channels}-channel latent, "
-            "while Masked Extended Attention on Flux is built for FLUX.1's 2x2 patches of 16 channels (token grid, "
-            "reference pass and block choices); on it the garment would be read into the wrong image tokens")
+    name = {"flux": "this FLUX.1-family model", "flux2": "this FLUX.2 model"}.get(family, f"this Flux-family model "
+                                                                                     f"({family!r})")
+    return (f"{name} is not supported: it packs {patch}x{patch} patches of a {channels}-channel latent, while Masked "
+            "Extended Attention knows FLUX.1 (2x2 patches of 16 channels) and FLUX.2 (1x1 patches of 128 channels); "
+            "on another layout the garment would be read into the wrong image tokens")
 
 
 def flux_hook_problem() -> Optional[str]:
@@ -212,10 +252,18 @@ class FluxAttention:
         if start is None or len(args) < 3:
             return base
         q, k, v = args[:3]
+        mask = kwargs.get("mask", args[4] if len(args) > 4 else None)  # Qwen-Image passes it positionally
         entry = self.store.get(key)
-        if (entry is None or kwargs.get("mask") is not None or not kwargs.get("skip_reshape", False)
+        if (entry is None or (mask is not None and not self.patch.reads_key_mask) or not kwargs.get("skip_reshape", False)
                 or kwargs.get("skip_output_reshape", False) or q.dim() != 4 or base.dim() != 3):
             return base
+        key_keep = None
+        if mask is not None:
+            try:
+                key_keep = key_keep_from_bias(mask, k.shape[2])
+            except ValueError as e:
+                raise NodeInputError(self.patch.label, str(e), "remove the soft attention mask from the "
+                                     "conditioning, or bypass this node") from None
         n_img = self.grid[0] * self.grid[1]
         if start + n_img > q.shape[2]:
             return base
@@ -239,7 +287,7 @@ class FluxAttention:
         positions = self.patch.garment_index(self.state, q.device) if captures else None
         mixed = joint_extended_attention(sub(q), sub(k), sub(v), k_ref, v_ref, region, start, sub(base),
                                          self.patch.settings.contrast, ref_count=self.patch.ref_tokens,
-                                         capture=captures or None, ref_positions=positions)
+                                         capture=captures or None, ref_positions=positions, key_keep=key_keep)
         self.state.count("mea_calls")
         return mixed if full else base.index_copy(0, rows, mixed)
 
@@ -248,24 +296,38 @@ class FluxMeaPatch(MeaPatch):
     """One MEA node's patch on a Flux-family model (docs/method.md §3c); frozen like :class:`~.mea_patch.MeaPatch`.
 
     Args: as :class:`~.mea_patch.MeaPatch`, without ``layers``/``attn1_keys``, plus ``blocks``: the selected
-    ``("double" | "single", index)`` blocks (``attention/dit.py: parse_flux_blocks``). The reference latent
-    is [1, 16, h, w] (``process_latent_in``-scaled). Each recorded MEA block call is labelled with its block key
-    (``("double", i)`` / ``("single", j)``), query grid = the target's token grid, reference grid = the
-    reference's token grid.
+    ``("double" | "single", index)`` blocks (``attention/dit.py: parse_flux_blocks``); ``patch_size``: latent cells
+    per token side (the model's own: FLUX.1 2, FLUX.2 1); ``ref_method`` / ``ref_index_scale``: how the model
+    places a reference latent (``default_ref_method`` and ``ref_index_scale`` of its params; a call's own
+    ``ref_latents_method`` wins), where the garment keys are roped (``attention/dit.py: reference_rope_index``).
+    The reference latent is [1, C, h, w] (``process_latent_in``-scaled). Each recorded MEA block call is labelled
+    with its block key (``("double", i)`` / ``("single", j)``), query grid = the target's token grid, reference
+    grid = the reference's token grid.
     """
 
     layer_input = "flux_blocks"
-    #: FLUX.1 dev, Fill and schnell are sampled at cfg 1 without a negative (guidance- or timestep-distilled)
+    #: FLUX.1 dev, Fill and schnell and FLUX.2 dev and klein are sampled at cfg 1 without a negative (guidance-
+    #: or step-distilled)
     distilled = True
     inline_reference = False
+    #: whether the region's rows honour the block's own attention mask (Qwen-Image's text padding); on FLUX.1/2 a
+    #: call with a mask keeps its own attention (as before: no FLUX sampler passes one with MEA's hooks)
+    reads_key_mask = False
+    #: RoPE ids of the garment keys centred on the reference grid (Qwen-Image centres its image ids)
+    centred_ids = False
 
-    def __init__(self, *, blocks: frozenset, **kwargs: Any) -> None:
+    def __init__(self, *, blocks: frozenset, patch_size: int = FLUX_PATCH, ref_method: str = "offset",
+                 ref_index_scale: float = 1.0, **kwargs: Any) -> None:
         settings = kwargs["settings"]
+        reference_rope_index(ref_method, ref_index_scale)  # a method with no index step is refused here
         object.__setattr__(self, "blocks", frozenset(blocks))
-        object.__setattr__(self, "ref_grid", flux_token_grid(settings.ref_latent.shape[-2:]))
+        object.__setattr__(self, "patch_size", int(patch_size))
+        object.__setattr__(self, "ref_method", str(ref_method))
+        object.__setattr__(self, "ref_index_scale", float(ref_index_scale))
+        object.__setattr__(self, "ref_grid", flux_token_grid(settings.ref_latent.shape[-2:], self.patch_size))
         object.__setattr__(self, "ref_tokens", self.ref_grid[0] * self.ref_grid[1])
         kwargs.setdefault("trace", None)
-        super().__init__(layers=FLUX_SELECTION, attn1_keys=(), **kwargs)
+        super().__init__(layers=flux_selection(self.patch_size), attn1_keys=(), **kwargs)
 
     # -- reference tokens (cached per run and device in the worker state) ----------------------
 
@@ -278,13 +340,26 @@ class FluxMeaPatch(MeaPatch):
             idx = state.cache[key] = m.nonzero().flatten().to(device)
         return idx
 
-    def reference_pe(self, state: WorkerState, diffusion_model: Any, device: Any) -> torch.Tensor:
-        """RoPE of the garment tokens at the reference positions (``reference_token_ids``), model's embedder."""
-        key = ("reference_pe", str(device))
+    def rope_index(self, extra: Optional[dict]) -> float:
+        """The garment keys' first RoPE axis for a call with model inputs ``extra``: after its reference latents, by
+        its ``ref_latents_method`` (``attention/dit.py: reference_rope_index``)."""
+        extra = extra or {}
+        refs = extra.get("ref_latents")
+        method = extra.get("ref_latents_method") or self.ref_method
+        try:
+            return reference_rope_index(str(method), self.ref_index_scale, len(refs) if refs is not None else 0)
+        except ValueError as e:
+            raise NodeInputError(self.label, str(e)) from None
+
+    def reference_pe(self, state: WorkerState, diffusion_model: Any, device: Any, index: float) -> torch.Tensor:
+        """RoPE of the garment tokens at the reference positions (``reference_token_ids`` at ``index``), model's
+        embedder."""
+        key = ("reference_pe", str(device), float(index))
         pe = state.cache.get(key)
         if pe is None:
-            n_axes = len(diffusion_model.params.axes_dim)
-            ids = reference_token_ids(self.ref_grid, n_axes).index_select(1, self.garment_index(state, "cpu"))
+            n_axes = len(diffusion_model.pe_embedder.axes_dim)
+            ids = reference_token_ids(self.ref_grid, n_axes, index, self.centred_ids).index_select(
+                1, self.garment_index(state, "cpu"))
             pe = state.cache[key] = diffusion_model.pe_embedder(ids.to(device))
         return pe
 
@@ -297,13 +372,14 @@ class FluxMeaPatch(MeaPatch):
             raise NodeInputError(self.label, str(e)) from None
 
     def with_hooks(self, to: dict, state: WorkerState, mode: str, store: dict, rows: Optional[CallRows],
-                   named: dict, base_model: Any = None) -> dict:
+                   named: dict, base_model: Any = None, extra: Optional[dict] = None) -> dict:
         """A copy of ``to`` with the attn1 patch appended (others kept, in order) and, in ``use`` mode, the
         override (wrapping any previous one). Nothing is mutated."""
         if mode == "use":
             dm = base_model.diffusion_model
-            hooks = FluxAttention(self, state, "use", store, rows, flux_token_grid(named["x"].shape[-2:]),
-                                  lambda device: self.reference_pe(state, dm, device),
+            index = self.rope_index(extra)
+            hooks = FluxAttention(self, state, "use", store, rows, flux_token_grid(named["x"].shape[-2:], self.patch_size),
+                                  lambda device: self.reference_pe(state, dm, device, index),
                                   to.get("optimized_attention_override"))
         else:
             hooks = FluxAttention(self, state, "record", store)

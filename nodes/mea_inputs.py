@@ -62,7 +62,7 @@ def check_mea_masks(node: str, garment_mask: torch.Tensor, ref: PreparedReferenc
     """The core's findings on the masks (``attention/reference.py: mask_findings``): a problem is refused, a note
     (empty mask: plain sampling on purpose; a mask that looks inverted) is shown on the node."""
     problems, notes = mask_findings(cv.mask_to_bhw(garment_mask, node, "garment_mask"), ref.garment, target_mask,
-                                    layers.levels)
+                                    layers.levels, ratio=ref.vae_ratio)
     if problems:
         raise cv.NodeInputError(node, problems[0])
     for note in notes:

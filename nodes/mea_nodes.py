@@ -25,6 +25,7 @@ from ..attention.flow_view import (
     disagreement,
     mls_flow,
     no_match_message,
+    view_levels,
     render_flow_view,
     select_for_view,
 )
@@ -43,7 +44,16 @@ from .features import check_unet
 from .mea_calls import attn1_slots, trace_consumers
 from .mea_inputs import ReferenceInputs, check_mea_masks, inputs_preview, positive_context, prepare_reference
 from .notify import warn_on_node
-from .mea_flux import FLUX_SELECTION, FluxMeaPatch, flux_hook_problem, flux_layout_problem, is_flux
+from .mea_flux import (
+    FluxMeaPatch,
+    dit_family,
+    flux_hook_problem,
+    flux_layout_problem,
+    flux_selection,
+    is_flux,
+    model_text,
+)
+from .mea_qwen import QwenMeaPatch, is_qwen_image, qwen_hook_problem
 from .mea_patch import BACKGROUND_CHOICES, MeaPatch
 from .sockets import CATEGORY, MATCHES, TRACE
 from .trace import MeaTrace, find_traced_run, samples_key
@@ -78,8 +88,9 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.5/SD2/SDXL UNet to patch (an inpainting model for try-on; "
-                               "LoRAs and ControlNets applied to it keep working), or a FLUX.1 model (Fill or dev; "
-                               "ComfyUI 0.33.0 or newer; see 'flux_blocks'). FLUX.2 is refused for now."),
+                               "LoRAs and ControlNets applied to it keep working), a FLUX.1 model (Fill or dev), a "
+                               "FLUX.2 model (dev or klein) or a Qwen-Image(-Edit) model; these DiTs need ComfyUI "
+                               "0.33.0 or newer, see 'flux_blocks'."),
                 io.Vae.Input("vae", tooltip="The VAE of that model; it encodes the reference image."),
                 io.Image.Input("reference", tooltip="The garment photo (one image; any size, cropped to a multiple "
                                "of 8 like VAE Encode does)."),
@@ -124,11 +135,14 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                                "background. This node only: MaX4Zero Correspondence still reads the garment photo's "
                                "surroundings for its features."),
                 io.String.Input("flux_blocks", default=DEFAULT_FLUX_BLOCKS, optional=True,
-                                tooltip="Flux-family models only (the 'layers' input is for UNets): the blocks that "
-                                "get MEA. 'vital' (default): Stable Flow's vital layers of FLUX.1 (double 0, 1, 17, "
+                                tooltip="Flux-family and Qwen-Image models only (the 'layers' input is for UNets): "
+                                "the blocks that get MEA. 'vital' (default): on FLUX.1 Stable Flow's vital layers (double 0, 1, 17, "
                                 "18; single 6, 9, 34, 35, 37), where that method injects a reference's attention; "
-                                "untuned for try-on on real weights. 'double', 'single', 'all', or a list such as "
-                                "'d0-18, s6, s9' (0-based). Needs ComfyUI 0.33.0 or newer."),
+                                "on FLUX.2 the blocks at the same relative depths (first and last double blocks, "
+                                "early and late single blocks); on Qwen-Image (joint blocks d0-d59 only) FLUX.1's "
+                                "vital layers at the same relative depths of its one stack; untuned for try-on on "
+                                "real weights. 'double', 'single', 'all', or a list such as 'd0-18, s6, s9' "
+                                "(0-based). Needs ComfyUI 0.33.0 or newer."),
                 io.Int.Input("reference_every", default=1, min=1, max=50, optional=True,
                              tooltip="How often the reference pass runs. 1 (default) = the paper: the garment "
                              "reference goes through the model at every MEA step. N: a reference pass at the first "
@@ -197,8 +211,13 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
                        flux_blocks=DEFAULT_FLUX_BLOCKS if flux_blocks is None else flux_blocks,
                        reference_every=reference_every)
         cls._check_latent_input(target_mask, latent)
-        patch, ref = cls._flux_patch(args) if is_flux(getattr(getattr(model, "model", None), "diffusion_model", None)) \
-            else cls._unet_patch(args)
+        dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if is_qwen_image(dm):
+            patch, ref = cls._qwen_patch(args)
+        elif is_flux(dm):
+            patch, ref = cls._flux_patch(args)
+        else:
+            patch, ref = cls._unet_patch(args)
         cls._check_chain(model, patch)
         patched = model.clone()
         patch.install(patched)
@@ -211,6 +230,8 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
         if latent is None:
             return
         samples = latent.get("samples") if isinstance(latent, dict) else None
+        if isinstance(samples, torch.Tensor) and samples.dim() == 5 and samples.shape[2] == 1:
+            samples = samples[:, :, 0]  # a video VAE's one frame (Qwen-Image): its image grid
         if not isinstance(samples, torch.Tensor) or samples.dim() != 4:
             raise cv.NodeInputError(cls.NODE, "latent is not an image LATENT", "connect the LATENT the patched model "
                                     "will sample (Double-Mask Inpaint's latent), or leave 'latent' unconnected")
@@ -245,32 +266,61 @@ class MaskedExtendedAttentionNode(io.ComfyNode):
 
     @classmethod
     def _flux_patch(cls, args: "MeaArgs") -> tuple[FluxMeaPatch, ReferenceInputs]:
-        """The Flux adapter (``nodes/mea_flux.py``, docs/method.md §3c): same inputs, same checks."""
+        """The Flux adapter (``nodes/mea_flux.py``, docs/method.md §3c): same inputs, same checks; the token grid,
+        the reference text, the garment's RoPE index and the block choice from the model itself."""
         node = cls.NODE
         if problem := flux_hook_problem():
             raise cv.NodeInputError(node, problem, "update ComfyUI to 0.33.0 or newer (its Flux blocks call "
                                     "attention patches), or use an SD1.5/SD2/SDXL checkpoint")
-        if problem := flux_layout_problem(args.model.model):
-            raise cv.NodeInputError(node, problem, "use a FLUX.1 Fill or FLUX.1 dev model, or an SD1.5/SD2/SDXL "
-                                    "inpainting checkpoint")
-        dm = args.model.model.diffusion_model
+        base = args.model.model
+        if problem := flux_layout_problem(base):
+            raise cv.NodeInputError(node, problem, "use a FLUX.1 (Fill, dev) or FLUX.2 (dev, klein) model, or an "
+                                    "SD1.5/SD2/SDXL inpainting checkpoint")
+        dm = base.diffusion_model
+        family = dit_family(base)
         try:
-            blocks = parse_flux_blocks(args.flux_blocks, len(dm.double_blocks), len(dm.single_blocks))
+            blocks = parse_flux_blocks(args.flux_blocks, len(dm.double_blocks), len(dm.single_blocks), family)
         except ValueError as e:
             raise cv.NodeInputError(node, str(e), "set 'flux_blocks' to vital, double, single, all or a list like "
                                     "'d0-18, s6'") from None
-        prepared = cls._prepare(args, FLUX_SELECTION)
-        return FluxMeaPatch(blocks=blocks, settings=prepared.settings, trace=prepared.trace,
+        params = getattr(dm, "params", None)
+        prepared = cls._prepare(args, flux_selection(dm.patch_size), text=functools.partial(model_text, base))
+        return FluxMeaPatch(blocks=blocks, patch_size=int(dm.patch_size),
+                            ref_method=getattr(params, "default_ref_method", "offset"),
+                            ref_index_scale=getattr(params, "ref_index_scale", 1.0), settings=prepared.settings,
+                            trace=prepared.trace, node_id=prepared.node_id, warn=prepared.warn), prepared.ref
+
+    @classmethod
+    def _qwen_patch(cls, args: "MeaArgs") -> tuple[QwenMeaPatch, ReferenceInputs]:
+        """The Qwen-Image adapter (``nodes/mea_qwen.py``, docs/method.md §3d): the Flux adapter's inputs and checks,
+        every block a joint one (``flux_blocks`` 'd<i>'; 'single' selects nothing and is refused)."""
+        node = cls.NODE
+        if problem := qwen_hook_problem():
+            raise cv.NodeInputError(node, problem, "update ComfyUI to 0.33.0 or newer (its Qwen-Image attention "
+                                    "calls attention patches), or use an SD1.5/SD2/SDXL checkpoint")
+        base = args.model.model
+        dm = base.diffusion_model
+        try:
+            blocks = parse_flux_blocks(args.flux_blocks, len(dm.transformer_blocks), 0, "qwen_image")
+        except ValueError as e:
+            raise cv.NodeInputError(node, str(e), "Qwen-Image has joint (double) blocks only: set 'flux_blocks' to "
+                                    "vital, double, all or a list like 'd0-59'") from None
+        prepared = cls._prepare(args, flux_selection(dm.patch_size), text=functools.partial(model_text, base))
+        return QwenMeaPatch(blocks=blocks, patch_size=int(dm.patch_size), ref_method=dm.default_ref_method,
+                            ref_index_scale=1.0, settings=prepared.settings, trace=prepared.trace,
                             node_id=prepared.node_id, warn=prepared.warn), prepared.ref
 
     @classmethod
-    def _prepare(cls, args: "MeaArgs", selection: LayerSelection) -> "PreparedMea":
-        """What both adapters need from the node's inputs, checked (docs/method.md §3b)."""
+    def _prepare(cls, args: "MeaArgs", selection: LayerSelection, text: Any = None) -> "PreparedMea":
+        """What both adapters need from the node's inputs, checked (docs/method.md §3b). ``text(ctx, latent)``: the
+        reference text as the model takes it (a DiT's own ``extra_conds``); None: the prompt as given."""
         node = cls.NODE
         tm = cv.mask_to_bhw(args.target_mask, node, "target_mask")
         ctx = positive_context(args.positive, node)
         ref = prepare_reference(node, args.model, args.vae, args.reference, args.garment_mask, args.background,
                                 args.reference_seed)
+        if text is not None:
+            ctx = text(ctx, ref.latent)
         uid = getattr(cls.hidden, "unique_id", None) if cls.hidden is not None else None
         node_id = None if uid is None else str(uid)
         check_mea_masks(node, args.garment_mask, ref, tm, selection, uid)
@@ -434,7 +484,8 @@ class FlowViewNode(io.ComfyNode):
             raise cv.NodeInputError(node, f"trace is a {type(trace).__name__}", "connect the 'trace' output of "
                                     "MaX4Zero Masked Extended Attention")
         lat = samples.get("samples") if isinstance(samples, dict) else None
-        if not isinstance(lat, torch.Tensor) or lat.dim() != 4:
+        # an image latent, or a video VAE's one frame [B, C, 1, h, w] (Qwen-Image)
+        if not isinstance(lat, torch.Tensor) or not (lat.dim() == 4 or (lat.dim() == 5 and lat.shape[2] == 1)):
             raise cv.NodeInputError(node, "samples is not an image LATENT", "connect the sampler's LATENT output")
         ref = cv.image_to_bchw(reference, node, "reference")[:1, :3].float()
         if trace.reference_key is not None and samples_key(reference) != trace.reference_key:
@@ -462,13 +513,13 @@ class FlowViewNode(io.ComfyNode):
                                         "with looser filters, or disconnect 'matches'")
             m = matches.rescaled(ref_hw, out_hw)
             flow_mls = mls_flow(m.target_points, m.reference_points, ref_hw, out_hw, mls_kind, float(mls_alpha))
-        levels = FLOW_LAYER_CHOICES[layers]
+        levels = view_levels(FLOW_LAYER_CHOICES[layers], trace.vae_ratio)
         if levels is not None and not select_for_view(records, latent_hw, levels):
-            problem, fix = no_match_message(records, latent_hw)
+            problem, fix = no_match_message(records, latent_hw, trace.vae_ratio)
             raise cv.NodeInputError(node, problem, f"Set 'layers' to {fix[len('pick '):]}")
         view = render_flow_view(
             records, ref, latent_hw, out_hw, levels=levels, step_start=float(step_start),
-            step_end=float(step_end), mode=mode, mls_flow=flow_mls,
+            step_end=float(step_end), mode=mode, mls_flow=flow_mls, vae_ratio=trace.vae_ratio,
         )
         warped_mls = None if mls_warped is None else cv.image_to_bchw(mls_warped, node, "mls_warped")
         dis = disagreement(view, float(epe_scale_px), warped_mls)

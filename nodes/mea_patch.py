@@ -216,10 +216,11 @@ class MeaPatch:
         guider = executor.class_obj
         options = getattr(guider, "model_options", None)
         to = options.setdefault("transformer_options", {}) if isinstance(options, dict) else None
-        if self.settings.active and isinstance(noise, torch.Tensor) and noise.dim() == 4:
-            self.check_latent(tuple(noise.shape))
+        if self.settings.active and isinstance(noise, torch.Tensor) and noise.dim() in (4, 5):
+            shape = tuple(noise.shape[:2]) + tuple(noise.shape[-2:])  # a one-frame video latent: its image grid
+            self.check_latent(shape)
             if to is not None:
-                self.check_chain(to, tuple(noise.shape))
+                self.check_chain(to, shape)
         run = self.new_run()
         if to is not None and self.settings.active:  # an inactive patch leaves the run's calls as they are
             to[self.run_key] = run
@@ -352,7 +353,7 @@ class MeaPatch:
         if store is None:
             store = self.reference_pass(executor, call)
         use_to = self.with_hooks(named["transformer_options"], state, "use", store, call.rows, named,
-                                 executor.class_obj)
+                                 executor.class_obj, call.extra)
         return executor(named["x"], named["t"], named["c_concat"], named["c_crossattn"], named["control"], use_to,
                         **call.extra)
 
@@ -465,9 +466,10 @@ class MeaPatch:
         return out[:n]
 
     def with_hooks(self, to: dict, state: WorkerState, mode: str, store: dict, rows: Optional[CallRows],
-                   named: dict, base_model: Any = None) -> dict:
+                   named: dict, base_model: Any = None, extra: Optional[dict] = None) -> dict:
         """A copy of ``to`` with this adapter's hooks for one call in ``mode`` (record / use / inline): here the
-        attn1 replaces, wrapping the existing ones at our slots. Nothing is mutated."""
+        attn1 replaces, wrapping the existing ones at our slots (``extra``, the call's other model inputs, is for
+        adapters that place the reference by them). Nothing is mutated."""
         new_to = dict(to)
         replaces = dict(to.get("patches_replace", {}))
         attn1 = dict(replaces.get("attn1", {}))

@@ -280,7 +280,10 @@ class DoubleMaskInpaint(WidgetChecks, io.ComfyNode):
         except ValueError as exc:
             raise cv.NodeInputError(n, f"the VAE's latent does not fit the image: {exc}",
                                     "use the VAE of an SD1.5/SD2/SDXL inpainting checkpoint") from exc
-        latent = {"samples": _fringe.clear_latent_cells(samples, cells), "noise_mask": cells}
+        # a video VAE's one frame [B, C, 1, h, w] (Qwen-Image's Wan 2.1): the image's cells, the layout kept
+        frame = samples.dim() == 5 and samples.shape[2] == 1
+        cleared = _fringe.clear_latent_cells(samples[:, :, 0] if frame else samples, cells)
+        latent = {"samples": cleared[:, :, None] if frame else cleared, "noise_mask": cells}
         concat_mask = d8.reshape(-1, 1, h8, w8)
         out = [node_helpers.conditioning_set_values(c, {"concat_latent_image": concat_latent,
                                                         "concat_mask": concat_mask}) for c in (positive, negative)]

@@ -78,8 +78,9 @@ def test_ref_count_must_cover_the_given_keys():
 
 
 def test_token_grid_blocks_and_reference_ids():
-    assert dit.flux_token_grid((64, 48)) == (32, 24)
-    assert dit.flux_token_grid((9, 9)) == (5, 5)
+    assert dit.flux_token_grid((64, 48), 2) == (32, 24)
+    assert dit.flux_token_grid((9, 9), 2) == (5, 5)
+    assert dit.flux_token_grid((9, 7), 1) == (9, 7)  # FLUX.2: one latent cell per token
     full = dit.parse_flux_blocks("vital", 19, 38)
     assert full == frozenset({("double", i) for i in (0, 1, 17, 18)} | {("single", i) for i in (6, 9, 34, 35, 37)})
     assert dit.parse_flux_blocks("all", 2, 2) == dit.parse_flux_blocks("double, single", 2, 2)
@@ -135,3 +136,73 @@ def test_capture_needs_reference_positions():
     cap = AttentionCapture().set_context(query_hw=(3, 4), ref_hw=(4, 5))
     with pytest.raises(ValueError, match="ref_positions"):
         dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, 1.25, capture=cap)
+
+
+def test_patch_level_reference_index_and_vital_blocks_per_family():
+    assert [dit.patch_level(p) for p in (1, 2, 4)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="power of two"):
+        dit.patch_level(3)
+    # FLUX.1 Kontext's offset method: index 1 whatever the call's references; FLUX.2's index method: one
+    # ref_index_scale step after the call's own reference latents
+    assert dit.reference_rope_index("offset", 10.0, 2) == 1.0
+    assert [dit.reference_rope_index("index", 10.0, n) for n in (0, 1, 2)] == [10.0, 20.0, 30.0]
+    assert dit.reference_rope_index("index_timestep_zero", 10.0, 1) == 20.0
+    with pytest.raises(ValueError, match="uxo"):
+        dit.reference_rope_index("uxo", 10.0)
+    # FLUX.1 at full depth: Stable Flow's indices; FLUX.2 dev (8 + 48) and klein 4B (5 + 20): the same relative
+    # depths (FLUX.1's table at FLUX.2's depth would pick single blocks 6, 9, 34, 35, 37 of 48: not the ends)
+    assert dit.vital_blocks("flux", 19, 38) == dit.parse_flux_blocks("vital", 19, 38)
+    dev = dit.parse_flux_blocks("vital", 8, 48, "flux2")
+    assert dev == frozenset({("double", 0), ("double", 7)} | {("single", j) for j in (8, 11, 43, 44, 47)})
+    klein = dit.parse_flux_blocks("vital", 5, 20, "flux2")
+    assert klein == frozenset({("double", 0), ("double", 4)} | {("single", j) for j in (3, 5, 17, 18, 19)})
+    assert dit.parse_flux_blocks("vital", 2, 2, "flux2") == dit.parse_flux_blocks("all", 2, 2)
+    with pytest.raises(ValueError, match="no 'vital' blocks"):
+        dit.parse_flux_blocks("vital", 2, 2, "hunyuan")
+    ids = dit.reference_token_ids((2, 3), 4, 10.0)
+    assert ids.shape == (1, 6, 4) and torch.all(ids[0, :, 0] == 10.0) and not ids[0, :, 3].any()
+
+
+def test_key_keep_from_a_padding_mask_is_the_masked_attention_and_a_soft_mask_is_refused():
+    """Qwen-Image's text padding mask (0 / -finfo.max per key): the region rows redone over the kept keys equal
+    plain attention with that additive mask (contrast 1, garment keys appended); a soft bias is refused."""
+    torch.manual_seed(3)
+    b, heads, txt, n_img, d = 1, 2, 4, 6, 8
+    lq = txt + n_img
+    q, k, v = (torch.randn(b, heads, lq, d) for _ in range(3))
+    k_ref, v_ref = torch.randn(1, heads, 3, d), torch.randn(1, heads, 3, d)
+    bias = torch.zeros(b, 1, lq)
+    bias[..., 1] = -torch.finfo(torch.float32).max  # one padded text token
+    keep = dit.key_keep_from_bias(bias, lq)
+    assert keep.tolist() == [[True, False] + [True] * (lq - 2)]
+    region = torch.zeros(1, n_img, dtype=torch.bool)
+    region[0, 2:4] = True
+    base = torch.zeros(b, lq, heads * d)
+    out = dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, 1.0, key_keep=keep)
+    # reference: softmax over [all keys with the additive bias ; garment keys]
+    logits = torch.cat([q @ k.transpose(-1, -2) + bias[:, None], q @ k_ref.transpose(-1, -2)], -1) / d**0.5
+    want = (logits.softmax(-1) @ torch.cat([v, v_ref.expand(b, -1, -1, -1)], 2)).transpose(1, 2).reshape(b, lq, -1)
+    rows = txt + region[0].nonzero().flatten()
+    assert torch.allclose(out[0, rows], want[0, rows], atol=1e-5)
+    ignored = dit.joint_extended_attention(q, k, v, k_ref, v_ref, region, txt, base, 1.0)  # the mask dropped
+    assert not torch.allclose(ignored[0, rows], want[0, rows], atol=1e-3)
+    with pytest.raises(ValueError, match="not a padding mask"):
+        dit.key_keep_from_bias(torch.full((1, 1, lq), -0.5), lq)
+    with pytest.raises(ValueError, match="covers 3 keys"):
+        dit.key_keep_from_bias(torch.zeros(1, 3), lq)
+
+
+def test_mask_checks_look_at_the_token_grid_of_the_vae_ratio():
+    """FLUX.2's tokens are its 16x latent cells (level 0 at ratio 16): a target stripe that the 1/8 grid keeps but the
+    1/16 grid loses is refused there, as it is for FLUX.1 (level 1 at ratio 8); at ratio 8 and level 0 it would pass."""
+    from max4zero.attention.reference import mask_findings
+
+    garment = torch.zeros(1, 128, 128)
+    garment[:, 16:112, 16:112] = 1
+    target = torch.zeros(1, 128, 128)
+    target[:, 8:14, :] = 1  # a 6 px stripe
+    flux2 = mask_findings(garment, garment.bool(), target, [0], ratio=16)[0]
+    flux1 = mask_findings(garment, garment.bool(), target, [1], ratio=8)[0]
+    wrong = mask_findings(garment, garment.bool(), target, [0], ratio=8)[0]
+    assert any("target_mask" in p for p in flux2) and flux2 == flux1
+    assert not any("target_mask" in p for p in wrong)

@@ -28,7 +28,8 @@ DATA = ROOT / "tests" / "data"
 SUPPORTED_COMFYUI = ("0.3.64", "0.33.0")
 
 EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
-            "maxzero_sdxl", "maxzero_masks_core", "maxzero_flux_fill_tryon"}
+            "maxzero_sdxl", "maxzero_masks_core", "maxzero_flux_fill_tryon", "maxzero_flux2_klein_tryon",
+            "maxzero_qwen_image_edit_tryon"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -40,18 +41,23 @@ FILE_NAMES = {
     "lora_name": {"garment_detail_lora.safetensors"},
     "control_net_name": {"control_v11p_sd15_openpose_fp16.safetensors"},
     "bg_removal_name": {"birefnet.safetensors"},
-    "unet_name": {"flux1-fill-dev.safetensors"},
+    "unet_name": {"flux1-fill-dev.safetensors", "flux-2-klein-4b-fp8.safetensors",
+                  "qwen_image_edit_2511_fp8mixed.safetensors"},
     "clip_name1": {"clip_l.safetensors"},
     "clip_name2": {"t5xxl_fp16.safetensors"},
-    "vae_name": {"ae.safetensors"},
+    "clip_name": {"qwen_3_4b.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors"},
+    "vae_name": {"ae.safetensors", "flux2-vae.safetensors", "qwen_image_vae.safetensors"},
     "image": {"max4zero_person.png", "max4zero_person_mask.png", "max4zero_garment.png",
               "max4zero_garment_mask.png", "max4zero_pose.png"},
 }
 EXAMPLE_INPUTS = ROOT / "example_inputs"
 #: Workflows that need node types only newer ComfyUI versions have (tools/make_workflows.py MIN_COMFYUI).
-MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0"}
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0",
+               "maxzero_flux2_klein_tryon": "0.33.0", "maxzero_qwen_image_edit_tryon": "0.33.0"}
 WHY_NEWER = {"maxzero_masks_core": "its core segmentation nodes",
-             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook"}
+             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook",
+             "maxzero_flux2_klein_tryon": "FLUX.2 and Masked Extended Attention on it exist from ComfyUI 0.33",
+             "maxzero_qwen_image_edit_tryon": "Masked Extended Attention on Qwen-Image needs its attention hook"}
 
 
 def _version(v: str) -> tuple[int, ...]:
@@ -314,8 +320,9 @@ def test_workflow_is_valid(path, version):
     assert wf["version"] == 0.4
     problems = workflow_problems(wf, version)
     if _version(version) < _version(MIN_COMFYUI.get(path.stem, OLDEST)):
-        # Checked from its minimum version on; before it, only nodes it lacks may be what is wrong.
-        assert all("unknown node type" in p for p in problems), problems
+        # Checked from its minimum version on; before it, only nodes it lacks (or a combo option a node it has lacks
+        # there: CLIPLoader's type 'flux2') may be what is wrong.
+        assert all("unknown node type" in p or "is not an option" in p for p in problems), problems
         pytest.skip(f"{path.stem} needs ComfyUI {MIN_COMFYUI[path.stem]}+ ({WHY_NEWER[path.stem]})")
     assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
 

@@ -803,9 +803,145 @@ def flux_fill_tryon() -> Workflow:
     return wf
 
 
+# The FLUX.2 klein try-on's files (Black Forest Labs' FLUX.2 [klein] 4B, distilled, fp8; Apache 2.0) and its
+# text encoder and VAE as ComfyUI's own klein templates load them.
+KLEIN, QWEN3_4B, FLUX2_VAE = "flux-2-klein-4b-fp8.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors"
+MODEL_URLS.update({
+    KLEIN: ("diffusion_models", "https://huggingface.co/black-forest-labs/FLUX.2-klein-4b-fp8/resolve/main/" + KLEIN),
+    QWEN3_4B: ("text_encoders",
+               "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/" + QWEN3_4B),
+    FLUX2_VAE: ("vae", "https://huggingface.co/Comfy-Org/flux2-dev/resolve/main/split_files/vae/" + FLUX2_VAE),
+})
+MIN_COMFYUI["maxzero_flux2_klein_tryon"] = "0.33.0"
+#: klein 4B is step-distilled (4 steps at cfg 1 in ComfyUI's template); 10 euler steps keep the paper's 70 % / 30 %
+#: split on whole steps. Untuned.
+KLEIN_PLAN = {"steps": 10, "split": 7, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+              "mea": {"guidance": "paper", "s_mea": FLUX_S_MEA, "start": 0.0, "end": 1.0}}
+STAGE1_NOISE_MASK_TEXT = (
+    "Stage 1 without a Fill model: the warped garment is pasted into the person photo (Double-Mask Inpaint's "
+    "composite) and only the fringe F is repainted through the LATENT's noise mask: the sampler keeps the latent "
+    "outside F at every step, so the model sees the composite around the fringe and fills the seam. The model's "
+    "mask and masked-image inputs that a Fill model reads are ignored by this model."
+)
+
+
+def flux2_klein_tryon() -> Workflow:
+    """The whole method on FLUX.2 [klein] 4B: Correspondence on an SD1.5 inpainting UNet, stage 1 by noise mask on
+    klein (no Fill model), Masked Extended Attention on klein, distilled paper mode."""
+    wf = Workflow("maxzero_flux2_klein_tryon", [
+        ("inputs", "1 · Inputs: FLUX.2 klein, Qwen3 text encoder, SD1.5 for matching, photos, masks, crops", "inputs"),
+        ("registration", "2 · Registration on SD1.5: match, MLS warp", "registration"),
+        ("stage1", f"3 · Stage 1 on klein: fringe inpainting by noise mask (steps 0→{KLEIN_PLAN['split']})",
+         "stage1"),
+        ("stage2", f"4 · Stage 2: Masked Extended Attention on klein (steps {KLEIN_PLAN['split']}→"
+                   f"{KLEIN_PLAN['steps']}, cfg 1)", "stage2"),
+        ("output", "5 · Output", "output"),
+    ])
+    wf.note(
+        "MaX4Zero try-on on FLUX.2 [klein] 4B (ComfyUI 0.33.0 or newer: Masked Extended Attention uses the attention "
+        "hook of Flux blocks). Training-free, on your own klein checkpoint; fits consumer GPUs. Quality on FLUX.2 "
+        "is unknown: tested on random weights only.\n\n"
+        f"Model files (the ones ComfyUI's own klein templates load):\n- {KLEIN} (Apache 2.0) from "
+        f"{MODEL_URLS[KLEIN][1]}, in ComfyUI/models/diffusion_models/. klein 9B (flux-2-klein-9b-fp8) works too: "
+        "pick it in Load Diffusion Model, with its qwen_3_8b text encoder.\n"
+        f"- {QWEN3_4B} from {MODEL_URLS[QWEN3_4B][1]}, in ComfyUI/models/text_encoders/.\n"
+        f"- {FLUX2_VAE} from {MODEL_URLS[FLUX2_VAE][1]}, in ComfyUI/models/vae/.\n"
+        f"- For the matching only: {SD15} (4.3 GB) from {MODEL_URLS[SD15][1]}, in ComfyUI/models/checkpoints/. "
+        "Correspondence reads the deep features of an SD UNet; the nodes are separate, so the matches drive the "
+        "FLUX.2 stages as they are.\n\n"
+        + INPUTS_TEXT + "\n\n"
+        f"Steps: 1 crop both photos around their masks (1024) -> 2 correspondence on SD1.5 -> MLS warp -> 3 double-"
+        f"mask inpaint with the FLUX.2 VAE and prompt -> KSampler (Advanced) on klein, steps 0-{KLEIN_PLAN['split']} "
+        f"of {KLEIN_PLAN['steps']} -> 4 Masked Extended Attention on klein -> KSampler (Advanced) steps "
+        f"{KLEIN_PLAN['split']}-{KLEIN_PLAN['steps']} (its window 0-1 = every step that sampler runs) -> 5 decode -> "
+        "paste back.\n\n" + STAGE1_NOISE_MASK_TEXT + "\n\n"
+        "Guidance: klein 4B is step-distilled: cfg 1, no negative pass. 'paper' guidance then becomes eps_c + s_mea * "
+        f"M * (eps_MEA - eps_c), here with s_mea {FLUX_S_MEA:g} (try 2-5; untuned). Blocks: 'flux_blocks' = vital "
+        "(on FLUX.2: FLUX.1's vital layers at the same relative depths, an untuned analogy; try 'all'). Describe the "
+        "garment in the prompt.\n\n" + STAGE2_TEXT,
+        box=(400, 980))
+    unet = wf.add("UNETLoader", "inputs", unet_name=KLEIN, weight_dtype="default")
+    clip = wf.add("CLIPLoader", "inputs", clip_name=QWEN3_4B, type="flux2", device="default")
+    vae = wf.add("VAELoader", "inputs", vae_name=FLUX2_VAE)
+    sd, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=clip)
+    neg = wf.wire(wf.add("ConditioningZeroOut", "inputs"), conditioning=pos)
+    sd_pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=sd.out("CLIP"))
+    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=1024)
+    r = two_stage_tryon(wf, model_src=unet, vae_src=vae, pos=pos, neg=neg, mea_pos=pos, tgt=tgt, ref=ref,
+                        size=1024, plan=KLEIN_PLAN, corr_src=(sd.out("MODEL"), sd.out("VAE"), sd_pos))
+    preview(wf, r["dm"].out("fringe"), "stage1", mask=True)
+    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_flux2_klein")
+    return wf
+
+
+# The Qwen-Image-Edit try-on's files, as ComfyUI's own Qwen-Image-Edit 2511 template loads them.
+QWEN_EDIT, QWEN_VL, QWEN_VAE = ("qwen_image_edit_2511_fp8mixed.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                "qwen_image_vae.safetensors")
+MODEL_URLS.update({
+    QWEN_EDIT: ("diffusion_models", "https://huggingface.co/Comfy-Org/Qwen-Image-Edit_ComfyUI/resolve/main/"
+                                    "split_files/diffusion_models/" + QWEN_EDIT),
+    QWEN_VL: ("text_encoders", "https://huggingface.co/Comfy-Org/HunyuanVideo_1.5_repackaged/resolve/main/"
+                               "split_files/text_encoders/" + QWEN_VL),
+    QWEN_VAE: ("vae", "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/" + QWEN_VAE),
+})
+MIN_COMFYUI["maxzero_qwen_image_edit_tryon"] = "0.33.0"
+#: Qwen-Image-Edit is not distilled: real CFG (ComfyUI's template: 40 steps at cfg 3, shift 3.1). s_mea scaled from
+#: the paper's 15 at cfg 12 to cfg 3 (the same ratio): 4. Untuned.
+QWEN_PLAN = {"steps": 40, "split": 28, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+             "mea": {"guidance": "paper", "s_mea": 4.0, "start": 0.0, "end": 1.0}}
+
+
+def qwen_image_edit_tryon() -> Workflow:
+    """The whole method on Qwen-Image-Edit: Correspondence on an SD1.5 inpainting UNet, stage 1 by noise mask, Masked
+    Extended Attention on Qwen-Image-Edit with real CFG."""
+    wf = Workflow("maxzero_qwen_image_edit_tryon", [
+        ("inputs", "1 · Inputs: Qwen-Image-Edit, text encoder, SD1.5, photos, masks, crops", "inputs"),
+        ("registration", "2 · Registration on SD1.5: match, MLS warp", "registration"),
+        ("stage1", f"3 · Stage 1: fringe inpainting by noise mask (steps 0→{QWEN_PLAN['split']})", "stage1"),
+        ("stage2", f"4 · Stage 2: Masked Extended Attention on Qwen-Image-Edit (steps {QWEN_PLAN['split']}→"
+                   f"{QWEN_PLAN['steps']})", "stage2"),
+        ("output", "5 · Output", "output"),
+    ])
+    wf.note(
+        "MaX4Zero try-on on Qwen-Image-Edit 2511 (ComfyUI 0.33.0 or newer: Masked Extended Attention uses the "
+        "attention hook of Qwen-Image's blocks). Training-free. Quality on Qwen-Image is unknown: tested on random "
+        "weights only.\n\n"
+        f"Model files (the ones ComfyUI's own Qwen-Image-Edit 2511 template loads):\n- {QWEN_EDIT} from "
+        f"{MODEL_URLS[QWEN_EDIT][1]}, in ComfyUI/models/diffusion_models/ (Qwen-Image works the same way).\n"
+        f"- {QWEN_VL} from {MODEL_URLS[QWEN_VL][1]}, in ComfyUI/models/text_encoders/.\n"
+        f"- {QWEN_VAE} from {MODEL_URLS[QWEN_VAE][1]}, in ComfyUI/models/vae/.\n"
+        f"- For the matching only: {SD15} (4.3 GB) from {MODEL_URLS[SD15][1]}, in ComfyUI/models/checkpoints/.\n\n"
+        + INPUTS_TEXT + "\n\n"
+        f"Steps: 1 crop both photos (1024) -> 2 correspondence on SD1.5 -> MLS warp -> 3 double-mask inpaint with the "
+        f"Qwen VAE -> KSampler (Advanced) steps 0-{QWEN_PLAN['split']} of {QWEN_PLAN['steps']} -> 4 Masked Extended "
+        f"Attention -> KSampler (Advanced) steps {QWEN_PLAN['split']}-{QWEN_PLAN['steps']} -> 5 decode -> paste "
+        "back.\n\n" + STAGE1_NOISE_MASK_TEXT + "\n\n"
+        "The prompt is text only (CLIP Text Encode with the Qwen text encoder): the person is in the latent, the "
+        "garment comes from Masked Extended Attention's reference pass, which takes this text-only prompt. Do not "
+        "connect edit conditioning that carries the person as vision tokens to the MEA node: its reference pass "
+        "would read the person. Guidance: real CFG (cfg 3, shift 3.1 as ComfyUI's template); 'paper' adds s_mea * M * "
+        "(eps_MEA - eps_u) with s_mea 4 (scaled from the paper's 15 at cfg 12; untuned).\n\n" + STAGE2_TEXT,
+        box=(400, 980))
+    unet = wf.add("UNETLoader", "inputs", unet_name=QWEN_EDIT, weight_dtype="default")
+    model = wf.wire(wf.add("ModelSamplingAuraFlow", "inputs", shift=3.1), model=unet)
+    clip = wf.add("CLIPLoader", "inputs", clip_name=QWEN_VL, type="qwen_image", device="default")
+    vae = wf.add("VAELoader", "inputs", vae_name=QWEN_VAE)
+    sd, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=clip)
+    neg = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=NEGATIVE), clip=clip)
+    sd_pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=sd.out("CLIP"))
+    tgt, ref = crops(wf, person, person_mask, garment, garment_mask, size=1024)
+    r = two_stage_tryon(wf, model_src=model, vae_src=vae, pos=pos, neg=neg, mea_pos=pos, tgt=tgt, ref=ref,
+                        size=1024, plan=QWEN_PLAN, corr_src=(sd.out("MODEL"), sd.out("VAE"), sd_pos))
+    preview(wf, r["dm"].out("fringe"), "stage1", mask=True)
+    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_qwen_image_edit")
+    return wf
+
+
 def all_workflows() -> list[Workflow]:
     return [full_tryon(), reference_only(), reference_only("maxzero_attention_flow", flow_view=True),
-            lora_controlnet(), sdxl(), masks_core(), flux_fill_tryon()]
+            lora_controlnet(), sdxl(), masks_core(), flux_fill_tryon(), flux2_klein_tryon(), qwen_image_edit_tryon()]
 
 
 def main() -> None:

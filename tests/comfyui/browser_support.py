@@ -100,10 +100,21 @@ MODEL_FILES = {
     "clip_l.safetensors": "text_encoders",
     "t5xxl_fp16.safetensors": "text_encoders",
     "ae.safetensors": "vae",
+    "flux-2-klein-4b-fp8.safetensors": "diffusion_models",
+    "qwen_3_4b.safetensors": "text_encoders",
+    "flux2-vae.safetensors": "vae",
+    "qwen_image_edit_2511_fp8mixed.safetensors": "diffusion_models",
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": "text_encoders",
+    "qwen_image_vae.safetensors": "vae",
 }
 # Placeholders: present so the combo lists contain them, never loaded.
 PLACEHOLDER_MODELS = {SDXL_FILE, "sam3.1_multiplex_fp16.safetensors", "birefnet.safetensors",
                       "flux1-fill-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors"}
+#: Placeholders added after the model cache's version (MODEL_VERSION): written into the base directory itself, so
+#: the cached models need no rebuild (the FLUX.2 klein and Qwen-Image-Edit workflows' files).
+LATE_PLACEHOLDERS = {"flux-2-klein-4b-fp8.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors",
+                     "qwen_image_edit_2511_fp8mixed.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                     "qwen_image_vae.safetensors"}
 
 # The shipped sample inputs (example_inputs/, the names the workflows load), copied into input/ as a user would.
 INPUT_IMAGES = sorted(p.name for p in EXAMPLE_INPUTS.glob("max4zero_*.png"))
@@ -218,6 +229,19 @@ def available_ram_gb() -> Optional[float]:
     return None
 
 
+def klein_skip_reason() -> Optional[str]:
+    """Why the FLUX.2 klein workflow cannot be queued here (too little free RAM for the Qwen3-4B), or None."""
+    free = available_ram_gb()
+    if free is not None and free < KLEIN_MIN_AVAILABLE_GB:
+        return (f"queueing the FLUX.2 klein workflow loads a full-size Qwen3-4B text encoder (fp8, ~4.4 GB, more while "
+                f"it encodes): {free:.1f} GiB of RAM available, {KLEIN_MIN_AVAILABLE_GB:.0f} needed")
+    return None
+
+
+#: RAM the klein run needs (the fp8 Qwen3-4B while it encodes), checked before building or queueing.
+KLEIN_MIN_AVAILABLE_GB = 10.0
+
+
 def flux_skip_reason() -> Optional[str]:
     """Why the Flux Fill workflow cannot be queued here (too little free RAM for the T5-XXL), or None."""
     free = available_ram_gb()
@@ -297,6 +321,192 @@ def _build_flux(out: Path) -> None:
     if comfy.sd.VAE(sd=dict(vae_sd)).latent_channels != 16:
         raise RuntimeError("the random Flux VAE is not read as a 16-channel VAE")
     comfy.utils.save_torch_file(vae_sd, str(out / "ae.safetensors"))
+
+    log["build_s"] = round(time.time() - t0, 1)
+    (out / "DONE.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(log))
+
+
+KLEIN_VERSION = "flux2-klein-v1-hidden256-qwen3-4b-fp8"
+#: The FLUX.2 klein workflow's files and their folders (see :func:`ensure_klein`).
+KLEIN_FILES = {"flux-2-klein-4b-fp8.safetensors": "diffusion_models", "qwen_3_4b.safetensors": "text_encoders",
+               "flux2-vae.safetensors": "vae"}
+#: FluxParams of the reduced klein: FLUX.2's layout (1x1 patches of 128 channels, shared modulation, 4 RoPE axes,
+#: no guidance embedding) at hidden 256 with 2 + 2 blocks; text width 7680 = Qwen3-4B's three tapped layers.
+KLEIN_PARAMS = {
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 7680,
+    "hidden_size": 256, "mlp_ratio": 3.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": False,
+    "txt_ids_dims": [3], "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+    "default_ref_method": "index", "ref_index_scale": 10.0,
+}
+
+
+def ensure_klein(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1800) -> Path:
+    """The cache folder holding every file of :data:`KLEIN_FILES`; builds it on first use (a full-size random
+    Qwen3-4B in fp8: ~4.4 GB on disk)."""
+    return _built(comfyui_path, cache_root, KLEIN_VERSION, "build-klein", "the FLUX.2 klein files", timeout)
+
+
+def _build_klein(out: Path) -> None:
+    """Child-process entry: the klein workflow's three files, each checked the way its loader detects it."""
+    import torch
+
+    root = os.environ["COMFYUI_PATH"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ldm.models.autoencoder as ae
+    import comfy.model_detection
+    import comfy.ops
+    import comfy.sd
+    import comfy.text_encoders.flux
+    import comfy.utils
+    from comfy.ldm.flux.model import Flux
+
+    t0 = time.time()
+    log: dict[str, Any] = {}
+    # --- the diffusion model: UNETLoader detects Flux2 from the keys ---------------------------------
+    dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **KLEIN_PARAMS)
+    _init_random(dm, 41)
+    sd = _half(dm.state_dict())
+    detected = comfy.model_detection.model_config_from_unet(sd, "")
+    if type(detected).__name__ != "Flux2":
+        raise RuntimeError(f"the reduced klein is detected as {type(detected).__name__}")
+    comfy.utils.save_torch_file(sd, str(out / "flux-2-klein-4b-fp8.safetensors"))
+    log["klein_params"] = sum(v.numel() for v in sd.values())
+    del dm, sd
+
+    # --- Qwen3-4B (full size: ComfyUI's config is fixed), float8_e4m3fn, filled tensor by tensor ------------
+    te = comfy.text_encoders.flux.Qwen3_4BModel(device="cpu", dtype=torch.float8_e4m3fn)
+    g = torch.Generator().manual_seed(42)
+    with torch.no_grad():
+        for name, p in te.transformer.named_parameters():
+            if p.ndim == 1:  # RMSNorm scales
+                p.copy_(torch.ones(p.shape).to(p.dtype))
+                continue
+            std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
+            for i in range(0, p.shape[0], 8192):  # rows in chunks: no float32 copy of the 389 M embedding
+                rows = p[i : i + 8192]
+                rows.copy_((torch.randn(rows.shape, generator=g) * std).to(p.dtype))
+    te_sd = {k: v.contiguous() for k, v in te.transformer.state_dict().items()}
+    log["te_params"] = sum(v.numel() for v in te_sd.values())
+    del te
+    if comfy.sd.detect_te_model(te_sd) != comfy.sd.TEModel.QWEN3_4B:
+        raise RuntimeError("the random Qwen3-4B is not detected as Qwen3-4B")
+    comfy.utils.save_torch_file(te_sd, str(out / "qwen_3_4b.safetensors"))
+    del te_sd
+
+    # --- FLUX.2 VAE (full size): 32 latent channels, a batch-norm over 2x2-patchified latents (128 channels) ---
+    # (ComfyUI reads the batch norm only in the quant-conv layout, AutoencoderKL, as the real file has it)
+    vae = ae.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG, z_channels=32, batch_norm_latent=True), embed_dim=32)
+    _init_random(vae, 43)
+    vae_sd = _half(vae.state_dict())
+    check = comfy.sd.VAE(sd=dict(vae_sd))
+    if check.latent_channels != 128 or tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != (1, 128, 2, 2):
+        raise RuntimeError("the random FLUX.2 VAE is not read as a 128-channel VAE at 16x")
+    comfy.utils.save_torch_file(vae_sd, str(out / "flux2-vae.safetensors"))
+
+    log["build_s"] = round(time.time() - t0, 1)
+    (out / "DONE.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(log))
+
+
+QWEN_VERSION = "qwen-image-edit-v1-2blocks-qwen25vl7b-fp8-wan-dim32"
+#: The Qwen-Image-Edit workflow's files and their folders (see :func:`ensure_qwen`).
+QWEN_FILES = {"qwen_image_edit_2511_fp8mixed.safetensors": "diffusion_models",
+              "qwen_2.5_vl_7b_fp8_scaled.safetensors": "text_encoders", "qwen_image_vae.safetensors": "vae"}
+#: RAM the Qwen-Image-Edit run needs (the fp8 Qwen2.5-VL 7B while it encodes), checked before building or queueing.
+QWEN_MIN_AVAILABLE_GB = 14.0
+
+
+def qwen_skip_reason() -> Optional[str]:
+    """Why the Qwen-Image-Edit workflow cannot be queued here (too little free RAM for its text encoder), or None."""
+    free = available_ram_gb()
+    if free is not None and free < QWEN_MIN_AVAILABLE_GB:
+        return (f"queueing the Qwen-Image-Edit workflow loads a full-size Qwen2.5-VL 7B text encoder (fp8, ~8.3 GB, "
+                f"more while it encodes): {free:.1f} GiB of RAM available, {QWEN_MIN_AVAILABLE_GB:.0f} needed")
+    return None
+
+
+def ensure_qwen(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1800) -> Path:
+    """The cache folder holding every file of :data:`QWEN_FILES`; builds it on first use (~8.8 GB on disk)."""
+    return _built(comfyui_path, cache_root, QWEN_VERSION, "build-qwen", "the Qwen-Image-Edit files", timeout)
+
+
+def _fill_random(module: Any, seed: int) -> None:
+    """Random weights in place, tensor by tensor and row chunk by row chunk (no float32 copy of a whole model):
+    norm scales 1, embeddings N(0, 1), other weights N(0, 1/fan_in)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.ones(p.shape).to(p.dtype) if "norm" in name or name.endswith("gamma") else
+                        torch.zeros(p.shape).to(p.dtype))
+                continue
+            std = 1.0 if "embed_tokens" in name else max(1, p[0].numel()) ** -0.5
+            for i in range(0, p.shape[0], 8192):
+                rows = p[i : i + 8192]
+                rows.copy_((torch.randn(rows.shape, generator=g) * std).to(p.dtype))
+
+
+def _build_qwen(out: Path) -> None:
+    """Child-process entry: the Qwen-Image-Edit workflow's three files, each checked the way its loader detects it.
+
+    ComfyUI's Qwen-Image detection reads only the block count and input width from the weights (the widths are
+    fixed), so the diffusion model keeps Qwen-Image's widths with 2 blocks; the Wan 2.1 VAE's width is read from the
+    weights (dim 32 here)."""
+    import torch
+
+    root = os.environ["COMFYUI_PATH"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ldm.wan.vae
+    import comfy.model_detection
+    import comfy.ops
+    import comfy.sd
+    import comfy.text_encoders.qwen_image
+    import comfy.utils
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+
+    t0 = time.time()
+    log: dict[str, Any] = {}
+    dm = QwenImageTransformer2DModel(num_layers=2, default_ref_method="index_timestep_zero", dtype=torch.float16,
+                                     operations=comfy.ops.disable_weight_init)
+    _fill_random(dm, 51)
+    sd = {k: v.contiguous() for k, v in dm.state_dict().items()}
+    detected = comfy.model_detection.model_config_from_unet(sd, "")
+    if type(detected).__name__ != "QwenImage":
+        raise RuntimeError(f"the reduced Qwen-Image is detected as {type(detected).__name__}")
+    comfy.utils.save_torch_file(sd, str(out / "qwen_image_edit_2511_fp8mixed.safetensors"))
+    log["dm_params"] = sum(v.numel() for v in sd.values())
+    del dm, sd
+
+    te = comfy.text_encoders.qwen_image.Qwen25_7BVLIModel(device="cpu", dtype=torch.float8_e4m3fn)
+    _fill_random(te.transformer, 52)
+    te_sd = {k: v.contiguous() for k, v in te.transformer.state_dict().items()}
+    log["te_params"] = sum(v.numel() for v in te_sd.values())
+    del te
+    if comfy.sd.detect_te_model(te_sd) != comfy.sd.TEModel.QWEN25_7B:
+        raise RuntimeError("the random Qwen2.5-VL 7B is not detected as Qwen2.5-7B")
+    comfy.utils.save_torch_file(te_sd, str(out / "qwen_2.5_vl_7b_fp8_scaled.safetensors"))
+    del te_sd
+
+    vae = comfy.ldm.wan.vae.WanVAE(dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                   temperal_downsample=[False, True, True], dropout=0.0)
+    _init_random(vae, 53)
+    vae_sd = _half(vae.state_dict())
+    check = comfy.sd.VAE(sd=dict(vae_sd))
+    if check.latent_channels != 16 or tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != (1, 16, 1, 4, 4):
+        raise RuntimeError("the random Wan 2.1 VAE is not read as Qwen-Image's 16-channel one-frame VAE")
+    comfy.utils.save_torch_file(vae_sd, str(out / "qwen_image_vae.safetensors"))
 
     log["build_s"] = round(time.time() - t0, 1)
     (out / "DONE.json").write_text(json.dumps(log, indent=1))
@@ -484,11 +694,13 @@ def _build(out: Path) -> None:
 
 
 def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Optional[Path] = None,
-                  flux: Optional[Path] = None) -> Path:
+                  flux: Optional[Path] = None, klein: Optional[Path] = None, qwen: Optional[Path] = None) -> Path:
     """A fresh ``--base-directory``: models (symlinks into the cache), inputs, this pack in custom_nodes.
 
     ``sdxl``: a real SDXL checkpoint (:func:`ensure_sdxl`) to use instead of the placeholder.
     ``flux``: the folder of :func:`ensure_flux`, whose files replace the Flux placeholders (plus the fp8 T5).
+    ``klein``: the folder of :func:`ensure_klein`, whose files replace the FLUX.2 klein placeholders.
+    ``qwen``: the folder of :func:`ensure_qwen`, whose files replace the Qwen-Image-Edit placeholders.
     """
     base = Path(tempfile.mkdtemp(prefix="max4zero-browser-", dir=parent))
     for sub in ("input", "output", "temp", "user", "custom_nodes", "models/checkpoints", "models/loras",
@@ -499,6 +711,13 @@ def make_base_dir(model_cache: Path, parent: Optional[Path] = None, sdxl: Option
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         if flux is not None and name in FLUX_FILES:
             src = Path(flux) / name
+        if klein is not None and name in KLEIN_FILES:
+            src = Path(klein) / name
+        if qwen is not None and name in QWEN_FILES:
+            src = Path(qwen) / name
+        if name in LATE_PLACEHOLDERS and not src.exists():
+            (base / "models" / folder / name).write_bytes(b"")
+            continue
         (base / "models" / folder / name).symlink_to(src)
     if flux is not None:
         (base / "models" / "text_encoders" / FLUX_T5_FP8).symlink_to(Path(flux) / FLUX_T5_FP8)
@@ -622,6 +841,10 @@ if __name__ == "__main__":
         _build_sdxl(Path(sys.argv[2]))
     elif len(sys.argv) == 3 and sys.argv[1] == "build-flux":
         _build_flux(Path(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "build-klein":
+        _build_klein(Path(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "build-qwen":
+        _build_qwen(Path(sys.argv[2]))
     else:
         print("usage: COMFYUI_PATH=... python browser_support.py build OUT_DIR", file=sys.stderr)
         sys.exit(2)

@@ -750,6 +750,140 @@ def small_flux2_model(seed: int = 0, variant: str = "dev"):
     return patcher
 
 
+#: QwenImageTransformer2DModel kwargs of a tiny Qwen-Image: 2 heads of 32 (RoPE axes 8/12/12), 2 joint blocks, text
+#: width 64, 2×2 patches of Wan 2.1's 16-channel latent (what ComfyUI's detection does not read from the weights).
+TINY_QWEN_PARAMS = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 2, "attention_head_dim": 32,
+                    "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (8, 12, 12)}
+
+
+def small_qwen_image_model(seed: int = 0):
+    """A ``ModelPatcher`` around a random-weight Qwen-Image(-Edit) (``QwenImageTransformer2DModel``), detected by
+    ComfyUI's ``model_detection`` as ``QwenImage``; the tiny sizes are put in the detected config before the model
+    is built (detection assumes the real head width and text width)."""
+    key = ("qwen_image", int(seed))
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+
+    dm = QwenImageTransformer2DModel(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **TINY_QWEN_PARAMS)
+    init_random(dm, seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in dm.state_dict().items()}
+    cfg = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
+    if cfg is None or type(cfg).__name__ != "QwenImage":
+        raise RuntimeError(f"ComfyUI did not detect the tiny Qwen-Image state dict as QwenImage (got {cfg!r})")
+    cfg.unet_config.update(TINY_QWEN_PARAMS)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model(sd, "model.diffusion_model.", device=mm.unet_offload_device())
+    model.diffusion_model.load_state_dict(dm.state_dict(), strict=True)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+    patcher.detected_config = type(cfg).__name__
+    _MODEL_CACHE[key] = patcher
+    return patcher
+
+
+class StubWanVAE:
+    """Qwen-Image's VAE as the node sees it (Wan 2.1: 16 channels at 8×, one frame): area mean + fixed mix,
+    [1, 16, 1, h, w]."""
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.mix = torch.randn(16, 3, generator=g)
+
+    def spacial_compression_encode(self) -> int:
+        return 8
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.avg_pool2d(image[..., :3].movedim(-1, 1).float(), 8)
+        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)[:, :, None]
+
+
+def qwen_conditioning(seed: int = 0, tokens: int = 8, padding: int = 0, reference_latents: Optional[list] = None,
+                      pad_values: Optional[torch.Tensor] = None) -> list:
+    """CONDITIONING for the tiny Qwen-Image: text [1, tokens, 64] whose last ``padding`` tokens are padding (an int
+    ``attention_mask`` [1, tokens], as Qwen's text encoder gives a padded batch; their values ``pad_values`` when
+    given), and optionally reference latents [1, 16, 1, h, w] (Qwen-Image-Edit's ``reference_latents``)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(1, tokens, 64, generator=g)
+    opts: dict = {}
+    if padding:
+        if pad_values is not None:
+            text[:, tokens - padding :] = pad_values
+        mask = torch.ones(1, tokens, dtype=torch.long)
+        mask[:, tokens - padding :] = 0
+        opts["attention_mask"] = mask
+    if reference_latents is not None:
+        opts["reference_latents"] = list(reference_latents)
+    return [[text, opts]]
+
+
+class StubFlux2VAE:
+    """FLUX.2's latent as the model sees it: 128 channels at 16× (32 VAE channels, 2×2-patchified): area mean +
+    fixed mix, deterministic."""
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.mix = torch.randn(128, 3, generator=g)
+
+    def spacial_compression_encode(self) -> int:
+        return 16
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.avg_pool2d(image[..., :3].movedim(-1, 1).float(), 16)
+        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)
+
+
+def flux2_conditioning(seed: int = 0, variant: str = "dev", tokens: int = 8, reference_latents: Optional[list] = None,
+                       method: Optional[str] = None) -> list:
+    """CONDITIONING for the tiny FLUX.2: text [1, tokens, 64] (the model pads it to 512 in ``extra_conds``), the
+    guidance for dev, and optionally ReferenceLatent's ``reference_latents`` [1, 128, h, w] (and a method)."""
+    g = torch.Generator().manual_seed(seed)
+    opts: dict = {"guidance": 3.5} if variant == "dev" else {}
+    if reference_latents is not None:
+        opts["reference_latents"] = list(reference_latents)
+    if method is not None:
+        opts["reference_latents_method"] = method
+    return [[torch.randn(1, tokens, 64, generator=g), opts]]
+
+
+class DitBlockSpy:
+    """Records, per MEA block call of the DiT adapter, the block's own attention and MEA's result
+    (``joint_extended_attention`` in ``nodes/mea_flux.py``), with the shapes of q, k and the garment keys."""
+
+    def __init__(self, monkeypatch: Any, module: str = "nodes.mea_flux"):
+        self.calls: list[dict] = []
+        mf = pack_module(module)
+        real = mf.joint_extended_attention
+
+        def spy(q, k, v, k_ref, v_ref, region, start, base, *a, **kw):
+            out = real(q, k, v, k_ref, v_ref, region, start, base, *a, **kw)
+            self.calls.append({"q": q.shape, "k": k.shape, "k_ref": k_ref.shape, "region": region.clone(),
+                               "start": start, "base": base.clone(), "out": out.clone()})
+            return out
+
+        monkeypatch.setattr(mf, "joint_extended_attention", spy)
+
+    def check_outside_unchanged(self) -> None:
+        """Every row but the region's image rows (text, other image rows, appended reference-latent rows) equals
+        the block's own attention bit for bit; some region row changed."""
+        assert self.calls, "MEA ran in no block"
+        changed = 0
+        for c in self.calls:
+            keep = torch.ones(c["base"].shape[:2], dtype=torch.bool)
+            n = c["region"].shape[-1]
+            keep[:, c["start"] : c["start"] + n] = ~c["region"].expand(keep.shape[0], -1)
+            assert c["start"] > 0  # text tokens come first
+            assert torch.equal(c["out"][keep], c["base"][keep])  # text + outside region: bit for bit
+            changed += int(not torch.equal(c["out"][~keep], c["base"][~keep]))
+        assert changed, "MEA changed no region query"
+
+
 def flux_conditioning(seed: int = 0, tokens: int = 8, guidance: float = 3.5) -> list:
     """CLIP/T5-free Flux CONDITIONING for the tiny Flux: text [1, tokens, 64], pooled [1, 32], guidance."""
     g = torch.Generator().manual_seed(seed)

@@ -47,6 +47,12 @@ FLUX.1 Fill that ComfyUI detects as ``FluxInpaint``, full-size CLIP-L, T5-XXL an
 when the machine has the RAM for the T5-XXL (:data:`browser_support.FLUX_MIN_AVAILABLE_GB`); otherwise it is
 loaded, converted and checked, and the skip says why.
 
+The FLUX.2 klein workflow is queued the same way on ComfyUI 0.33+ (``browser_support.ensure_klein``: a reduced FLUX.2
+that ComfyUI detects as ``Flux2``, a full-size random Qwen3-4B text encoder in fp8 and a full-size random FLUX.2
+VAE), when the machine has the RAM for the text encoder; the Qwen-Image-Edit workflow too
+(``browser_support.ensure_qwen``: Qwen-Image's widths at 2 blocks, detected as ``QwenImage``, a full-size random
+Qwen2.5-VL 7B in fp8 and a narrow random Wan 2.1 VAE).
+
 The sample inputs (``example_inputs/``, 512×512, the pose image included) are used as they are.
 
 The models are random-weight files built by ``browser_support`` (a reduced-depth SD1.5 inpainting
@@ -83,11 +89,18 @@ WORKFLOWS = (
     "maxzero_sdxl",
     "maxzero_masks_core",
     "maxzero_flux_fill_tryon",
+    "maxzero_flux2_klein_tryon",
+    "maxzero_qwen_image_edit_tryon",
 )
 #: Workflows that need node types only newer ComfyUI versions have: name -> oldest version that has them.
-MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0"}
+MIN_COMFYUI = {"maxzero_masks_core": "0.33.0", "maxzero_flux_fill_tryon": "0.33.0",
+               "maxzero_flux2_klein_tryon": "0.33.0", "maxzero_qwen_image_edit_tryon": "0.33.0"}
 WHY_NEWER = {"maxzero_masks_core": "core segmentation nodes",
-             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook"}
+             "maxzero_flux_fill_tryon": "Masked Extended Attention on Flux needs the Flux blocks' attention hook",
+             "maxzero_flux2_klein_tryon": "FLUX.2 and Masked Extended Attention on it exist from ComfyUI 0.33 (0.3.64 "
+                                          "has no FLUX.2 and no Flux attention hook)",
+             "maxzero_qwen_image_edit_tryon": "Masked Extended Attention on Qwen-Image needs its attention hook "
+                                              "(ComfyUI 0.33)"}
 # MAX4ZERO_BROWSER_SDXL=1 builds a real (full-size, random) SDXL checkpoint and queues that workflow too.
 RUN_SDXL = os.environ.get("MAX4ZERO_BROWSER_SDXL", "").strip() not in ("", "0")
 NOT_QUEUED = {
@@ -101,6 +114,20 @@ FLUX_NOT_QUEUED = bs.flux_skip_reason()
 if FLUX_NOT_QUEUED:
     NOT_QUEUED[FLUX_WORKFLOW] = (FLUX_NOT_QUEUED + ". Loaded, converted and checked against /object_info only; "
                                  "Masked Extended Attention on Flux is sampled by tests/comfyui/test_flux_mea.py.")
+KLEIN_WORKFLOW = "maxzero_flux2_klein_tryon"
+# Queued with the real-layout files of bs.ensure_klein (a reduced FLUX.2 klein, a full-size random Qwen3-4B in fp8,
+# a full-size random FLUX.2 VAE) when the machine has the RAM for the text encoder.
+KLEIN_NOT_QUEUED = bs.klein_skip_reason()
+if KLEIN_NOT_QUEUED:
+    NOT_QUEUED[KLEIN_WORKFLOW] = (KLEIN_NOT_QUEUED + ". Loaded, converted and checked against /object_info only; "
+                                  "Masked Extended Attention on FLUX.2 is sampled by tests/comfyui/test_flux2_mea.py.")
+QWEN_WORKFLOW = "maxzero_qwen_image_edit_tryon"
+# Queued with the real-layout files of bs.ensure_qwen (Qwen-Image's widths at 2 blocks, a full-size random
+# Qwen2.5-VL 7B in fp8, a narrow random Wan 2.1 VAE) when the machine has the RAM for the text encoder.
+QWEN_NOT_QUEUED = bs.qwen_skip_reason()
+if QWEN_NOT_QUEUED:
+    NOT_QUEUED[QWEN_WORKFLOW] = (QWEN_NOT_QUEUED + ". Loaded, converted and checked against /object_info only; "
+                                 "Masked Extended Attention on Qwen-Image is sampled by tests/comfyui/test_qwen_mea.py.")
 if not RUN_SDXL:
     NOT_QUEUED["maxzero_sdxl"] = (
         "SDXL is detected only from the full 2.6 B-parameter UNet (supported_models.SDXL matches "
@@ -113,6 +140,8 @@ REDUCE = {"MaX4ZeroCropToMask": {"size": 128}, "MaX4ZeroCorrespondence": {"ensem
           # the public fp8 T5-XXL instead of the fp16 one: half the RAM (see browser_support.ensure_flux)
           "DualCLIPLoader": {"clip_name2": bs.FLUX_T5_FP8}}
 RUN_TIMEOUT_S = 300
+#: The klein run encodes its prompt with a full-size Qwen3-4B on the CPU (about 2 min on 2 cores).
+RUN_TIMEOUT_BY_NAME = {"maxzero_flux2_klein_tryon": 900, "maxzero_qwen_image_edit_tryon": 900}
 VIEWPORT = {"width": 2560, "height": 1440}
 
 SETTINGS = {
@@ -140,7 +169,10 @@ def server():
     root = os.environ["COMFYUI_PATH"]
     cache = bs.ensure_models(root)
     flux = None if (FLUX_WORKFLOW in NOT_QUEUED or _needs_newer(FLUX_WORKFLOW)) else bs.ensure_flux(root)
-    base = bs.make_base_dir(cache, sdxl=bs.ensure_sdxl(root) if RUN_SDXL else None, flux=flux)
+    klein = None if (KLEIN_WORKFLOW in NOT_QUEUED or _needs_newer(KLEIN_WORKFLOW)) else bs.ensure_klein(root)
+    qwen = None if (QWEN_WORKFLOW in NOT_QUEUED or _needs_newer(QWEN_WORKFLOW)) else bs.ensure_qwen(root)
+    base = bs.make_base_dir(cache, sdxl=bs.ensure_sdxl(root) if RUN_SDXL else None, flux=flux, klein=klein,
+                            qwen=qwen)
     (base / "user" / "default").mkdir(parents=True, exist_ok=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     srv = bs.ComfyServer(root, base).start()
@@ -530,7 +562,7 @@ def test_queues_and_finishes(page, server, object_info, name):
                                               "extra_data": {"extra_pnginfo": {"workflow": conv["workflow"]}}})
     assert code == 200, f"{name}: /prompt refused it ({code}): {json.dumps(body)[:3000]}"
     assert not body.get("node_errors"), f"{name}: node_errors {body['node_errors']}"
-    entry = bs.wait_history(server, body["prompt_id"], RUN_TIMEOUT_S)
+    entry = bs.wait_history(server, body["prompt_id"], RUN_TIMEOUT_BY_NAME.get(name, RUN_TIMEOUT_S))
     err = bs.execution_error(entry)
     assert err is None, f"{name}: execution failed: {err}\n--- server log ---\n{server.log_tail(4000)}"
     cached = [n for kind, data in entry["status"].get("messages", []) if kind == "execution_cached"

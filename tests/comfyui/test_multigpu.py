@@ -54,8 +54,8 @@ def two_cpu_devices(comfy_env, monkeypatch):
     # start from nothing loaded: MultiGPU's reuse_loaded scan (ComfyUI's) trips over loaded-model entries whose
     # patcher the earlier tests' prompts already freed (ComfyUI logs them as leaks; its server never frees a
     # patcher it loaded this way). Harness hygiene only: drop those dead entries, then unload the rest.
-    # A patcher kept alive only by a reference cycle dies at the next collection, which may fall inside the prompt
-    # (seen once in a full-suite run): collect first, so the scan below sees every entry that is already dead.
+    # (collect first: a patcher held only in a reference cycle dies at the next collection, which could come
+    # during this test's prompt and leave a dead entry behind the filter)
     gc.collect()
     mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.model is not None]
     mm.unload_all_models()

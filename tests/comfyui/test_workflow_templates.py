@@ -20,7 +20,8 @@ import comfy_models as cm
 
 PACK_DIR_NAME = "max4zero-tryon"
 EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
-            "maxzero_sdxl", "maxzero_masks_core", "maxzero_flux_fill_tryon"}
+            "maxzero_sdxl", "maxzero_masks_core", "maxzero_flux_fill_tryon", "maxzero_flux2_klein_tryon",
+            "maxzero_qwen_image_edit_tryon"}
 
 
 @pytest.fixture

@@ -41,9 +41,11 @@ MODEL_FILES = {
     "loras": ["garment_detail_lora.safetensors"],
     "controlnet": ["control_v11p_sd15_openpose_fp16.safetensors"],
     "background_removal": ["birefnet.safetensors"],
-    "diffusion_models": ["flux1-fill-dev.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
-    "vae": ["ae.safetensors"],
+    "diffusion_models": ["flux1-fill-dev.safetensors", "flux-2-klein-4b-fp8.safetensors",
+                         "qwen_image_edit_2511_fp8mixed.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors", "qwen_3_4b.safetensors",
+                      "qwen_2.5_vl_7b_fp8_scaled.safetensors"],
+    "vae": ["ae.safetensors", "flux2-vae.safetensors", "qwen_image_vae.safetensors"],
 }
 INPUT_FILES = ["max4zero_person.png", "max4zero_person_mask.png", "max4zero_garment.png",
                "max4zero_garment_mask.png", "max4zero_pose.png"]
@@ -56,7 +58,9 @@ GENERATOR_TYPES = {"SolidMask", "SetLatentNoiseMask", "MaskComposite", "GrowMask
 # they are left out of its snapshot, and tests/test_workflows.py checks that workflow from 0.33 on).
 GENERATOR_TYPES_0_33 = {"SAM3_Detect", "LoadBackgroundRemovalModel", "RemoveBackground",
                         # the Flux Fill try-on (MEA on Flux needs 0.33's attention hook)
-                        "UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "ConditioningZeroOut"}
+                        "UNETLoader", "DualCLIPLoader", "VAELoader", "FluxGuidance", "ConditioningZeroOut",
+                        # the FLUX.2 klein and Qwen-Image-Edit try-ons (MEA on them needs 0.33's hooks)
+                        "CLIPLoader", "ModelSamplingAuraFlow"}
 
 
 def used_node_types() -> set[str]:
