@@ -649,30 +649,99 @@ def test_overlap_is_caught():
 
 # --- the README's pictures -----------------------------------------------------------------------------------
 
+README_WIDTH = 830  # the width the repository page shows the README at
 
-def test_readme_shows_one_screenshot_per_row_with_the_group_titles():
-    """One picture per workflow, each on its own line (not in a table), followed by its groups in words, since
-    node text shrinks at README width; the pictures exist and are cropped to the graph (not the whole window)."""
-    import re
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" - ", "-").replace(" ", "-")
+
+
+def _png_size(path: Path) -> tuple[int, int]:
     import struct
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for path in WORKFLOWS:
-        pic = f"docs/screenshots/{path.stem}.png"
-        lines = [ln for ln in readme.splitlines() if pic in ln]
-        assert len(lines) == 1 and re.fullmatch(r"!\[[^\]]*\]\(" + re.escape(pic) + r"\)", lines[0].strip()), lines
-        titles = " → ".join(g["title"] for g in _load(path)["groups"])
-        assert f"*Groups, left to right:* {titles}" in readme, path.stem
-        head = (ROOT / pic).read_bytes()[:24]
-        assert head[:8] == b"\x89PNG\r\n\x1a\n", pic
-        w, h = struct.unpack(">II", head[16:24])
-        assert (w, h) != (2560, 1440) and w > h, (pic, w, h)  # cropped to the graph, which is wider than tall
-    assert "| Full try-on ![" not in readme  # the old two-column table
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", head[16:24])
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _pictures(text: str) -> list[tuple[str, str]]:
+    import re
+
+    return re.findall(r"!\[([^\]]*)\]\(([^)\s]+)\)", text)
+
+
+#: Pictures made with random test weights (a run's images): each must say so, in its alt text and its caption.
+RANDOM_WEIGHT_PICTURES = {"docs/screenshots/result-random-weights.png"}
+
+
+def test_readme_is_short():
+    assert len(_readme().splitlines()) < 200
+
+
+def test_readme_shows_each_workflow_under_its_own_heading_readable_at_830_px():
+    """One picture per workflow under the workflow's own heading (the picture of another workflow there is a
+    defect the old README had), with its groups in words; each picture at most the page's width, so it is shown
+    at its own size and its text reads."""
+    readme = _readme()
+    gallery = readme[readme.index("## The workflows"):].split("\n## ", 1)[0]
+    sections = {}
+    for part in gallery.split("\n### ")[1:]:
+        head, _, body = part.partition("\n")
+        sections[head.strip()] = body
+    assert list(sections) == [NAME[k] for k in make_workflows.WORKFLOW_TITLES]
+    for name, body in sections.items():
+        own = f"docs/screenshots/{_slug(name)}.png"
+        pics = [src for _, src in _pictures(body)]
+        assert own in pics, (name, pics)
+        others = {f"docs/screenshots/{_slug(n)}.png" for n in EXPECTED} - {own}
+        assert not set(pics) & others, (name, pics)
+        titles = " → ".join(g["title"] for g in _load(WORKFLOW_DIR / f"{name}.json")["groups"])
+        assert f"*Groups, left to right:* {titles}" in body, name
+    for _, src in _pictures(readme):
+        if src.endswith(".png"):
+            w, h = _png_size(ROOT / src)
+            assert w <= README_WIDTH, (src, w)  # not shrunk on the page (the browser check renders them at 830)
+
+
+def test_every_picture_made_with_random_weights_says_so():
+    readme = _readme()
+    lines = readme.splitlines()
+    opened = {f"docs/screenshots/{_slug(n)}.png" for n in EXPECTED}  # taken before any run: no random output
+    weight_free = opened | {"docs/registration_overview.jpg"}
+    for alt, src in _pictures(readme):
+        assert src in weight_free | RANDOM_WEIGHT_PICTURES, f"{src}: say whether it shows random-weight output"
+        if src in RANDOM_WEIGHT_PICTURES:
+            at = next(i for i, ln in enumerate(lines) if f"]({src})" in ln)
+            caption = " ".join(lines[at + 1:at + 4])
+            assert alt.startswith("RANDOM TEST WEIGHTS") and "Random test weights" in caption, (alt, caption)
+    assert "No result picture here is a try-on result" in readme
+
+
+def test_readme_says_where_the_templates_are_in_both_frontends_and_what_the_demo_does():
+    readme = _readme()
+    assert "Workflow → Browse Templates → Custom Nodes → max4zero-tryon" in readme  # frontend 1.27
+    assert "C logo menu → Browse Templates → EXTENSIONS → max4zero-tryon" in readme  # frontend 1.49
+    assert '"MaX4Zero" or "try-on"' in readme
+    assert "Open in MaskEditor" in readme and "Invert Mask" in readme
+    assert "not a point picker" in readme and "Pick control points with the demo" not in readme
+
+
+def test_docs_workflows_counts_the_shipped_workflows():
+    words = {5: "Five", 6: "Six", 7: "Seven", 8: "Eight", 9: "Nine", 10: "Ten"}
+    text = (ROOT / "docs" / "workflows.md").read_text(encoding="utf-8")
+    assert f"{words[len(WORKFLOWS)]} workflows ship" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| `MaX4Zero ")]
+    assert sorted(r.split("`")[1] for r in rows) == sorted(p.stem for p in WORKFLOWS)
+    assert f"lists the {words[len(WORKFLOWS)].lower()} workflows" in text
 
 
 def test_readme_names_every_model_file_the_workflows_load_with_its_folder_and_address():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = readme[readme.index("## First workflow run"):readme.index("## How it works")]
+    table = readme[readme.index("## First workflow run"):readme.index("## Masks")]
     for path in WORKFLOWS:
         for node, name in _model_files(_load(path)):
             assert f"`{name}`" in table, name
@@ -692,22 +761,6 @@ def test_the_generator_refuses_a_cycle():
     wf.connect(node.out(0), node, "samples")  # LATENT -> LATENT: a one-node cycle
     with pytest.raises(ValueError, match="cycle"):
         wf.to_json()
-
-
-def test_readme_shows_each_group_at_full_size():
-    """Node text is readable only at full size: every group of every workflow has a close-up in the README."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for path in WORKFLOWS:
-        groups = _load(path)["groups"]
-        for k, group in enumerate(groups, start=1):
-            pic = f"docs/screenshots/{path.stem}-{k}.png"
-            assert f"![{group['title']}]({pic})" in readme, pic
-            assert (ROOT / pic).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", pic
-        assert not (ROOT / f"docs/screenshots/{path.stem}-{len(groups) + 1}.png").exists(), path.stem
-
-
-# --- the artist's first hour: names, one place for size and steps, wires, the opening view ------------------------
-
 
 def test_names_read_as_titles_and_sort_quickest_first():
     """The template browser shows the file names as card titles, sorted by name: the order to try them in, quickest

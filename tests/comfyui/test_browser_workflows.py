@@ -594,6 +594,8 @@ def test_queues_and_finishes(page, server, object_info, name):
     # The page got the run's images: every node that produced images shows them in the screenshot.
     shown = [nid for nid, out in entry.get("outputs", {}).items() if out.get("images")]
     screenshot(page, name, wait_for_images=shown)
+    if name == NAME["full"] and for_readme():
+        result_panel(page, wf)
     if name in CLOSEUPS:
         shots = group_closeups(page, name)
         assert len(shots) >= 3 and all(s.stat().st_size > 10_000 for s in shots), shots
@@ -855,6 +857,31 @@ def test_readme_pictures_read_at_830_px(page):
         pg.close()
     shrunk = [(src, natural, shown) for src, natural, shown in sizes if shown < 0.8 * natural]
     assert not shrunk, f"pictures shrunk below 80 % at {README_WIDTH} px (text unreadable): {shrunk}"
+
+
+_LABEL = "RANDOM TEST WEIGHTS - colour noise, not a try-on result"
+
+
+def result_panel(page, wf: dict) -> Path:
+    """The README's picture of where a run's results appear: the output group at full size, cropped to the
+    README's width, with a label over it saying the images come from random test weights (never a result)."""
+    x, y, w, h = wf["groups"][-1]["bounding"]
+    height = int(min(900, h + 24))
+    page.set_viewport_size({"width": README_WIDTH, "height": height})
+    page.wait_for_timeout(300)
+    scale = min(1.0, (README_WIDTH - 24) / w)
+    page.evaluate(_GROUP_JS, [x, y, w, h, scale, 12])
+    page.evaluate("""(text) => { const d = document.createElement('div'); d.id = 'm4z-random-label';
+        d.textContent = text;
+        d.style.cssText = 'position:fixed;left:0;right:0;top:0;z-index:99999;padding:8px;font:bold 18px sans-serif;' +
+            'text-align:center;color:#fff;background:rgba(200,0,0,0.85)';
+        document.body.appendChild(d); }""", _LABEL)
+    page.wait_for_timeout(800)
+    shot = bs.SCREENSHOT_DIR / "result-random-weights.png"
+    page.screenshot(path=str(shot))
+    page.evaluate("() => document.getElementById('m4z-random-label')?.remove()")
+    page.set_viewport_size(VIEWPORT)
+    return shot
 
 
 def test_object_info_check_rejects_bad_prompts(object_info):
