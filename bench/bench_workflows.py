@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="workflow numbers, e.g. 1,2 (default: every measurable one)")
     ap.add_argument("--out", type=Path, help="also write the numbers here as JSON")
+    ap.add_argument("--settings", default="quick,default", help="which settings to time (quick, default)")
     args = ap.parse_args(argv)
     root = os.environ.get("COMFYUI_PATH")
     if not root:
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["not_measured"] = NOT_MEASURED[key]
                 rows.append(row)
                 continue
-            for setting in ("quick", "default"):
+            for setting in [x for x in ("quick", "default") if x in args.settings.split(",")]:
                 server.post_json("/free", {"free_memory": True, "unload_models": True})
                 time.sleep(2.0)
                 t0 = time.perf_counter()
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     finally:
         server.stop()
+        shutil.rmtree(base, ignore_errors=True)
     cpus = os.cpu_count()
     print(f"\n| workflow | default (size, steps) | CPU, {cpus} cores | quick | CPU, {cpus} cores |\n|---|---|---|---|---|")
     for r in rows:
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         if "not_measured" in r:
             print(f"| {r['workflow']} | {cell(d)} | not measured | {cell(q)} | not measured |")
         else:
-            print(f"| {r['workflow']} | {cell(d)} | {r['default_s']} s | {cell(q)} | {r['quick_s']} s |")
+            print(f"| {r['workflow']} | {cell(d)} | {r.get('default_s', 'not measured')} s | {cell(q)} | "
+                  f"{r.get('quick_s', 'not measured')} s |")
     if args.out:
         args.out.write_text(json.dumps({"cpus": cpus, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return 0

@@ -12,7 +12,10 @@ Layout, as an artist reads a graph: the Note first (node 1, leftmost), then labe
 order the data flows (inputs → registration → stage 1 → stage 2 → output). Each node names its group; inside a
 group a node's column is one past the column of the group's nodes it reads from, so every link runs left → right,
 and each node sits level with the nodes it reads from (nodes move down only to avoid overlaps), which keeps links
-short and few of them crossing. ``tests/test_workflows.py`` checks all of this.
+short and few of them crossing. A link that would cross a group it does not serve runs under the groups through
+native reroutes (``extra.reroutes``). Each workflow opens at a saved view (``extra.ds``) where the Note and the first
+group read. The file names (:func:`workflow_name`) read as titles in the template browser and sort quickest first;
+size and steps are set in one place (:func:`controls`). ``tests/test_workflows.py`` checks all of this.
 """
 
 from __future__ import annotations

@@ -609,14 +609,17 @@ _CARDS_JS = """(names) => {
     // A card per workflow: the element that shows its title (a leaf whose text is the name), in page order, and
     // its thumbnail: an <img alt=name> that loaded (a 404 leaves a broken image in 1.27, a gradient in 1.49).
     const visible = el => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
-    const titles = [...document.querySelectorAll('body *')].filter(el => visible(el) && el.children.length === 0
+    // inside the template dialog only (a Markdown Note on the canvas may name a workflow too)
+    const root = [...document.querySelectorAll('[role=dialog], .p-dialog')].filter(visible).pop();
+    if (!root) return [];
+    const titles = [...root.querySelectorAll('*')].filter(el => visible(el) && el.children.length === 0
         && names.includes(el.textContent.trim()));
     const seen = new Set(), out = [];
     for (const el of titles) {
         const title = el.textContent.trim();
         if (seen.has(title)) continue;
         seen.add(title);
-        const img = [...document.querySelectorAll('img')].find(i => i.alt === title);
+        const img = [...root.querySelectorAll('img')].find(i => i.alt === title);
         out.push({title, src: img ? img.src : null, ok: !!img && img.complete && img.naturalWidth > 0,
                   width: img ? img.naturalWidth : 0});
     }
@@ -664,12 +667,22 @@ def test_template_browser_shows_the_cards(page, server):
     page.set_viewport_size(OPEN_VIEWPORT)
     try:
         cards = open_template_browser(page)
+        page.screenshot(path=str(check_dir() / "template-browser.png"))
         titles = [c["title"] for c in cards]
         listed = list(WORKFLOWS)  # the server lists every file, whatever its ComfyUI can load
         assert sorted(titles) == sorted(listed), titles
-        missing = [c["src"] for c in cards if not c["ok"]]
+        # every thumbnail, each card brought into view first (1.49 renders only the rows in view)
+        missing = []
+        for title in titles:
+            page.evaluate("""(name) => { const root = [...document.querySelectorAll('[role=dialog], .p-dialog')].pop();
+                [...root.querySelectorAll('*')].find(el => el.children.length === 0 && el.textContent.trim() === name)
+                    ?.scrollIntoView({block: 'center'}); }""", title)
+            page.wait_for_timeout(700)
+            page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=30_000)
+            card = next(c for c in _cards(page) if c["title"] == title)
+            if not card["ok"]:
+                missing.append((title, card["src"]))
         assert not missing, f"thumbnails not served (404: a blank card): {missing}"
-        page.screenshot(path=str(check_dir() / "template-browser.png"))
         # The order the cards come in is the order the server lists the files (not sorted: ComfyUI globs the
         # folder); the numbers in the titles give the order to try them. Recorded, not asserted.
         (check_dir() / "template-browser-order.txt").write_text("\n".join(titles) + "\n")
@@ -718,8 +731,10 @@ def test_opens_readable_from_the_template_browser(page, server, object_info, nam
     try:
         open_template_browser(page)
         for attempt in range(3):  # a click while the dialog still settles can go nowhere: click again
-            page.evaluate("""(name) => [...document.querySelectorAll('body *')].find(el => el.children.length === 0
-                && el.textContent.trim() === name)?.click()""", name)
+            page.evaluate("""(name) => { const visible = el => !!(el.offsetWidth || el.offsetHeight);
+                const root = [...document.querySelectorAll('[role=dialog], .p-dialog')].filter(visible).pop();
+                [...(root || document).querySelectorAll('*')].find(el => el.children.length === 0
+                    && el.textContent.trim() === name)?.click(); }""", name)
             try:
                 page.wait_for_function("(n) => window.app.graph.nodes.length === n", arg=len(wf["nodes"]),
                                        timeout=10_000)
@@ -865,11 +880,15 @@ _LABEL = "RANDOM TEST WEIGHTS - colour noise, not a try-on result"
 def result_panel(page, wf: dict) -> Path:
     """The README's picture of where a run's results appear: the output group at full size, cropped to the
     README's width, with a label over it saying the images come from random test weights (never a result)."""
-    x, y, w, h = wf["groups"][-1]["bounding"]
-    height = int(min(900, h + 24))
-    page.set_viewport_size({"width": README_WIDTH, "height": height})
-    page.wait_for_timeout(300)
+    gx, gy, gw, gh = wf["groups"][-1]["bounding"]
+    inside = [n for n in wf["nodes"] if gx <= n["pos"][0] < gx + gw and gy <= n["pos"][1] < gy + gh]
+    x = min(n["pos"][0] for n in inside) - 12
+    y = min(n["pos"][1] for n in inside) - 30 - 50  # title bar, room for the label
+    w = max(n["pos"][0] + n["size"][0] for n in inside) - x + 12
+    h = max(n["pos"][1] + n["size"][1] for n in inside) - y + 12
     scale = min(1.0, (README_WIDTH - 24) / w)
+    page.set_viewport_size({"width": README_WIDTH, "height": int(min(900, h * scale + 24))})
+    page.wait_for_timeout(300)
     page.evaluate(_GROUP_JS, [x, y, w, h, scale, 12])
     page.evaluate("""(text) => { const d = document.createElement('div'); d.id = 'm4z-random-label';
         d.textContent = text;
