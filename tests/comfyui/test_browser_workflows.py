@@ -689,6 +689,18 @@ def test_template_browser_shows_the_cards(page, server):
         for words in ("MaX4Zero", "try-on"):
             found = _search_templates(page, words)
             assert sorted(found) == sorted(listed), (words, found)
+        if _version_tuple(_frontend_version()) >= FITS_TEMPLATES:
+            # 1.49's Sort by → A → Z (the setting its Filters panel writes) puts the cards in their numbered order
+            _close_dialogs(page)
+            page.evaluate("async () => await window.app.extensionManager.setting.set("
+                          "'Comfy.Templates.SortBy', 'alphabetical')")
+            try:
+                sorted_titles = [c["title"] for c in open_template_browser(page)]
+                page.screenshot(path=str(check_dir() / "template-browser-a-to-z.png"))
+            finally:
+                page.evaluate("async () => await window.app.extensionManager.setting.set("
+                              "'Comfy.Templates.SortBy', 'default')")
+            assert sorted_titles == sorted(listed), sorted_titles
     finally:
         _close_dialogs(page)
         page.set_viewport_size(VIEWPORT)
