@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         if "not_measured" in r:
             print(f"| {r['workflow']} | {cell(d)} | not measured | {cell(q)} | not measured |")
         else:
-            print(f"| {r['workflow']} | {cell(d)} | {r.get('default_s', 'not measured')} s | {cell(q)} | "
-                  f"{r.get('quick_s', 'not measured')} s |")
+            def secs(key: str) -> str:
+                return f"{r[key]} s" if key in r else "not measured"
+
+            print(f"| {r['workflow']} | {cell(d)} | {secs('default_s')} | {cell(q)} | {secs('quick_s')} |")
     if args.out:
         args.out.write_text(json.dumps({"cpus": cpus, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return 0
