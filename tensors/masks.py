@@ -456,7 +456,8 @@ def inverted_mask_problem(mask: torch.Tensor, name: str = "mask") -> "str | None
     centre[H // 3:H - H // 3, W // 3:W - W // 3] = True
     fix = ("If white should be the garment / the region: LoadImage's MASK output (and LoadImageMask's alpha "
            "channel) is 1 - alpha, white on the transparent background of a cut-out PNG; put an InvertMask after "
-           "it (or use a mask file with white = inside)")
+           "it, use a mask file with white = inside, or paint the mask in ComfyUI's MaskEditor (right-click the "
+           "Load Image node, Open in MaskEditor: its MASK output is the painted area)")
     for b in range(B):
         x = m[b]
         if not bool(x.any()):

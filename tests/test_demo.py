@@ -167,13 +167,38 @@ def test_an_opaque_rgba_mask_is_read_from_its_colour(tmp_path: Path) -> None:
     assert torch.equal(demo.load_mask(path, (512, 512), SIZE, "person mask"), want)
 
 
-def test_a_cut_out_rgba_mask_is_read_from_its_alpha(tmp_path: Path) -> None:
+def test_a_mask_with_a_shape_in_its_alpha_is_read_as_comfyui_reads_it(tmp_path: Path) -> None:
+    """1 − alpha, like Load Image's MASK output: the transparent pixels are the mask (what MaskEditor paints)."""
     grey = _sample_mask()
-    rgba = np.dstack([np.full_like(grey, 200)] * 3 + [grey])  # same colour everywhere, the shape in the alpha
-    path = tmp_path / "cutout.png"
+    rgba = np.dstack([np.full_like(grey, 200)] * 3 + [255 - grey])  # the region transparent, as MaskEditor saves
+    path = tmp_path / "painted.png"
     Image.fromarray(rgba, "RGBA").save(path)
     want = demo.load_mask(SAMPLE_FILES[1], (512, 512), SIZE, "person mask")
     assert torch.equal(demo.load_mask(path, (512, 512), SIZE, "person mask"), want)
+
+
+def test_a_cut_out_mask_is_read_inverted_and_the_demo_warns_as_the_nodes_do(tmp_path: Path) -> None:
+    """A cut-out (the garment opaque) gives ComfyUI's MASK the background; the demo reads the same and says so with
+    the nodes' own message (tensors/masks.py: inverted_mask_problem)."""
+    from max4zero.tensors import masks
+
+    grey = np.asarray(Image.open(SAMPLE_FILES[3]).convert("L"))  # the garment mask, white on black
+    cut = tmp_path / "cutout.png"
+    Image.fromarray(np.dstack([np.full_like(grey, 200)] * 3 + [grey]), "RGBA").save(cut)
+    want = demo.load_mask(SAMPLE_FILES[3], (512, 512), SIZE, "garment mask")
+    assert (demo.load_mask(cut, (512, 512), SIZE, "garment mask") != ~want).float().mean() < 0.02  # edges aside
+    warnings: list[str] = []
+    demo.run(SAMPLE_FILES[0], SAMPLE_FILES[1], SAMPLE_FILES[2], cut, SAMPLE_FILES[4], tmp_path / "out", size=SIZE,
+             warn=warnings.append)
+    inverted = [w for w in warnings if "looks inverted" in w and "garment mask" in w]
+    assert inverted, warnings
+    core = masks.inverted_mask_problem(torch.from_numpy(np.asarray(demo.mask_channel(Image.open(cut))) > 127)
+                                       .float()[None], "garment mask")
+    assert core and inverted[0].startswith(core)
+    # the sample masks (white on black) give no such warning
+    warnings.clear()
+    demo.run(*SAMPLE_FILES[:5], tmp_path / "out2", size=SIZE, warn=warnings.append)
+    assert not [w for w in warnings if "inverted" in w]
 
 
 def test_a_16_bit_greyscale_photo_and_mask_are_scaled_not_clipped(tmp_path: Path) -> None:

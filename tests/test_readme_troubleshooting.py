@@ -37,10 +37,15 @@ def _templates() -> list[str]:
 
 
 def _quotes() -> list[str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = text.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
-    firsts = [line.split("|")[1] for line in table.splitlines() if line.startswith("|") and line.count("|") >= 3]
-    return [q for cell in firsts[2:] for q in re.findall(r'"([^"]+)"', cell)]
+    """The quoted messages of the README's short table and of docs/troubleshooting.md's full one."""
+    out = []
+    for path, head in ((ROOT / "README.md", "## Troubleshooting"), (ROOT / "docs" / "troubleshooting.md",
+                                                                     "# Troubleshooting")):
+        text = path.read_text(encoding="utf-8")
+        table = text.split(head, 1)[1].split("\n## ", 1)[0]
+        firsts = [line.split("|")[1] for line in table.splitlines() if line.startswith("|") and line.count("|") >= 3]
+        out += [q for cell in firsts[2:] for q in re.findall(r'"([^"]+)"', cell)]
+    return out
 
 
 def _pattern(quote: str) -> re.Pattern:

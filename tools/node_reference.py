@@ -1,9 +1,9 @@
-"""The README's node reference, generated from the pack's ``/object_info`` (``python tools/node_reference.py``).
+"""The node reference (``docs/nodes.md``), generated from the pack's ``/object_info`` (``python tools/node_reference.py``).
 
 Reads ``tests/data/object_info_pack-<oldest supported version>.json`` (what ComfyUI shows for each node: the
-description, every input's tooltip and default, every output's tooltip) and rewrites the README between the
-``## Node reference`` intro and ``## Troubleshooting``. ``--check`` exits 1 when the README differs
-(``tests/test_node_reference.py`` runs it), so the README never drifts from the tooltips.
+description, every input's tooltip and default, every output's tooltip) and writes ``docs/nodes.md``. ``--check``
+exits 1 when the file differs (``tests/test_node_reference.py`` runs it), so the reference never drifts from the
+tooltips.
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "data" / "object_info_pack-0.3.64.json"
-README = ROOT / "README.md"
+REFERENCE = ROOT / "docs" / "nodes.md"
 # The order the pipeline uses them in.
 ORDER = ("MaX4ZeroCorrespondence", "MaX4ZeroMLSWarp", "MaX4ZeroDoubleMaskInpaint", "MaX4ZeroCropToMask",
          "MaX4ZeroPasteBack", "MaX4ZeroMaskedExtendedAttention", "MaX4ZeroFlowView")
-START = "## Node reference\n"
-END = "## Troubleshooting\n"
+START = "# Node reference\n"
 INTRO = (
     "Node ids, input names and output names never change once released: saved workflows depend on them\n"
     "(`tests/comfyui/test_node_schemas.py` compares every node with a committed snapshot). All nodes are under the\n"
-    "**MaX4Zero** category. This section is generated from the nodes' own descriptions and tooltips\n"
-    "(`python tools/node_reference.py`).\n"
+    "**MaX4Zero** category. This page is generated from the nodes' own descriptions and tooltips\n"
+    "(`python tools/node_reference.py`); ComfyUI shows the same text when you hover an input.\n"
 )
 
 
@@ -33,7 +32,7 @@ def _cell(text: str) -> str:
 
 
 def node_section(node_id: str, info: dict) -> str:
-    lines = [f"### {info['display_name']} — `{node_id}`", "", _cell(info.get("description", "")), "",
+    lines = [f"## {info['display_name']} — `{node_id}`", "", _cell(info.get("description", "")), "",
              "| input | default | what it does |", "|---|---|---|"]
     for section in ("required", "optional"):
         specs = info["input"].get(section, {})
@@ -63,22 +62,15 @@ def reference() -> str:
     return START + "\n" + INTRO + "\n" + "\n".join(node_section(n, info[n]) for n in ORDER if n in info) + "\n"
 
 
-def rewritten(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return head + reference() + END + tail
-
-
 def main(argv: list[str]) -> int:
-    text = README.read_text(encoding="utf-8")
-    new = rewritten(text)
+    new = reference()
     if "--check" in argv:
-        if new != text:
-            print("README.md's node reference is out of date: run python tools/node_reference.py")
+        if not REFERENCE.is_file() or REFERENCE.read_text(encoding="utf-8") != new:
+            print(f"{REFERENCE} is out of date: run python tools/node_reference.py")
             return 1
         return 0
-    README.write_text(new, encoding="utf-8")
-    print("rewrote the node reference in README.md")
+    REFERENCE.write_text(new, encoding="utf-8")
+    print(f"wrote {REFERENCE}")
     return 0
 
 

@@ -24,9 +24,12 @@ format, ``{"reference": [[x, y], ...], "target": [[x, y], ...], "reference_size"
 [width, height]), is still read, with a note; the demo writes every points file it reads back in the one
 format (``points.json`` in the output folder), so it pastes into MLS Warp's ``manual_points``.
 
-Masks: a PNG's alpha channel is the mask only when it carries a shape (some pixels transparent, some
-opaque); an opaque RGBA mask is read from its colour, like any other. 16-bit greyscale images are scaled
-to 8 bits, not clipped.
+Masks are read as ComfyUI reads them (README "Masks"): white = on. A mask file without a shape in its alpha is
+read from its colour, like Load Image (as Mask) with channel red, which the workflows use. When its alpha carries
+a shape (some pixels transparent, some opaque), the mask is 1 − alpha, the transparent pixels, like Load Image's
+MASK output and what ComfyUI's MaskEditor paints; a cut-out PNG (garment opaque, background transparent) is
+therefore read inverted, and the demo warns as the nodes do (``tensors/masks.py: inverted_mask_problem``).
+16-bit greyscale images are scaled to 8 bits, not clipped.
 
 Control points that give a degenerate or folded warp (fewer than 3, all on one line, one garment point sent
 to two places, a mirrored garment, or a map that turns the garment over) are named on stderr with what to
@@ -242,11 +245,12 @@ def load_image(path: Path, size: int, what: str = "image") -> tuple[Image.Image,
 
 
 def mask_channel(image: Image.Image) -> Image.Image:
-    """The 8-bit L image a mask file stands for (white = on).
+    """The 8-bit L image a mask file stands for (white = on), as ComfyUI reads it.
 
-    The alpha channel is the mask only when it carries a shape: some pixels transparent and some opaque (a
-    cut-out). An alpha that is the same everywhere, e.g. an opaque white-on-black RGBA mask, says nothing, so
-    the colour is used, as for any other mask. 16-bit greyscale is scaled to 8 bits (see :func:`_to_8bit`).
+    When the alpha channel carries a shape (some pixels transparent, some opaque) the mask is 1 − alpha: the
+    transparent pixels, as Load Image's MASK output gives them and as ComfyUI's MaskEditor paints. An alpha that
+    is the same everywhere, e.g. an opaque white-on-black RGBA mask, says nothing, so the colour is used, as Load
+    Image (as Mask) does. 16-bit greyscale is scaled to 8 bits (see :func:`_to_8bit`).
     """
     image = _to_8bit(image)
     if image.mode == "P":
@@ -254,7 +258,7 @@ def mask_channel(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA"):
         alpha = np.asarray(image.getchannel("A"))
         if (alpha > 127).any() and (alpha <= 127).any():
-            return image.getchannel("A")
+            return Image.fromarray(255 - alpha, "L")
         image = image.convert("RGB") if image.mode == "RGBA" else image.getchannel(0)
     return image.convert("L")
 
@@ -702,6 +706,11 @@ def run(
     reference_full = load_mask_full(Path(garment_mask), reference_file_size, "garment mask")
     target_on = load_mask(Path(person_mask), target_file_size, size, "person mask")
     reference_on = load_mask(Path(garment_mask), reference_file_size, size, "garment mask")
+    for name, on in (("person mask", target_full), ("garment mask", reference_full)):
+        problem = masks.inverted_mask_problem(on.float()[None], name)  # the nodes' own check and words
+        if problem:
+            warn(f"{problem}. In this demo: save the mask white on black, or with the region transparent (as "
+                 "ComfyUI's MaskEditor paints it)")
     pts = load_points(Path(points), reference_file_size, target_file_size, reference_img.size, target_img.size)
     for note in pts.notes:
         warn(note)

@@ -41,7 +41,7 @@ SAMPLERS = {"16", "22"}
 
 
 def base_prompt() -> dict:
-    """The shipped full try-on (``workflows/maxzero_full_tryon.json``) as the frontend converts it, reduced for a CPU."""
+    """The shipped full try-on (``workflows/MaX4Zero 2 - Full try-on.json``) as the frontend converts it, reduced for a CPU."""
     L = lambda node, slot=0: [str(node), slot]  # noqa: E731
     return {
         "2": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bs.SD15_FILE}},

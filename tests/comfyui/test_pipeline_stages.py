@@ -13,10 +13,12 @@ import pytest
 import torch
 
 import comfy_models as cm
+import make_workflows  # tools/ is on sys.path (tests/conftest.py)
 from comfy_models import Graph, run_prompt
 
-TWO_STAGE = ("maxzero_full_tryon", "maxzero_lora_controlnet", "maxzero_sdxl", "maxzero_flux_fill_tryon")
-FLUX = {"maxzero_flux_fill_tryon"}  # sampled by a Flux model: 16 latent channels, flow matching, cfg 1
+NAME = {k: make_workflows.workflow_name(k) for k in make_workflows.WORKFLOW_TITLES}
+TWO_STAGE = (NAME["full"], NAME["lora_controlnet"], NAME["sdxl"], NAME["flux_fill"])
+FLUX = {NAME["flux_fill"]}  # sampled by a Flux model: 16 latent channels, flow matching, cfg 1
 LATENT = 8  # 64 px
 
 
@@ -103,7 +105,7 @@ def test_final_latent_carries_no_stage_one_noise(comfy_env, name):
 def test_a_target_region_noise_mask_in_stage_two_would_leave_noise(comfy_env):
     """The check above can fail: the old wiring (stage-2 noise mask = the target region) keeps the stage-1 latent,
     noisy at step 35, outside the region."""
-    wf = _workflow("maxzero_full_tryon")
+    wf = _workflow(NAME["full"])
     region = torch.zeros(1, LATENT * 8, LATENT * 8)
     region[:, 16:56, 8:56] = 1.0
     final, x0 = _run_chain(wf, region)
@@ -114,7 +116,7 @@ def test_a_target_region_noise_mask_in_stage_two_would_leave_noise(comfy_env):
 def test_flux_chain_is_the_sd_chain_on_a_flow_schedule(comfy_env):
     """The Flux workflow keeps the method's split on its own schedule (euler 28 at cfg 1, 70 % / 30 %), and the
     same wrong stage-2 mask leaves Flux noise too (the Flux check above can fail)."""
-    wf = _workflow("maxzero_flux_fill_tryon")
+    wf = _workflow(NAME["flux_fill"])
     s1w, s2w = _samplers(wf)
     assert (s1w["sampler_name"], s1w["scheduler"], s1w["cfg"], s1w["steps"]) == ("euler", "simple", 1.0, 28)
     assert s1w["end_at_step"] == 20  # 70 % of 28, rounded

@@ -1,4 +1,4 @@
-"""ComfyUI lists our example workflows under Workflow → Browse Templates.
+"""ComfyUI lists our example workflows in its template browser (docs/workflows.md: where each frontend shows it).
 
 Uses ComfyUI's own ``app.custom_node_manager.CustomNodeManager.add_routes``: the pack is installed as
 ``<tmp>/custom_nodes/max4zero-tryon`` (a symlink to this repository), ``custom_nodes`` points there, and
@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 import comfy_models as cm
+import make_workflows  # tools/ is on sys.path (tests/conftest.py)
 
 PACK_DIR_NAME = "max4zero-tryon"
-EXPECTED = {"maxzero_full_tryon", "maxzero_reference_only", "maxzero_attention_flow", "maxzero_lora_controlnet",
-            "maxzero_sdxl", "maxzero_masks_core", "maxzero_flux_fill_tryon", "maxzero_flux2_klein_tryon",
-            "maxzero_qwen_image_edit_tryon"}
+EXPECTED = {make_workflows.workflow_name(k) for k in make_workflows.WORKFLOW_TITLES}
 
 
 @pytest.fixture
@@ -112,7 +111,9 @@ def test_every_listed_workflow_opens_from_the_template_route(installed_pack):
     and calls ``workflows/`` a legacy alias. Fetching over HTTP checks the behaviour, not how it is served.
     """
     routes, app = _routes(installed_pack)
-    paths = [f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json" for name in sorted(EXPECTED)]
+    from urllib.parse import quote
+
+    paths = [f"/api/workflow_templates/{PACK_DIR_NAME}/{quote(name)}.json" for name in sorted(EXPECTED)]
     served = _serve(app, routes, paths + [f"/api/workflow_templates/{PACK_DIR_NAME}/no_such_workflow.json"])
     for name, path in zip(sorted(EXPECTED), paths):
         status, body = served[path]
@@ -120,3 +121,16 @@ def test_every_listed_workflow_opens_from_the_template_route(installed_pack):
         assert body == (cm.PACK_ROOT / "workflows" / f"{name}.json").read_bytes()
         assert json.loads(body)["nodes"]
     assert served[f"/api/workflow_templates/{PACK_DIR_NAME}/no_such_workflow.json"][0] == 404
+
+
+def test_every_listed_workflow_has_its_thumbnail_served(installed_pack):
+    """The template browser asks for ``<name>.jpg`` next to each workflow (a 404 and a blank card otherwise)."""
+    from urllib.parse import quote
+
+    routes, app = _routes(installed_pack)
+    paths = [f"/api/workflow_templates/{PACK_DIR_NAME}/{quote(name)}.jpg" for name in sorted(EXPECTED)]
+    served = _serve(app, routes, paths)
+    for name, path in zip(sorted(EXPECTED), paths):
+        status, body = served[path]
+        assert status == 200, (path, status)
+        assert body[:3] == b"\xff\xd8\xff" and body == (cm.PACK_ROOT / "workflows" / f"{name}.jpg").read_bytes()

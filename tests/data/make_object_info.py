@@ -53,7 +53,7 @@ INPUT_FILES = ["max4zero_person.png", "max4zero_person_mask.png", "max4zero_garm
 
 # Core nodes tools/make_workflows.py may place that no shipped workflow uses yet (the generator reads the
 # snapshot, so a new node type must be in it before the workflows can be regenerated).
-GENERATOR_TYPES = {"SolidMask", "SetLatentNoiseMask", "MaskComposite", "GrowMask"}
+GENERATOR_TYPES = {"SolidMask", "SetLatentNoiseMask", "MaskComposite", "GrowMask", "PrimitiveInt"}
 # The masks workflow's core segmentation nodes exist from ComfyUI 0.33 on (an older ComfyUI simply lacks them:
 # they are left out of its snapshot, and tests/test_workflows.py checks that workflow from 0.33 on).
 GENERATOR_TYPES_0_33 = {"SAM3_Detect", "LoadBackgroundRemovalModel", "RemoveBackground",
