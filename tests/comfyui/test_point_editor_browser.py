@@ -118,7 +118,7 @@ def page(server):
         browser = bs.launch_browser(p)
         pg = browser.new_page(viewport=VIEWPORT)
         pg.m4z_errors = []  # type: ignore[attr-defined]
-        pg.on("pageerror", lambda e: pg.m4z_errors.append(str(e)))
+        pg.on("pageerror", lambda e: pg.m4z_errors.append(f"{e}\n{getattr(e, 'stack', '')}"))
         pg.goto(server.url)
         _wait_app(pg)
         yield pg
@@ -402,6 +402,9 @@ def test_fix_a_registration_by_clicking(page, server):
     page.wait_for_timeout(1500)  # the frontend saves the open workflow on change
     page.reload()
     _wait_app(page)
+    # Frontend 1.27 throws while it registers its own core settings on every start (before any extension
+    # loads): not the editor's; the errors of the editor's own steps are checked at the end.
+    page.m4z_errors[:] = [e for e in page.m4z_errors if not ("reading 'id'" in e and "GraphView" in e)]
     page.wait_for_function(f"() => !!({_NODE_JS})()", timeout=30_000)
     page.wait_for_timeout(800)
     assert _ev(page, "return node.widgets.find(w => w.name === 'manual_points').value;") == text
