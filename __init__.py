@@ -8,6 +8,9 @@ imports the ComfyUI-facing code lazily.
 
 __version__ = "0.1.0"
 
+#: The point editor of MLS Warp (plain JavaScript modules, no build step, no network): docs/point-editor.md.
+WEB_DIRECTORY = "./web"
+
 async def comfy_entrypoint():
     """Entry point ComfyUI (V3 node schema) calls to get the pack's extension."""
     from .nodes.extension import MaX4ZeroExtension

@@ -8,14 +8,15 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..registration import manual_points as _manual
 from ..registration import previews as pv
 from ..registration import recipe as reg
 from ..registration.matches import Matches
 from ..tensors import images as _images
 from ..warping import fringe as _fringe
 from ..warping import mls as _mls
-from ..warping import point_checks as _point_checks
 from . import convert as cv
+from . import point_editor as _editor
 from .notify import warn_on_node
 from .sockets import CATEGORY, MATCHES
 from .stage1_checks import WidgetChecks, check_region_left, eroded_garment, warn_if_inverted
@@ -25,7 +26,7 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
     """Moving Least Squares warp of the garment onto the target (docs/method.md §2d)."""
 
     NODE = "MaX4Zero MLS Warp"
-    WIDGETS = ("kind", "alpha", "stride", "sampling", "manual_points")
+    WIDGETS = ("kind", "alpha", "stride", "sampling", "manual_points", "manual_points_mode")
 
     @classmethod
     def _rules(cls, values: dict) -> None:
@@ -44,11 +45,16 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
         problem = reg.far_points_problem(m) if m is not None else None
         if problem:
             raise cv.NodeInputError(cls.NODE, f"manual_points: {problem}")
+        problem = _manual.manual_points_problem(m or Matches.from_json(text, (1, 1), (1, 1)))
+        if problem:
+            raise cv.NodeInputError(cls.NODE, f"manual_points: {problem}")
 
     @classmethod
-    def validate_inputs(cls, kind=None, alpha=None, stride=None, sampling=None, manual_points=None):
+    def validate_inputs(cls, kind=None, alpha=None, stride=None, sampling=None, manual_points=None,
+                        manual_points_mode=None):
         return cv.validation_result(lambda: cls.check_widget_values(
-            kind=kind, alpha=alpha, stride=stride, sampling=sampling, manual_points=manual_points))
+            kind=kind, alpha=alpha, stride=stride, sampling=sampling, manual_points=manual_points,
+            manual_points_mode=manual_points_mode))
 
     @classmethod
     def define_schema(cls):
@@ -59,7 +65,9 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
             description=(
                 "Warps the garment photo onto the person with Moving Least Squares through the control points "
                 "from MaX4Zero Correspondence, or through points you type in (manual_points), so a bad "
-                "correspondence can be fixed by hand. Outputs the warped garment, its mask and a preview."
+                "correspondence can be fixed by hand: after a first run, 'Edit points' on the node shows the garment "
+                "and the person with the matches as numbered pairs to drag, add or delete, with a live preview of "
+                "the warp. Outputs the warped garment, its mask and a preview."
             ),
             inputs=[
                 io.Image.Input("reference_image", tooltip="The garment photo (the one the matches were made on, or "
@@ -74,7 +82,8 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
                 io.String.Input("manual_points", optional=True, multiline=True, default="",
                                 tooltip='Optional hand-made control points as JSON, in reference/target pixels: '
                                 '{"points": [{"reference": [x, y], "target": [x, y]}, ...]} or [[[xr, yr], [xt, yt]], '
-                                '...]. When not empty it REPLACES the matches input.'),
+                                '...]. Written by the point editor (Edit points, after a first run). How it combines with the '
+                                'matches input: manual_points_mode.'),
                 io.Combo.Input("kind", options=list(reg.MLS_KINDS), default="affine",
                                tooltip="MLS deformation: affine (paper; can shear and scale per axis), similarity "
                                "(rotation + uniform scale), rigid (rotation only, most shape-preserving)."),
@@ -87,6 +96,12 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
                              "alpha 1 use 4 or less (the map follows the points more closely)."),
                 io.Combo.Input("sampling", options=list(reg.SAMPLINGS), default="bilinear",
                                tooltip="How the garment is read: bilinear (smoother) or nearest (paper)."),
+                io.Combo.Input("manual_points_mode", options=list(_manual.MODES), default=_manual.REPLACE,
+                               optional=True,
+                               tooltip="How manual_points combine with the matches input: 'replace the automatic "
+                               "matches' warps through manual_points alone when it is not empty (what the point "
+                               "editor writes: every pair it shows); 'add to the automatic matches' warps through "
+                               "the matches plus manual_points."),
             ],
             outputs=[
                 io.Image.Output("warped_image", display_name="warped_image",
@@ -101,9 +116,10 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
 
     @classmethod
     def execute(cls, reference_image, garment_mask, target_image, kind, alpha, stride, sampling, matches=None,
-                manual_points="") -> io.NodeOutput:
+                manual_points="", manual_points_mode=_manual.REPLACE) -> io.NodeOutput:
         n = cls.NODE
-        cls.check_widget_values(kind=kind, alpha=alpha, stride=stride, sampling=sampling)
+        mode = manual_points_mode or _manual.REPLACE
+        cls.check_widget_values(kind=kind, alpha=alpha, stride=stride, sampling=sampling, manual_points_mode=mode)
         ref = cv.to_rgb(cv.image_to_bchw(reference_image, n, "reference_image"))  # RGB out: alpha is not warped
         gm = cv.mask_to_bhw(garment_mask, n, "garment_mask")
         tgt = cv.image_to_bchw(target_image, n, "target_image")
@@ -115,33 +131,53 @@ class MLSWarp(WidgetChecks, io.ComfyNode):
         gm = eroded_garment(n, gm)
         ref_hw, tgt_hw = tuple(ref.shape[-2:]), tuple(tgt.shape[-2:])
         text = (manual_points or "").strip()
+        manual = None
         if text:
             try:
-                m = Matches.from_json(text, ref_hw, tgt_hw)
+                manual = Matches.from_json(text, ref_hw, tgt_hw)
             except ValueError as exc:
                 raise cv.NodeInputError(n, f"manual_points: {exc}") from exc
-        elif matches is not None:
-            if not isinstance(matches, Matches):
-                raise cv.NodeInputError(n, f"matches is a {type(matches).__name__}",
-                                        "connect the 'matches' output of MaX4Zero Correspondence")
-            m = matches
-        else:
-            raise cv.NodeInputError(n, "no control points: both 'matches' and 'manual_points' are empty",
-                                    "connect MaX4Zero Correspondence's 'matches', or type points into manual_points "
-                                    '(e.g. {"points": [{"reference": [120, 80], "target": [140, 96]}]})')
-        if len(m) == 0:
+            problem = reg.far_points_problem(manual) or _manual.manual_points_problem(manual)
+            if problem:
+                raise cv.NodeInputError(n, f"manual_points: {problem}")
+        uses_matches = matches is not None and (manual is None or mode == _manual.ADD)
+        if uses_matches and not isinstance(matches, Matches):
+            raise cv.NodeInputError(n, f"matches is a {type(matches).__name__}",
+                                    "connect the 'matches' output of MaX4Zero Correspondence")
+        if uses_matches and len(matches) == 0:
             raise cv.NodeInputError(n, "the matches hold no control points",
                                     "loosen the Correspondence settings (outlier_filter none, control_points all)")
-        far = reg.far_points_problem(m)
-        if far:
-            raise cv.NodeInputError(n, f"manual_points: {far}" if text else f"matches: {far}",
-                                    "" if text else "connect matches made for these images")
-        if text:  # hand-typed points: degenerate sets fold or collapse the warp without a word otherwise
-            for warning in _point_checks.control_point_warnings(m.reference_points, m.target_points):
+        if uses_matches:
+            far = reg.far_points_problem(matches)
+            if far:
+                raise cv.NodeInputError(n, f"matches: {far}", "connect matches made for these images")
+        m = _manual.combine(manual, matches, mode, ref_hw, tgt_hw)
+        if m is None:
+            raise cv.NodeInputError(n, "no control points: both 'matches' and 'manual_points' are empty",
+                                    "connect MaX4Zero Correspondence's 'matches', or type points into manual_points "
+                                    '(e.g. {"points": [{"reference": [120, 80], "target": [140, 96]}]}), or run '
+                                    "once and place them with Edit points")
+        if manual is not None:  # hand-made points: degenerate sets fold or collapse the warp without a word otherwise
+            for warning in _manual.point_warnings(m, kind, alpha):
                 warn_on_node(n, f"manual_points: {warning}")
         warped, wmask, grid = reg.warp_garment(ref, gm, m, tgt_hw, kind, alpha, int(stride), sampling)
         prev = pv.warp_preview(tgt[0], warped[0], wmask[0], grid[0])
-        return io.NodeOutput(cv.bchw_to_image(warped), wmask.contiguous(), cv.bchw_to_image(prev[None]))
+        return io.NodeOutput(cv.bchw_to_image(warped), wmask.contiguous(), cv.bchw_to_image(prev[None]),
+                             ui=_editor_ui(ref, gm, tgt, matches if isinstance(matches, Matches) else None, kind,
+                                           alpha, mode))
+
+
+def _editor_ui(ref: torch.Tensor, gm: torch.Tensor, tgt: torch.Tensor, matches, kind: str, alpha: float,
+               mode: str) -> dict:
+    """The point editor's payload (nodes/point_editor.py) with the first batch item's crops as temp previews."""
+    images = {
+        "garment": _editor.save_temp_png(ref[0].permute(1, 2, 0)[..., :3]),
+        "garment_mask": _editor.save_temp_png(gm[0][..., None]),
+        "person": _editor.save_temp_png(cv.to_rgb(tgt)[0].permute(1, 2, 0)),
+    }
+    payload = _editor.editor_payload(images, tuple(ref.shape[-2:]), tuple(tgt.shape[-2:]), matches, kind, alpha,
+                                     mode)
+    return {_editor.UI_KEY: [payload]}
 
 
 def _check_same_region(node: str, matches, target: torch.Tensor, target_dilation: int) -> None:

@@ -681,7 +681,8 @@ def _pictures(text: str) -> list[tuple[str, str]]:
 
 
 #: Pictures made with random test weights (a run's images): each must say so, in its alt text and its caption.
-RANDOM_WEIGHT_PICTURES = {"docs/screenshots/result-random-weights.png"}
+RANDOM_WEIGHT_PICTURES = {"docs/screenshots/result-random-weights.png", "docs/point-editor/node.png",
+                          "docs/point-editor/readme-editor-drag.png", "docs/point-editor/readme-editor-warnings.png"}
 
 
 def test_readme_is_short():

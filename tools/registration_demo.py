@@ -151,8 +151,6 @@ POINT_OUTPUTS = {
 # Crop To Mask in the shipped workflows (tools/make_workflows.py): size 512, padding 0.1.
 WORKFLOW_CROP_SIZE = 512
 WORKFLOW_CROP_PADDING = 0.1
-# Share of the try-on region where the warp may turn the garment over before the demo says so.
-FOLD_WARN_FRACTION = 0.001
 # From this many working pixels on, progress lines are printed (the exact MLS map then takes seconds).
 PROGRESS_PIXELS = 1024 * 1024
 
@@ -730,12 +728,9 @@ def run(
     src = torch.from_numpy(pts.target).float()
     dst = torch.from_numpy(pts.reference).float()
     coords = _backward_map(src, dst, H, W, kind, alpha, stride, step)
-    folded = point_checks.fold_fraction(coords, target_on)
-    if folded > FOLD_WARN_FRACTION:
-        warn(f"the warp turns the garment over on {100 * folded:.1f} % of the person mask (see mls_grid.png: "
-             "grid lines cross there): some pairs cross each other, e.g. two target points swapped. Check that "
-             "reference point i and target point i are the same part of the garment for every i, or use fewer, "
-             "better spread points there.")
+    folded = point_checks.fold_warning(point_checks.fold_fraction(coords, target_on), picture="mls_grid.png")
+    if folded:
+        warn(folded)
     reference_t = _image_tensor(reference_img)
     warped = mls.warp(reference_t, coords, mode=mode)
     warped_on = mls.warp(reference_on[None, None].float(), coords, mode=mode)[0, 0] > 0.5

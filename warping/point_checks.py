@@ -9,7 +9,8 @@ one the user meant. These checks say what is wrong and what to do. They are used
   points on one line, one reference point sent to two different targets (or two garment points to one person
   pixel), and a mirrored garment (the best affine fit flips it).
 * :func:`fold_fraction` — on a computed backward map: the share of pixels where the map turns the garment
-  over (Jacobian determinant ≤ 0), which crossing or swapped pairs cause.
+  over (Jacobian determinant ≤ 0), which crossing or swapped pairs cause; :func:`fold_warning` says it in words
+  once that share passes :data:`FOLD_WARN_FRACTION`.
 
 Coordinates are pixel ``(x, y)``, as everywhere in ``warping``. Pure PyTorch, no ComfyUI import.
 """
@@ -20,13 +21,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-__all__ = ["control_point_warnings", "fold_fraction", "DUPLICATE_PX", "COLLINEAR_FRACTION"]
+__all__ = ["control_point_warnings", "fold_fraction", "fold_warning", "DUPLICATE_PX", "COLLINEAR_FRACTION",
+           "FOLD_WARN_FRACTION"]
 
 #: Two points closer than this (pixels) are the same point.
 DUPLICATE_PX = 0.5
 #: Points whose RMS distance to their best-fit line is below this fraction of their RMS spread along it
 #: (or below :data:`DUPLICATE_PX`) are "on one line": an affine fit is then (nearly) singular.
 COLLINEAR_FRACTION = 0.02
+#: Share of the counted pixels where the warp may turn the garment over before :func:`fold_warning` says so.
+FOLD_WARN_FRACTION = 0.001
 
 
 def _coords(x: Any, name: str) -> torch.Tensor:
@@ -172,3 +176,16 @@ def fold_fraction(coords: torch.Tensor, region: Optional[torch.Tensor] = None) -
         n = int(r.sum())
         return float((folded & r).sum()) / n if n else 0.0
     return float(folded.float().mean())
+
+
+def fold_warning(fraction: float, where: str = "the person mask", picture: str = "") -> Optional[str]:
+    """The folded-warp warning for a :func:`fold_fraction` result, or None below :data:`FOLD_WARN_FRACTION`.
+
+    ``where`` names the pixels the fraction was counted on; ``picture`` optionally names where to see it.
+    """
+    if not fraction > FOLD_WARN_FRACTION:
+        return None
+    see = f" (see {picture}: grid lines cross there)" if picture else ""
+    return (f"the warp turns the garment over on {100 * fraction:.1f} % of {where}{see}: some pairs cross each "
+            "other, e.g. two target points swapped. Check that reference point i and target point i are the same "
+            "part of the garment for every i, or use fewer, better spread points there.")
