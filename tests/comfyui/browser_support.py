@@ -84,6 +84,10 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 
+#: The workflows' one place for size and steps (core PrimitiveInt nodes, by title) as the browser checks reduce it:
+#: every dependent widget is linked to these, so a reduction changes them, not the samplers' or crops' widgets.
+REDUCED_CONTROLS = {"Working size": 128, "Total steps": 4, "Stage 1 ends at step": 3}
+
 # Where each model file goes in the base directory.
 SD15_FILE = "sd-v1-5-inpainting.ckpt"
 SDXL_FILE = "sd_xl_base_1.0_inpainting_0.1.safetensors"

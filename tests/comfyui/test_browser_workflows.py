@@ -152,7 +152,8 @@ REDUCE = {"MaX4ZeroCropToMask": {"size": 128}, "MaX4ZeroCorrespondence": {"ensem
           # the public fp8 T5-XXL instead of the fp16 one: half the RAM (see browser_support.ensure_flux)
           "DualCLIPLoader": {"clip_name2": bs.FLUX_T5_FP8}}
 #: The size/steps controls of a reduced run (70 % / 30 % kept: 35 of 50 becomes 3 of 4).
-REDUCED_CONTROLS = {"Working size": 128, "Total steps": MAX_STEPS, "Stage 1 ends at step": 3}
+REDUCED_CONTROLS = bs.REDUCED_CONTROLS
+assert REDUCED_CONTROLS["Total steps"] == MAX_STEPS
 RUN_TIMEOUT_S = 300
 #: The klein run encodes its prompt with a full-size Qwen3-4B on the CPU (about 2 min on 2 cores).
 RUN_TIMEOUT_BY_NAME = {NAME["flux2_klein"]: 900, NAME["qwen_edit"]: 900}

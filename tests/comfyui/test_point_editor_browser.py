@@ -75,6 +75,10 @@ def reduce_prompt(prompt: dict) -> dict:
     out = copy.deepcopy(prompt)
     for node in out.values():
         inputs = node.get("inputs", {})
+        title = node.get("_meta", {}).get("title")
+        if node.get("class_type") == "PrimitiveInt" and title in bs.REDUCED_CONTROLS:
+            inputs["value"] = min(inputs.get("value", 0), bs.REDUCED_CONTROLS[title])  # the one place for size/steps
+            continue
         steps = inputs.get("steps")
         if isinstance(steps, int) and steps > MAX_STEPS:
             for k in ("start_at_step", "end_at_step"):
