@@ -11,8 +11,9 @@ loading included, with ComfyUI's cache emptied first (``POST /free``).
 The models are the browser check's random-weight files (``tests/comfyui/browser_support.py``): SD1.5's layout with
 a REDUCED-depth UNet (one res block per level, all levels 320 channels) and the full-size CLIP-L and VAE. The
 numbers therefore show how the time is spread and how it scales with size and steps on this machine; a real SD1.5
-UNet does more work per step. Workflows that need weights the check does not build (SDXL: a 2.6 B UNet; the masks:
-SAM 3.1 and BiRefNet; Flux: a full-size T5-XXL, 13 GiB of RAM) are reported as not measured, with the reason.
+UNet does more work per step. Workflows that need weights the check does not build (SDXL: a 2.6 B UNet, built
+only with ``--sdxl``; the masks: SAM 3.1 and BiRefNet; Flux: a full-size T5-XXL, 13 GiB of RAM) are reported as
+not measured, with the reason.
 Prints a Markdown table; ``--out`` also writes the numbers as JSON.
 """
 
@@ -37,7 +38,9 @@ QUICK = {"Working size": 256, "Total steps": 20, "Stage 1 ends at step": 14}
 NOT_MEASURED = {
     "sdxl": "needs a full-size SDXL UNet (2.6 B parameters, ~14 GB of RAM in fp32)",
     "masks": "needs the real SAM 3.1 and BiRefNet weights",
-    "flux_fill": "needs a full-size T5-XXL (13 GiB of free RAM)",
+    "flux_fill": "needs a full-size T5-XXL (13 GiB of free RAM) and FLUX.1 Fill (12 B parameters)",
+    "flux2_klein": "needs the full-size FLUX.2 klein 4B (the check's reduced model says nothing about the time)",
+    "qwen_edit": "needs the full-size Qwen-Image-Edit (20 B parameters) and Qwen2.5-VL 7B",
 }
 NOTES = ("Note", "MarkdownNote")
 
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="workflow numbers, e.g. 1,2 (default: every measurable one)")
     ap.add_argument("--out", type=Path, help="also write the numbers here as JSON")
+    ap.add_argument("--sdxl", action="store_true",
+                    help="build and use a full-size random SDXL checkpoint (~7 GB on disk, ~14 GB of RAM) for "
+                         "the SDXL workflow instead of reporting it as not measured")
     ap.add_argument("--settings", default="quick,default", help="which settings to time (quick, default)")
     args = ap.parse_args(argv)
     root = os.environ.get("COMFYUI_PATH")
@@ -95,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     only = {int(x) for x in args.only.split(",") if x.strip()}
     keys = [k for k in mw.WORKFLOW_TITLES if not only or mw.WORKFLOW_TITLES[k][0] in only]
     cache = bs.ensure_models(root)
-    base = bs.make_base_dir(cache)
+    sdxl = bs.ensure_sdxl(root) if args.sdxl else None
+    base = bs.make_base_dir(cache, sdxl=sdxl)
     server = bs.ComfyServer(root, base).start()
     rows = []
     try:
@@ -104,23 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             wf = json.loads((ROOT / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
             default = shipped_setting(wf)
             row = {"workflow": name, "default": default, "quick": {k: QUICK[k] for k in default}}
-            if key in NOT_MEASURED:
+            if key in NOT_MEASURED and not (key == "sdxl" and sdxl is not None):
                 row["not_measured"] = NOT_MEASURED[key]
                 rows.append(row)
                 continue
-            for setting in [x for x in ("quick", "default") if x in args.settings.split(",")]:
-                server.post_json("/free", {"free_memory": True, "unload_models": True})
-                time.sleep(2.0)
-                t0 = time.perf_counter()
-                code, body = server.post_json("/prompt", {"prompt": api_prompt(wf, row[setting])})
-                if code != 200 or body.get("node_errors"):
-                    raise RuntimeError(f"{name}: /prompt refused it ({code}): {json.dumps(body)[:2000]}")
-                entry = bs.wait_history(server, body["prompt_id"], timeout=7200)
-                err = bs.execution_error(entry)
-                if err:
-                    raise RuntimeError(f"{name}: {err}")
-                row[f"{setting}_s"] = round(time.perf_counter() - t0, 1)
-                print(f"{name} {setting} {row[setting]}: {row[f'{setting}_s']} s", file=sys.stderr, flush=True)
+            settings = args.settings.split(",")
+            for setting in [x for x in ("quick", "default") if x in settings]:
+                row[f"{setting}_s"] = run_once(server, wf, row[setting], name, setting)
             rows.append(row)
     finally:
         server.stop()
@@ -143,6 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps({"cpus": cpus, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+def run_once(server, wf: dict, setting: dict[str, int], name: str, label: str) -> float:
+    """Seconds from queueing ``wf`` at ``setting`` to the end of its execution, ComfyUI's cache emptied first."""
+    import browser_support as bs
+
+    server.post_json("/free", {"free_memory": True, "unload_models": True})
+    time.sleep(2.0)
+    t0 = time.perf_counter()
+    code, body = server.post_json("/prompt", {"prompt": api_prompt(wf, setting)})
+    if code != 200 or body.get("node_errors"):
+        raise RuntimeError(f"{name}: /prompt refused it ({code}): {json.dumps(body)[:2000]}")
+    entry = bs.wait_history(server, body["prompt_id"], timeout=7200)
+    err = bs.execution_error(entry)
+    if err:
+        raise RuntimeError(f"{name}: {err}")
+    took = round(time.perf_counter() - t0, 1)
+    print(f"{name} {label} {setting}: {took} s", file=sys.stderr, flush=True)
+    return took
 
 
 if __name__ == "__main__":

@@ -952,6 +952,16 @@ def test_opens_where_the_note_and_the_first_group_read(path):
     assert note["size"][0] * scale < SCREEN[0] / 2
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_marked_to_open_at_the_saved_view_from_the_template_browser(path):
+    """Frontend 1.49 fits a template to the window; web/saved_view.js sets the saved view instead, for the workflows
+    that carry its marker (and the marker's name is the one the script reads). The browser check opens each one
+    from the template browser in both frontends."""
+    assert _load(path)["extra"].get("max4zero") == {"opens_at_saved_view": True}
+    script = (ROOT / "web" / "saved_view.js").read_text(encoding="utf-8")
+    assert 'const MARKER = "max4zero";' in script and "extra?.[MARKER]?.opens_at_saved_view" in script
+
+
 def test_group_titles_name_what_the_group_does_without_numbers():
     """Numbers (steps, sizes) live in the widgets: a title that repeats one goes stale after an edit."""
     import re

@@ -415,7 +415,9 @@ class Workflow:
             "config": {},
             "extra": {"ds": {"scale": VIEW_SCALE, "offset": [VIEW_MARGIN[0] / VIEW_SCALE,
                                                              VIEW_MARGIN[1] / VIEW_SCALE + TITLE_H]},
-                      "reroutes": reroutes, "linkExtensions": extensions, "frontendVersion": FRONTEND_VERSION},
+                      "reroutes": reroutes, "linkExtensions": extensions, "frontendVersion": FRONTEND_VERSION,
+                      # web/saved_view.js: open at extra.ds from the template browser too (1.49 fits the graph)
+                      "max4zero": {"opens_at_saved_view": True}},
             "version": 0.4,
         }
 
