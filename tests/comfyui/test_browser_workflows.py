@@ -27,7 +27,7 @@ For each workflow in ``workflows/``:
    on ComfyUI :data:`README_VERSION` also the README's pictures and each workflow's thumbnail):
 
    * ``test_template_browser_shows_the_cards``: Browse Templates → the pack's category: a card per workflow, each
-     with its thumbnail served (no 404), its title, the order they come in; the template search finds every one
+     with its thumbnail served (no 404), its title, in the numbered order whatever the server's; the template search finds every one
      by "MaX4Zero" and by "try-on".
    * ``test_opens_readable_from_the_template_browser``: a click on each card, as a user opens it, at a laptop's
      window: the saved view is the one the frontend shows (zoom and offset), no error on any node, no dialog or
@@ -693,6 +693,13 @@ def _search_templates(page, words: str) -> list[str]:
     return found
 
 
+def numbered(names: list[str]) -> list[str]:
+    """Names by the numbers in them (``MaX4Zero 2 - …`` before ``MaX4Zero 10 - …``)."""
+    import re
+
+    return sorted(names, key=lambda n: [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", n)])
+
+
 def test_template_browser_shows_the_cards(page, server):
     page.set_viewport_size(OPEN_VIEWPORT)
     try:
@@ -713,9 +720,12 @@ def test_template_browser_shows_the_cards(page, server):
             if not card["ok"]:
                 missing.append((title, card["src"]))
         assert not missing, f"thumbnails not served (404: a blank card): {missing}"
-        # The order the cards come in is the order the server lists the files (not sorted: ComfyUI globs the
-        # folder); the numbers in the titles give the order to try them. Recorded, not asserted.
-        (check_dir() / "template-browser-order.txt").write_text("\n".join(titles) + "\n")
+        # The cards come in the order to try them, by the numbers in their titles (web/template_order.js), whatever
+        # order the server lists the files in (ComfyUI globs the folder, unsorted).
+        served = server.get_json("/workflow_templates")[PACK_DIR]
+        (check_dir() / "template-browser-order.txt").write_text(
+            "cards:\n" + "\n".join(titles) + "\n\nthe server's list:\n" + "\n".join(served) + "\n")
+        assert titles == numbered(listed), f"cards in the order {titles}; the server lists {served}"
         for words in ("MaX4Zero", "try-on"):
             found = _search_templates(page, words)
             assert sorted(found) == sorted(listed), (words, found)
