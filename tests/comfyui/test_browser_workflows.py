@@ -27,8 +27,8 @@ For each workflow in ``workflows/``:
    on ComfyUI :data:`README_VERSION` also the README's pictures and each workflow's thumbnail):
 
    * ``test_template_browser_shows_the_cards``: Browse Templates → the pack's category: a card per workflow, each
-     with its thumbnail served (no 404), its title, in the numbered order whatever the server's; the template search finds every one
-     by "MaX4Zero" and by "try-on".
+     with its thumbnail served (no 404), its title, in the numbered order whatever the server's; the template
+     search finds every one by "MaX4Zero" and by "try-on".
    * ``test_opens_readable_from_the_template_browser``: a click on each card, as a user opens it, at a laptop's
      window: the saved view is the one the frontend shows (zoom and offset), no error on any node, no dialog or
      error toast (the LoRA + ControlNet workflow included: its LoRA loader ships bypassed and is not in the
