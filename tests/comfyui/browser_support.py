@@ -268,7 +268,6 @@ def _build_flux(out: Path) -> None:
     _child_comfyui()
     import comfy.ldm.models.autoencoder as ae
     import comfy.ops
-    import comfy.sd
     import comfy.sd1_clip
     import comfy.text_encoders.sd3_clip
     import comfy.utils
@@ -310,11 +309,7 @@ def _build_flux(out: Path) -> None:
         regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
         encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
         decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
-    _init_random(vae, 34)
-    vae_sd = _half(vae.state_dict())
-    if comfy.sd.VAE(sd=dict(vae_sd)).latent_channels != 16:
-        raise RuntimeError("the random Flux VAE is not read as a 16-channel VAE")
-    comfy.utils.save_torch_file(vae_sd, str(out / "ae.safetensors"))
+    _save_checked_vae(vae, 34, 16, None, "the random Flux VAE is not read as a 16-channel VAE", out / "ae.safetensors")
 
     _write_done(out, log, t0)
 
@@ -363,16 +358,7 @@ def _build_klein(out: Path) -> None:
 
     # --- Qwen3-4B (full size: ComfyUI's config is fixed), float8_e4m3fn, filled tensor by tensor ------------
     te = comfy.text_encoders.flux.Qwen3_4BModel(device="cpu", dtype=torch.float8_e4m3fn)
-    g = torch.Generator().manual_seed(42)
-    with torch.no_grad():
-        for name, p in te.transformer.named_parameters():
-            if p.ndim == 1:  # RMSNorm scales
-                p.copy_(torch.ones(p.shape).to(p.dtype))
-                continue
-            std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
-            for i in range(0, p.shape[0], 8192):  # rows in chunks: no float32 copy of the 389 M embedding
-                rows = p[i : i + 8192]
-                rows.copy_((torch.randn(rows.shape, generator=g) * std).to(p.dtype))
+    _fill_random(te.transformer, 42)  # every 1-d tensor is an RMSNorm scale (named *norm*): all 1
     te_sd = {k: v.contiguous() for k, v in te.transformer.state_dict().items()}
     log["te_params"] = sum(v.numel() for v in te_sd.values())
     del te
@@ -384,12 +370,8 @@ def _build_klein(out: Path) -> None:
     # --- FLUX.2 VAE (full size): 32 latent channels, a batch-norm over 2x2-patchified latents (128 channels) ---
     # (ComfyUI reads the batch norm only in the quant-conv layout, AutoencoderKL, as the real file has it)
     vae = ae.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG, z_channels=32, batch_norm_latent=True), embed_dim=32)
-    _init_random(vae, 43)
-    vae_sd = _half(vae.state_dict())
-    check = comfy.sd.VAE(sd=dict(vae_sd))
-    if check.latent_channels != 128 or tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != (1, 128, 2, 2):
-        raise RuntimeError("the random FLUX.2 VAE is not read as a 128-channel VAE at 16x")
-    comfy.utils.save_torch_file(vae_sd, str(out / "flux2-vae.safetensors"))
+    _save_checked_vae(vae, 43, 128, (1, 128, 2, 2), "the random FLUX.2 VAE is not read as a 128-channel VAE at 16x",
+                      out / "flux2-vae.safetensors")
 
     _write_done(out, log, t0)
 
@@ -471,12 +453,9 @@ def _build_qwen(out: Path) -> None:
 
     vae = comfy.ldm.wan.vae.WanVAE(dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                    temperal_downsample=[False, True, True], dropout=0.0)
-    _init_random(vae, 53)
-    vae_sd = _half(vae.state_dict())
-    check = comfy.sd.VAE(sd=dict(vae_sd))
-    if check.latent_channels != 16 or tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != (1, 16, 1, 4, 4):
-        raise RuntimeError("the random Wan 2.1 VAE is not read as Qwen-Image's 16-channel one-frame VAE")
-    comfy.utils.save_torch_file(vae_sd, str(out / "qwen_image_vae.safetensors"))
+    _save_checked_vae(vae, 53, 16, (1, 16, 1, 4, 4),
+                      "the random Wan 2.1 VAE is not read as Qwen-Image's 16-channel one-frame VAE",
+                      out / "qwen_image_vae.safetensors")
 
     _write_done(out, log, t0)
 
@@ -574,6 +553,23 @@ def _save_detected_dit(sd: dict, expected: str, what: str, path: Path) -> int:
         raise RuntimeError(f"the reduced {what} is detected as {type(detected).__name__}")
     comfy.utils.save_torch_file(sd, str(path))
     return sum(v.numel() for v in sd.values())
+
+
+def _save_checked_vae(vae: Any, seed: int, channels: int, encoded: Optional[tuple], problem: str, path: Path) -> None:
+    """Random weights on ``vae`` (:func:`_init_random`), saved half size to ``path`` once ComfyUI's VAE loader reads
+    the state dict with ``channels`` latent channels (and, when ``encoded`` is given, encodes a 32 px image to that
+    shape); else RuntimeError(``problem``)."""
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    _init_random(vae, seed)
+    vae_sd = _half(vae.state_dict())
+    check = comfy.sd.VAE(sd=dict(vae_sd))
+    if check.latent_channels != channels or (
+            encoded is not None and tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != encoded):
+        raise RuntimeError(problem)
+    comfy.utils.save_torch_file(vae_sd, str(path))
 
 
 def _half(sd: dict) -> dict:
