@@ -47,8 +47,8 @@ def _mf():
 
 @functools.lru_cache(maxsize=None)
 def _graphs(variant: str) -> DitGraphs:
-    return DitGraphs(size=SIZE, vae=cm.StubFlux2VAE, conditioning=functools.partial(cm.flux2_conditioning,
-                     variant=variant), latent=(1, 128, *GRID), s_mea=S_MEA)
+    conditioning = functools.partial(cm.flux2_conditioning, variant=variant)
+    return DitGraphs(size=SIZE, vae=cm.StubFlux2VAE, conditioning=conditioning, latent=(1, 128, *GRID), s_mea=S_MEA)
 
 
 def _pair():
