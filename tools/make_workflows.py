@@ -971,17 +971,28 @@ def flux_fill_tryon() -> Workflow:
     unet = wf.add("UNETLoader", "inputs", unet_name=FLUX_FILL, weight_dtype="default")
     clip = wf.add("DualCLIPLoader", "inputs", clip_name1=CLIP_L, clip_name2=T5XXL, type="flux")
     vae = wf.add("VAELoader", "inputs", vae_name=FLUX_AE)
-    sd, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    photos = loaders(wf, SD15)
     prompt = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=clip)
     pos = wf.wire(wf.add("FluxGuidance", "inputs", guidance=30.0), conditioning=prompt)
     neg = wf.wire(wf.add("ConditioningZeroOut", "inputs"), conditioning=prompt)
+    dit_tryon(wf, ctl, photos, model_src=unet, vae_src=vae, pos=pos, neg=neg, plan=FLUX_PLAN,
+              prefix="MaX4Zero_flux_fill")
+    return wf
+
+
+def dit_tryon(wf: Workflow, ctl: dict[str, Node], photos: tuple, *, model_src, vae_src, pos, neg, plan: dict,
+              prefix: str) -> None:
+    """The try-on of a DiT workflow once its model, VAE and prompt are loaded: Correspondence on the SD1.5
+    checkpoint of ``photos`` (what :func:`loaders` returns) with its own encoding of the prompt, both stages on
+    ``model_src`` with ``plan``, the fringe preview, paste back and Save Image under ``prefix``. The DiT's
+    conditioning is made by the caller, between :func:`loaders` and this call (the order the nodes get their ids)."""
+    sd, person, person_mask, garment, garment_mask = photos
     sd_pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=sd.out("CLIP"))
     tgt, ref = crops(wf, ctl, person, person_mask, garment, garment_mask)
-    r = two_stage_tryon(wf, ctl, model_src=unet, vae_src=vae, pos=pos, neg=neg, mea_pos=pos, tgt=tgt, ref=ref,
-                        plan=FLUX_PLAN, corr_src=(sd.out("MODEL"), sd.out("VAE"), sd_pos))
+    r = two_stage_tryon(wf, ctl, model_src=model_src, vae_src=vae_src, pos=pos, neg=neg, mea_pos=pos, tgt=tgt,
+                        ref=ref, plan=plan, corr_src=(sd.out("MODEL"), sd.out("VAE"), sd_pos))
     preview(wf, r["dm"].out("fringe"), "stage1", mask=True)
-    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_flux_fill")
-    return wf
+    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix=prefix)
 
 
 # The FLUX.2 klein try-on's files (Black Forest Labs' FLUX.2 [klein] 4B, distilled, fp8; Apache 2.0) and its
@@ -1048,15 +1059,11 @@ def flux2_klein_tryon() -> Workflow:
     unet = wf.add("UNETLoader", "inputs", unet_name=KLEIN, weight_dtype="default")
     clip = wf.add("CLIPLoader", "inputs", clip_name=QWEN3_4B, type="flux2", device="default")
     vae = wf.add("VAELoader", "inputs", vae_name=FLUX2_VAE)
-    sd, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    photos = loaders(wf, SD15)
     pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=clip)
     neg = wf.wire(wf.add("ConditioningZeroOut", "inputs"), conditioning=pos)
-    sd_pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=sd.out("CLIP"))
-    tgt, ref = crops(wf, ctl, person, person_mask, garment, garment_mask)
-    r = two_stage_tryon(wf, ctl, model_src=unet, vae_src=vae, pos=pos, neg=neg, mea_pos=pos, tgt=tgt, ref=ref,
-                        plan=KLEIN_PLAN, corr_src=(sd.out("MODEL"), sd.out("VAE"), sd_pos))
-    preview(wf, r["dm"].out("fringe"), "stage1", mask=True)
-    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_flux2_klein")
+    dit_tryon(wf, ctl, photos, model_src=unet, vae_src=vae, pos=pos, neg=neg, plan=KLEIN_PLAN,
+              prefix="MaX4Zero_flux2_klein")
     return wf
 
 
@@ -1107,14 +1114,10 @@ def qwen_image_edit_tryon() -> Workflow:
     model = wf.wire(wf.add("ModelSamplingAuraFlow", "inputs", shift=3.1), model=unet)
     clip = wf.add("CLIPLoader", "inputs", clip_name=QWEN_VL, type="qwen_image", device="default")
     vae = wf.add("VAELoader", "inputs", vae_name=QWEN_VAE)
-    sd, person, person_mask, garment, garment_mask = loaders(wf, SD15)
+    photos = loaders(wf, SD15)
     pos, neg = prompts(wf, clip)
-    sd_pos = wf.wire(wf.add("CLIPTextEncode", "inputs", box=(400, 130), text=POSITIVE), clip=sd.out("CLIP"))
-    tgt, ref = crops(wf, ctl, person, person_mask, garment, garment_mask)
-    r = two_stage_tryon(wf, ctl, model_src=model, vae_src=vae, pos=pos, neg=neg, mea_pos=pos, tgt=tgt, ref=ref,
-                        plan=QWEN_PLAN, corr_src=(sd.out("MODEL"), sd.out("VAE"), sd_pos))
-    preview(wf, r["dm"].out("fringe"), "stage1", mask=True)
-    finish(wf, person, tgt, r["dec"], r["dm"].out("target_mask"), prefix="MaX4Zero_qwen_image_edit")
+    dit_tryon(wf, ctl, photos, model_src=model, vae_src=vae, pos=pos, neg=neg, plan=QWEN_PLAN,
+              prefix="MaX4Zero_qwen_image_edit")
     return wf
 
 

@@ -265,16 +265,9 @@ def _build_flux(out: Path) -> None:
     its loader detects it."""
     import torch
 
-    root = os.environ["COMFYUI_PATH"]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
-    sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    _child_comfyui()
     import comfy.ldm.models.autoencoder as ae
-    import comfy.model_detection
     import comfy.ops
-    import comfy.sd
     import comfy.sd1_clip
     import comfy.text_encoders.sd3_clip
     import comfy.utils
@@ -286,12 +279,8 @@ def _build_flux(out: Path) -> None:
     # --- the diffusion model: UNETLoader detects FluxInpaint from the keys and widths -------------------
     dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **FLUX_FILL_PARAMS)
     _init_random(dm, 31)
-    sd = _half(dm.state_dict())
-    detected = comfy.model_detection.model_config_from_unet(sd, "")
-    if type(detected).__name__ != "FluxInpaint":
-        raise RuntimeError(f"the reduced Flux Fill is detected as {type(detected).__name__}")
-    comfy.utils.save_torch_file(sd, str(out / "flux1-fill-dev.safetensors"))
-    log["flux_params"] = sum(v.numel() for v in sd.values())
+    log["flux_params"] = _save_detected_dit(_half(dm.state_dict()), "FluxInpaint", "Flux Fill",
+                                            out / "flux1-fill-dev.safetensors")
 
     # --- CLIP-L (full size) ---------------------------------------------------------------------
     clip_l = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float16)
@@ -320,15 +309,9 @@ def _build_flux(out: Path) -> None:
         regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
         encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
         decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
-    _init_random(vae, 34)
-    vae_sd = _half(vae.state_dict())
-    if comfy.sd.VAE(sd=dict(vae_sd)).latent_channels != 16:
-        raise RuntimeError("the random Flux VAE is not read as a 16-channel VAE")
-    comfy.utils.save_torch_file(vae_sd, str(out / "ae.safetensors"))
+    _save_checked_vae(vae, 34, 16, None, "the random Flux VAE is not read as a 16-channel VAE", out / "ae.safetensors")
 
-    log["build_s"] = round(time.time() - t0, 1)
-    (out / "DONE.json").write_text(json.dumps(log, indent=1))
-    print(json.dumps(log))
+    _write_done(out, log, t0)
 
 
 KLEIN_VERSION = "flux2-klein-v1-hidden256-qwen3-4b-fp8"
@@ -356,14 +339,8 @@ def _build_klein(out: Path) -> None:
     """Child-process entry: the klein workflow's three files, each checked the way its loader detects it."""
     import torch
 
-    root = os.environ["COMFYUI_PATH"]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
-    sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    _child_comfyui()
     import comfy.ldm.models.autoencoder as ae
-    import comfy.model_detection
     import comfy.ops
     import comfy.sd
     import comfy.text_encoders.flux
@@ -375,26 +352,13 @@ def _build_klein(out: Path) -> None:
     # --- the diffusion model: UNETLoader detects Flux2 from the keys ---------------------------------
     dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **KLEIN_PARAMS)
     _init_random(dm, 41)
-    sd = _half(dm.state_dict())
-    detected = comfy.model_detection.model_config_from_unet(sd, "")
-    if type(detected).__name__ != "Flux2":
-        raise RuntimeError(f"the reduced klein is detected as {type(detected).__name__}")
-    comfy.utils.save_torch_file(sd, str(out / "flux-2-klein-4b-fp8.safetensors"))
-    log["klein_params"] = sum(v.numel() for v in sd.values())
-    del dm, sd
+    log["klein_params"] = _save_detected_dit(_half(dm.state_dict()), "Flux2", "klein",
+                                             out / "flux-2-klein-4b-fp8.safetensors")
+    del dm
 
     # --- Qwen3-4B (full size: ComfyUI's config is fixed), float8_e4m3fn, filled tensor by tensor ------------
     te = comfy.text_encoders.flux.Qwen3_4BModel(device="cpu", dtype=torch.float8_e4m3fn)
-    g = torch.Generator().manual_seed(42)
-    with torch.no_grad():
-        for name, p in te.transformer.named_parameters():
-            if p.ndim == 1:  # RMSNorm scales
-                p.copy_(torch.ones(p.shape).to(p.dtype))
-                continue
-            std = 1.0 if "embed_tokens" in name else p.shape[-1] ** -0.5
-            for i in range(0, p.shape[0], 8192):  # rows in chunks: no float32 copy of the 389 M embedding
-                rows = p[i : i + 8192]
-                rows.copy_((torch.randn(rows.shape, generator=g) * std).to(p.dtype))
+    _fill_random(te.transformer, 42)  # every 1-d tensor is an RMSNorm scale (named *norm*): all 1
     te_sd = {k: v.contiguous() for k, v in te.transformer.state_dict().items()}
     log["te_params"] = sum(v.numel() for v in te_sd.values())
     del te
@@ -406,16 +370,10 @@ def _build_klein(out: Path) -> None:
     # --- FLUX.2 VAE (full size): 32 latent channels, a batch-norm over 2x2-patchified latents (128 channels) ---
     # (ComfyUI reads the batch norm only in the quant-conv layout, AutoencoderKL, as the real file has it)
     vae = ae.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG, z_channels=32, batch_norm_latent=True), embed_dim=32)
-    _init_random(vae, 43)
-    vae_sd = _half(vae.state_dict())
-    check = comfy.sd.VAE(sd=dict(vae_sd))
-    if check.latent_channels != 128 or tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != (1, 128, 2, 2):
-        raise RuntimeError("the random FLUX.2 VAE is not read as a 128-channel VAE at 16x")
-    comfy.utils.save_torch_file(vae_sd, str(out / "flux2-vae.safetensors"))
+    _save_checked_vae(vae, 43, 128, (1, 128, 2, 2), "the random FLUX.2 VAE is not read as a 128-channel VAE at 16x",
+                      out / "flux2-vae.safetensors")
 
-    log["build_s"] = round(time.time() - t0, 1)
-    (out / "DONE.json").write_text(json.dumps(log, indent=1))
-    print(json.dumps(log))
+    _write_done(out, log, t0)
 
 
 QWEN_VERSION = "qwen-image-edit-v1-2blocks-qwen25vl7b-fp8-wan-dim32"
@@ -466,14 +424,8 @@ def _build_qwen(out: Path) -> None:
     weights (dim 32 here)."""
     import torch
 
-    root = os.environ["COMFYUI_PATH"]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
-    sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    _child_comfyui()
     import comfy.ldm.wan.vae
-    import comfy.model_detection
     import comfy.ops
     import comfy.sd
     import comfy.text_encoders.qwen_image
@@ -485,13 +437,9 @@ def _build_qwen(out: Path) -> None:
     dm = QwenImageTransformer2DModel(num_layers=2, default_ref_method="index_timestep_zero", dtype=torch.float16,
                                      operations=comfy.ops.disable_weight_init)
     _fill_random(dm, 51)
-    sd = {k: v.contiguous() for k, v in dm.state_dict().items()}
-    detected = comfy.model_detection.model_config_from_unet(sd, "")
-    if type(detected).__name__ != "QwenImage":
-        raise RuntimeError(f"the reduced Qwen-Image is detected as {type(detected).__name__}")
-    comfy.utils.save_torch_file(sd, str(out / "qwen_image_edit_2511_fp8mixed.safetensors"))
-    log["dm_params"] = sum(v.numel() for v in sd.values())
-    del dm, sd
+    log["dm_params"] = _save_detected_dit({k: v.contiguous() for k, v in dm.state_dict().items()}, "QwenImage",
+                                          "Qwen-Image", out / "qwen_image_edit_2511_fp8mixed.safetensors")
+    del dm
 
     te = comfy.text_encoders.qwen_image.Qwen25_7BVLIModel(device="cpu", dtype=torch.float8_e4m3fn)
     _fill_random(te.transformer, 52)
@@ -505,16 +453,11 @@ def _build_qwen(out: Path) -> None:
 
     vae = comfy.ldm.wan.vae.WanVAE(dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                    temperal_downsample=[False, True, True], dropout=0.0)
-    _init_random(vae, 53)
-    vae_sd = _half(vae.state_dict())
-    check = comfy.sd.VAE(sd=dict(vae_sd))
-    if check.latent_channels != 16 or tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != (1, 16, 1, 4, 4):
-        raise RuntimeError("the random Wan 2.1 VAE is not read as Qwen-Image's 16-channel one-frame VAE")
-    comfy.utils.save_torch_file(vae_sd, str(out / "qwen_image_vae.safetensors"))
+    _save_checked_vae(vae, 53, 16, (1, 16, 1, 4, 4),
+                      "the random Wan 2.1 VAE is not read as Qwen-Image's 16-channel one-frame VAE",
+                      out / "qwen_image_vae.safetensors")
 
-    log["build_s"] = round(time.time() - t0, 1)
-    (out / "DONE.json").write_text(json.dumps(log, indent=1))
-    print(json.dumps(log))
+    _write_done(out, log, t0)
 
 
 SDXL_VERSION = "sdxl-v1-full-random"
@@ -552,12 +495,7 @@ def _build_sdxl(out: Path) -> None:
     """Child-process entry: full-size random SDXL inpainting checkpoint, built in fp16 to halve the RAM."""
     import torch
 
-    root = os.environ["COMFYUI_PATH"]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
-    sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    _child_comfyui()
     import comfy.ldm.models.autoencoder
     import comfy.model_detection
     import comfy.sdxl_clip
@@ -587,6 +525,53 @@ SD_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_cha
                    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
 
 
+def _child_comfyui() -> None:
+    """In a builder's child process: import ComfyUI from ``COMFYUI_PATH`` (its ``nodes``, not this pack's), on CPU."""
+    root = os.environ["COMFYUI_PATH"]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+
+
+def _write_done(out: Path, log: dict, t0: float) -> None:
+    """The build's log, with its time since ``t0``, into ``out/DONE.json`` (last: it marks the cache complete)."""
+    log["build_s"] = round(time.time() - t0, 1)
+    (out / "DONE.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(log))
+
+
+def _save_detected_dit(sd: dict, expected: str, what: str, path: Path) -> int:
+    """Save a diffusion model's state dict ``sd`` to ``path`` once ComfyUI's detection (UNETLoader's, no prefix)
+    calls it ``expected``; returns its parameter count."""
+    import comfy.model_detection
+    import comfy.utils
+
+    detected = comfy.model_detection.model_config_from_unet(sd, "")
+    if type(detected).__name__ != expected:
+        raise RuntimeError(f"the reduced {what} is detected as {type(detected).__name__}")
+    comfy.utils.save_torch_file(sd, str(path))
+    return sum(v.numel() for v in sd.values())
+
+
+def _save_checked_vae(vae: Any, seed: int, channels: int, encoded: Optional[tuple], problem: str, path: Path) -> None:
+    """Random weights on ``vae`` (:func:`_init_random`), saved half size to ``path`` once ComfyUI's VAE loader reads
+    the state dict with ``channels`` latent channels (and, when ``encoded`` is given, encodes a 32 px image to that
+    shape); else RuntimeError(``problem``)."""
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    _init_random(vae, seed)
+    vae_sd = _half(vae.state_dict())
+    check = comfy.sd.VAE(sd=dict(vae_sd))
+    if check.latent_channels != channels or (
+            encoded is not None and tuple(check.encode(torch.rand(1, 32, 32, 3)).shape) != encoded):
+        raise RuntimeError(problem)
+    comfy.utils.save_torch_file(vae_sd, str(path))
+
+
 def _half(sd: dict) -> dict:
     """A state dict with its float tensors in float16 (the files are saved half size), contiguous."""
     return {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
@@ -608,12 +593,7 @@ def _build(out: Path) -> None:
     """Child-process entry: build and save every model file into ``out`` (see module doc)."""
     import torch
 
-    root = os.environ["COMFYUI_PATH"]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT)]
-    sys.path.insert(0, root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    _child_comfyui()
     import comfy.cldm.cldm
     import comfy.ldm.models.autoencoder
     import comfy.lora
@@ -687,9 +667,7 @@ def _build(out: Path) -> None:
         comfy.utils.save_torch_file({"max4zero_placeholder": torch.zeros(1)}, str(out / name),
                                     metadata={"note": "placeholder: listed in its combo, never loaded"})
 
-    log["build_s"] = round(time.time() - t0, 1)
-    (out / "DONE.json").write_text(json.dumps(log, indent=1))
-    print(json.dumps(log))
+    _write_done(out, log, t0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,6 +177,47 @@ def sd15_unet_config(in_channels: int = 4, model_channels: int = 32) -> dict:
 _MODEL_CACHE: dict[tuple, Any] = {}
 
 
+def _patcher(model: Any) -> Any:
+    """A ``ModelPatcher`` on ``model``, with the devices a core loader gives it."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def _random_unet_patcher(cfg: Any, seed: int) -> Any:
+    """The float32 model of the UNet config ``cfg`` (a ``comfy.supported_models`` class), random weights, patched."""
+    import comfy.model_management as mm
+
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "model.diffusion_model.", device=mm.unet_offload_device())
+    init_random(model, seed)
+    return _patcher(model)
+
+
+def _random_state_dict(dm: torch.nn.Module, seed: int) -> dict:
+    """``dm`` with random weights (:func:`init_random`), as a checkpoint's state dict (``model.diffusion_model.``)."""
+    init_random(dm, seed)
+    return {f"model.diffusion_model.{k}": v for k, v in dm.state_dict().items()}
+
+
+def _loaded_dit_patcher(cfg: Any, dm: torch.nn.Module, sd: dict, params: Optional[dict] = None) -> Any:
+    """The float32 model ``cfg`` builds from ``sd`` with ``dm``'s weights loaded, patched, its ``detected_config``
+    set. ``params`` go into ``cfg.unet_config`` first: detection assumes the real model's head and text widths."""
+    import comfy.model_management as mm
+
+    if params is not None:
+        cfg.unet_config.update(params)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model(sd, "model.diffusion_model.", device=mm.unet_offload_device())
+    model.diffusion_model.load_state_dict(dm.state_dict(), strict=True)
+    patcher = _patcher(model)
+    patcher.detected_config = type(cfg).__name__
+    return patcher
+
+
 def small_sd15_model(inpaint: bool = False, seed: int = 0, model_channels: int = 32, cached: bool = True):
     """A ``ModelPatcher`` around a random-weight SD1.5-layout ``BaseModel`` (EPS, float32, CPU).
 
@@ -187,17 +228,10 @@ def small_sd15_model(inpaint: bool = False, seed: int = 0, model_channels: int =
     key = (bool(inpaint), int(seed), int(model_channels))
     if cached and key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
-    cfg = comfy.supported_models.SD15(sd15_unet_config(9 if inpaint else 4, model_channels))
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "model.diffusion_model.", device=mm.unet_offload_device())
-    init_random(model, seed)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    patcher = _random_unet_patcher(comfy.supported_models.SD15(sd15_unet_config(9 if inpaint else 4, model_channels)),
+                                   seed)
     # what a core loader registers: a factory for a fresh copy (MultiGPU's deep clones reload from it)
     patcher.cached_patcher_init = (small_sd15_model, (inpaint, seed, model_channels, False))
     if cached:
@@ -214,8 +248,6 @@ def small_sdxl_model(seed: int = 0):
     key = ("sdxl", int(seed))
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models
 
     unet_config = {
@@ -226,13 +258,7 @@ def small_sdxl_model(seed: int = 0):
         "context_dim": 2048, "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
         "use_temporal_attention": False, "use_temporal_resblock": False,
     }
-    cfg = comfy.supported_models.SDXL(unet_config)
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model({}, "model.diffusion_model.", device=mm.unet_offload_device())
-    init_random(model, seed)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
+    patcher = _random_unet_patcher(comfy.supported_models.SDXL(unet_config), seed)
     _MODEL_CACHE[key] = patcher
     return patcher
 
@@ -249,9 +275,6 @@ def non_unet_model():
     Built from the small SD1.5 ``BaseModel`` with its ``diffusion_model`` replaced by a tiny module
     that has no ``output_blocks``: the pack must refuse it with a clear message.
     """
-    import comfy.model_management as mm
-    import comfy.model_patcher
-
     base = small_sd15_model(inpaint=False, seed=123, cached=False).model
 
     class TinyDiT(torch.nn.Module):
@@ -265,7 +288,7 @@ def non_unet_model():
             return self.proj(x.movedim(1, -1)).movedim(-1, 1)
 
     base.diffusion_model = TinyDiT()
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return _patcher(base)
 
 
 _VAE_CACHE: dict[int, Any] = {}
@@ -672,8 +695,6 @@ def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bo
     if cached and key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
     import dataclasses
 
@@ -684,8 +705,7 @@ def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bo
     if global_modulation:
         params["global_modulation"] = True
     dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **params)
-    init_random(dm, seed)
-    sd = {f"model.diffusion_model.{k}": v for k, v in dm.state_dict().items()}
+    sd = _random_state_dict(dm, seed)
     if global_modulation:
         import comfy.supported_models
 
@@ -694,14 +714,7 @@ def small_flux_model(seed: int = 0, in_channels: int = 96, global_modulation: bo
         cfg = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     if cfg is None:
         raise RuntimeError("ComfyUI did not detect the tiny Flux state dict")
-    cfg.unet_config.update(params)
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model(sd, "model.diffusion_model.", device=mm.unet_offload_device())
-    model.diffusion_model.load_state_dict(dm.state_dict(), strict=True)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
-    patcher.detected_config = type(cfg).__name__
+    patcher = _loaded_dit_patcher(cfg, dm, sd, params)
     patcher.cached_patcher_init = (small_flux_model, (seed, in_channels, global_modulation, False))
     if cached:
         _MODEL_CACHE[key] = patcher
@@ -726,26 +739,17 @@ def small_flux2_model(seed: int = 0, variant: str = "dev"):
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
 
     from comfy.ldm.flux.model import Flux
 
     params = dict(TINY_FLUX2_PARAMS, guidance_embed=variant == "dev")
     dm = Flux(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **params)
-    init_random(dm, seed)
-    sd = {f"model.diffusion_model.{k}": v for k, v in dm.state_dict().items()}
+    sd = _random_state_dict(dm, seed)
     cfg = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     if cfg is None or type(cfg).__name__ != "Flux2":
         raise RuntimeError(f"ComfyUI did not detect the tiny FLUX.2 state dict as Flux2 (got {cfg!r})")
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model(sd, "model.diffusion_model.", device=mm.unet_offload_device())
-    model.diffusion_model.load_state_dict(dm.state_dict(), strict=True)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
-    patcher.detected_config = type(cfg).__name__
+    patcher = _loaded_dit_patcher(cfg, dm, sd)
     _MODEL_CACHE[key] = patcher
     return patcher
 
@@ -764,44 +768,45 @@ def small_qwen_image_model(seed: int = 0):
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
 
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
     dm = QwenImageTransformer2DModel(operations=comfy.ops.disable_weight_init, dtype=torch.float32, **TINY_QWEN_PARAMS)
-    init_random(dm, seed)
-    sd = {f"model.diffusion_model.{k}": v for k, v in dm.state_dict().items()}
+    sd = _random_state_dict(dm, seed)
     cfg = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")
     if cfg is None or type(cfg).__name__ != "QwenImage":
         raise RuntimeError(f"ComfyUI did not detect the tiny Qwen-Image state dict as QwenImage (got {cfg!r})")
-    cfg.unet_config.update(TINY_QWEN_PARAMS)
-    cfg.set_inference_dtype(torch.float32, None)
-    model = cfg.get_model(sd, "model.diffusion_model.", device=mm.unet_offload_device())
-    model.diffusion_model.load_state_dict(dm.state_dict(), strict=True)
-    patcher = comfy.model_patcher.ModelPatcher(
-        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
-    )
-    patcher.detected_config = type(cfg).__name__
+    patcher = _loaded_dit_patcher(cfg, dm, sd, TINY_QWEN_PARAMS)
     _MODEL_CACHE[key] = patcher
     return patcher
 
 
-class StubWanVAE:
-    """Qwen-Image's VAE as the node sees it (Wan 2.1: 16 channels at 8×, one frame): area mean + fixed mix,
-    [1, 16, 1, h, w]."""
+class _AreaMixVAE:
+    """A deterministic stand-in VAE: the image's mean over ``_DOWNSCALE``-px cells, mixed into ``_CHANNELS`` latent
+    channels by a fixed random matrix (seeded). Only what the nodes call: ``encode``, ``spacial_compression_encode``."""
+
+    _CHANNELS = 16
+    _DOWNSCALE = 8
 
     def __init__(self, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.mix = torch.randn(16, 3, generator=g)
+        self.mix = torch.randn(self._CHANNELS, 3, generator=g)
 
     def spacial_compression_encode(self) -> int:
-        return 8
+        return self._DOWNSCALE
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.avg_pool2d(image[..., :3].movedim(-1, 1).float(), 8)
-        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)[:, :, None]
+        x = torch.nn.functional.avg_pool2d(image[..., :3].movedim(-1, 1).float(), self._DOWNSCALE)
+        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)
+
+
+class StubWanVAE(_AreaMixVAE):
+    """Qwen-Image's VAE as the node sees it (Wan 2.1: 16 channels at 8×, one frame): area mean + fixed mix,
+    [1, 16, 1, h, w]."""
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return super().encode(image)[:, :, None]
 
 
 def qwen_conditioning(seed: int = 0, tokens: int = 8, padding: int = 0, reference_latents: Optional[list] = None,
@@ -823,20 +828,12 @@ def qwen_conditioning(seed: int = 0, tokens: int = 8, padding: int = 0, referenc
     return [[text, opts]]
 
 
-class StubFlux2VAE:
+class StubFlux2VAE(_AreaMixVAE):
     """FLUX.2's latent as the model sees it: 128 channels at 16× (32 VAE channels, 2×2-patchified): area mean +
     fixed mix, deterministic."""
 
-    def __init__(self, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.mix = torch.randn(128, 3, generator=g)
-
-    def spacial_compression_encode(self) -> int:
-        return 16
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.avg_pool2d(image[..., :3].movedim(-1, 1).float(), 16)
-        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)
+    _CHANNELS = 128
+    _DOWNSCALE = 16
 
 
 def flux2_conditioning(seed: int = 0, variant: str = "dev", tokens: int = 8, reference_latents: Optional[list] = None,
@@ -891,20 +888,8 @@ def flux_conditioning(seed: int = 0, tokens: int = 8, guidance: float = 3.5) -> 
              {"pooled_output": torch.randn(1, 32, generator=g), "guidance": guidance}]]
 
 
-class StubFluxVAE:
+class StubFluxVAE(_AreaMixVAE):
     """A deterministic stand-in VAE with Flux's 16 latent channels and 8× downscale (area mean + fixed mix)."""
-
-    def __init__(self, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.mix = torch.randn(16, 3, generator=g)
-
-    def spacial_compression_encode(self) -> int:
-        return 8
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        x = image[..., :3].movedim(-1, 1).float()
-        x = torch.nn.functional.avg_pool2d(x, 8)
-        return torch.einsum("oc,bchw->bohw", self.mix, x * 2 - 1)
 
 
 def patch_of(patched: Any) -> Any:

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 import comfy_models as cm
 from comfy_models import Graph, run_prompt
+from dit_mea_support import DitGraphs, first_double_block_outputs, hostile_reference_kv
 
 SIZE = 128  # 8×8 latent cells at 16× → 8×8 FLUX.2 tokens (patch 1)
 GRID = (SIZE // 16, SIZE // 16)
 TEXT = 512  # Flux2.extra_conds pads the text to 512 tokens
-MEA = "MaX4ZeroMaskedExtendedAttention"
 S_MEA = 3.0
 TOL = 2e-4
 VARIANTS = ["dev", "klein"]
@@ -46,53 +46,34 @@ def _mf():
 
 
 @functools.lru_cache(maxsize=None)
+def _graphs(variant: str) -> DitGraphs:
+    conditioning = functools.partial(cm.flux2_conditioning, variant=variant)
+    return DitGraphs(size=SIZE, vae=cm.StubFlux2VAE, conditioning=conditioning, latent=(1, 128, *GRID), s_mea=S_MEA)
+
+
 def _pair():
-    return cm.synthetic_pair(SIZE)
+    return _graphs("dev").pair()
 
 
 def _ref_latent(seed: int = 7) -> torch.Tensor:
     return torch.randn(1, 128, *GRID, generator=torch.Generator().manual_seed(seed))
 
 
-def _mea(g: Graph, model_link, variant, *, target_mask=None, guidance="fused", blocks="all", contrast=1.25,
-         positive=None):
-    pair = _pair()
-    return g.node(
-        MEA, model=model_link, vae=g.obj(cm.StubFlux2VAE(), "VAE"), reference=g.obj(pair["reference"], "IMAGE"),
-        garment_mask=g.obj(pair["garment_mask"], "MASK"),
-        target_mask=g.obj(pair["target_mask"] if target_mask is None else target_mask, "MASK"),
-        positive=g.obj(positive or cm.flux2_conditioning(3, variant), "CONDITIONING"), guidance=guidance,
-        s_mea=S_MEA, contrast=contrast, start=0.0, end=1.0, layers="decoder 1/16 + 1/8 (paper)", reference_seed=0,
-        background="kept", flux_blocks=blocks,
-    )
+def _mea(g: Graph, model_link, variant, **kw):
+    return _graphs(variant).mea(g, model_link, **kw)
 
 
-def _sampler(g: Graph, model_link, variant, *, cfg=1.0, steps=1, positive=None, negative=None, seed=5):
-    return g.node(
-        "KSamplerAdvanced", model=model_link, add_noise="enable", noise_seed=seed, steps=steps, cfg=cfg,
-        sampler_name="euler", scheduler="simple",
-        positive=g.obj(positive or cm.flux2_conditioning(1, variant), "CONDITIONING"),
-        negative=g.obj(negative or cm.flux2_conditioning(2, variant), "CONDITIONING"),
-        latent_image=g.obj({"samples": torch.zeros(1, 128, *GRID)}, "LATENT"),
-        start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable",
-    )
+def _sampler(g: Graph, model_link, variant, **kw):
+    return _graphs(variant).sampler(g, model_link, **kw)
 
 
 def _run(variant: str, models: dict, **mea_kw) -> dict:
-    """{name: sampled latent} for {name: (model patcher, "stock" | mea overrides, sampler overrides)}."""
-    g = Graph()
-    for name, (model, mea, samp) in models.items():
-        link = g.obj(model, "MODEL")
-        if mea != "stock":
-            link = _mea(g, link, variant, **{**mea_kw, **mea})[0]
-        g.capture(_sampler(g, link, variant, **samp)[0], name)
-    res = run_prompt(g)
-    return {name: res[name]["samples"] for name in models}
+    return _graphs(variant).run(models, **mea_kw)
 
 
 def _region_tokens() -> torch.Tensor:
     """The target region at FLUX.2's token grid (one token per 16 px), bool [64]."""
-    return _mf().token_mask(_pair()["target_mask"], GRID)[0]
+    return _graphs("dev").region_tokens(GRID)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,19 +186,7 @@ def test_flux2_reference_latent_rows_stay_vanilla_and_the_garment_sits_after_the
         return real_ids(hw, n_axes, index, *rest)
 
     monkeypatch.setattr(mf, "reference_token_ids", ids)
-    seen = {}
-
-    def record(name):
-        def patch(attn, extra_options):
-            if extra_options.get("block_type") == "double" and extra_options.get("block_index") == 0:
-                seen.setdefault(name, []).append(attn.clone())
-            return attn
-        return patch
-
-    model = cm.small_flux2_model(variant=variant)
-    vanilla, patched_src = model.clone(), model.clone()
-    vanilla.set_model_attn1_output_patch(record("vanilla"))
-    patched_src.set_model_attn1_output_patch(record("mea"))
+    vanilla, patched_src, seen = first_double_block_outputs(cm.small_flux2_model(variant=variant))
     pos = cm.flux2_conditioning(1, variant, reference_latents=[_ref_latent()])
     spy = cm.DitBlockSpy(monkeypatch)
     _run(variant, {"vanilla": (vanilla, "stock", {"positive": pos}), "mea": (patched_src, {}, {"positive": pos})})
@@ -264,36 +233,11 @@ def test_flux2_reference_pass_gets_the_model_text_and_no_reference_latents(comfy
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_flux2_reference_keys_outside_the_garment_have_no_influence(comfy_env, monkeypatch, variant):
     """Huge K/V on the reference's non-garment tokens at the MEA block (reference pass only): same result."""
-    mf = _mf()
     model = cm.small_flux2_model(variant=variant)
-
-    def hostile(q, k, v, pe=None, attn_mask=None, extra_options=None, **kw):
-        to = extra_options or {}
-        if to.get("uuids") is None or to.get("block_type") != "double" or to.get("block_index") != 0:
-            return {}
-        patch = next((p for p in hostile.patches if list(to["uuids"]) == [p.ref_uuid]), None)
-        if patch is None:
-            return {}
-        start = int(to["img_slice"][0])
-        outside = ~mf.token_mask(patch.settings.garment_mask, patch.ref_grid)[0]
-        k, v = k.clone(), v.clone()
-        k[:, :, start:][:, :, outside] = 1e4
-        v[:, :, start:][:, :, outside] = -1e4
-        return {"k": k, "v": v}
-
-    hostile.patches = []
-    real_init = mf.FluxMeaPatch.__init__
-
-    def init(self, *a, **kw):
-        real_init(self, *a, **kw)
-        hostile.patches.append(self)
-
-    monkeypatch.setattr(mf.FluxMeaPatch, "__init__", init)
-    m2 = model.clone()
-    m2.set_model_attn1_patch(hostile)
+    m2, patches = hostile_reference_kv(monkeypatch, model)
     out = _run(variant, {"plain": (model, {"blocks": "d0"}, {}), "hostile": (m2, {"blocks": "d0"}, {}),
                          "vanilla": (model, "stock", {})})
-    assert len(hostile.patches) == 2
+    assert len(patches) == 2
     assert torch.equal(out["plain"], out["hostile"])
     assert not torch.equal(out["plain"], out["vanilla"])
 
@@ -346,8 +290,7 @@ def test_flux2_flow_view_names_the_1_16_grid_and_renders_at_16x(comfy_env):
     g = Graph()
     mea = _mea(g, g.obj(model, "MODEL"), "klein", contrast=1.0)
     samp = _sampler(g, mea[0], "klein")
-    view = g.node("MaX4ZeroFlowView", trace=mea[1], reference=g.obj(_pair()["reference"], "IMAGE"), samples=samp[0],
-                  layers="1/16 grid", step_start=0.0, step_end=1.0, tau=1.0, mode="absolute")
+    view = _graphs("klein").flow_view(g, mea, samp, layers="1/16 grid")
     g.capture(view[0], "flow")
     g.capture(view[2], "reliance")
     res = run_prompt(g)

@@ -8,17 +8,15 @@ Sampling goes through the stock KSamplerAdvanced in ComfyUI's own execution. On 
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import comfy_models as cm
 from comfy_models import Graph, PromptFailed, run_prompt
+from dit_mea_support import DitGraphs, first_double_block_outputs, hostile_reference_kv
 
 SIZE = 128  # 16×16 latent → 8×8 Flux tokens
-MEA = "MaX4ZeroMaskedExtendedAttention"
 S_MEA = 3.0
 TOL = 2e-4
 
@@ -35,47 +33,9 @@ def _mf():
     return cm.pack_module("nodes.mea_flux")
 
 
-@functools.lru_cache(maxsize=None)
-def _pair():
-    return cm.synthetic_pair(SIZE)
-
-
-def _mea(g: Graph, model_link, *, target_mask=None, guidance="fused", blocks="all", contrast=1.25, start=0.0,
-         end=1.0, reference=None, reference_every=None):
-    pair = _pair()
-    over = {} if reference_every is None else {"reference_every": reference_every}  # None: the input absent
-    return g.node(
-        MEA, model=model_link, vae=g.obj(cm.StubFluxVAE(), "VAE"),
-        reference=g.obj(pair["reference"] if reference is None else reference, "IMAGE"),
-        garment_mask=g.obj(pair["garment_mask"], "MASK"),
-        target_mask=g.obj(pair["target_mask"] if target_mask is None else target_mask, "MASK"),
-        positive=g.obj(cm.flux_conditioning(3), "CONDITIONING"), guidance=guidance, s_mea=S_MEA, contrast=contrast,
-        start=start, end=end, layers="decoder 1/16 + 1/8 (paper)", reference_seed=0, background="kept",
-        flux_blocks=blocks, **over,
-    )
-
-
-def _sampler(g: Graph, model_link, *, cfg=1.0, steps=1, positive=None, negative=None, seed=5):
-    return g.node(
-        "KSamplerAdvanced", model=model_link, add_noise="enable", noise_seed=seed, steps=steps, cfg=cfg,
-        sampler_name="euler", scheduler="simple",
-        positive=g.obj(positive or cm.flux_conditioning(1), "CONDITIONING"),
-        negative=g.obj(negative or cm.flux_conditioning(2), "CONDITIONING"),
-        latent_image=g.obj({"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}, "LATENT"),
-        start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable",
-    )
-
-
-def _run(models: dict, **mea_kw) -> dict:
-    """{name: sampled latent} for {name: (model patcher, "stock" | mea overrides dict, sampler overrides dict)}."""
-    g = Graph()
-    for name, (model, mea, samp) in models.items():
-        link = g.obj(model, "MODEL")
-        if mea != "stock":
-            link = _mea(g, link, **{**mea_kw, **mea})[0]
-        g.capture(_sampler(g, link, **samp)[0], name)
-    res = run_prompt(g)
-    return {name: res[name]["samples"] for name in models}
+GRAPHS = DitGraphs(size=SIZE, vae=cm.StubFluxVAE, conditioning=cm.flux_conditioning,
+                   latent=(1, 16, SIZE // 8, SIZE // 8), s_mea=S_MEA)
+_pair, _mea, _sampler, _run = GRAPHS.pair, GRAPHS.mea, GRAPHS.sampler, GRAPHS.run
 
 
 def _kv_cache(model):
@@ -149,19 +109,7 @@ def test_first_block_matches_a_vanilla_run_outside_the_region(comfy_env, monkeyp
     """Before the first MEA block both runs are equal: its attention output must equal vanilla's outside."""
     import comfy.ldm.flux.layers as layers
 
-    seen = {}
-
-    def record(name):
-        def patch(attn, extra_options):
-            if extra_options.get("block_type") == "double" and extra_options.get("block_index") == 0:
-                seen.setdefault(name, []).append(attn.clone())
-            return attn
-        return patch
-
-    model = cm.small_flux_model()
-    vanilla, patched_src = model.clone(), model.clone()
-    vanilla.set_model_attn1_output_patch(record("vanilla"))
-    patched_src.set_model_attn1_output_patch(record("mea"))
+    vanilla, patched_src, seen = first_double_block_outputs(cm.small_flux_model())
     spy = _Blocks(monkeypatch)
     _run({"vanilla": (vanilla, "stock", {}), "mea": (patched_src, {"blocks": "d0"}, {})})
     assert layers is not None and len(spy.calls) == 1
@@ -177,35 +125,10 @@ def test_first_block_matches_a_vanilla_run_outside_the_region(comfy_env, monkeyp
 @needs_hook
 def test_reference_keys_outside_the_garment_have_no_influence(comfy_env, monkeypatch):
     """Huge K/V on the reference's non-garment tokens at the MEA block (reference pass only): same result."""
-    mf = _mf()
     model = cm.small_flux_model()
-
-    def hostile(q, k, v, pe=None, attn_mask=None, extra_options=None, **kw):
-        to = extra_options or {}
-        if to.get("uuids") is None or to.get("block_type") != "double" or to.get("block_index") != 0:
-            return {}
-        patch = next((p for p in hostile.patches if list(to["uuids"]) == [p.ref_uuid]), None)
-        if patch is None:
-            return {}
-        start = int(to["img_slice"][0])
-        outside = ~mf.token_mask(patch.settings.garment_mask, patch.ref_grid)[0]
-        k, v = k.clone(), v.clone()
-        k[:, :, start:][:, :, outside] = 1e4
-        v[:, :, start:][:, :, outside] = -1e4
-        return {"k": k, "v": v}
-
-    hostile.patches = []
-    real_init = mf.FluxMeaPatch.__init__
-
-    def init(self, *a, **kw):
-        real_init(self, *a, **kw)
-        hostile.patches.append(self)
-
-    monkeypatch.setattr(mf.FluxMeaPatch, "__init__", init)
-    m2 = model.clone()
-    m2.set_model_attn1_patch(hostile)
+    m2, patches = hostile_reference_kv(monkeypatch, model)
     out = _run({"plain": (model, {"blocks": "d0"}, {}), "hostile": (m2, {"blocks": "d0"}, {})})
-    assert len(hostile.patches) == 2
+    assert len(patches) == 2
     assert torch.equal(out["plain"], out["hostile"])
 
 
@@ -469,12 +392,8 @@ def test_bad_flux_blocks_is_refused_on_the_node(comfy_env):
 # Leffa Flow View from a Flux run (docs/method.md §4)
 # ------------------------------------------------------------------------------------------------
 
-FLOW = "MaX4ZeroFlowView"
-
-
 def _view(g: Graph, mea, samp, *, layers="all MEA layers", tau=1.0):
-    return g.node(FLOW, trace=mea[1], reference=g.obj(_pair()["reference"], "IMAGE"), samples=samp[0],
-                  layers=layers, step_start=0.0, step_end=1.0, tau=tau, mode="absolute")
+    return GRAPHS.flow_view(g, mea, samp, layers=layers, tau=tau)
 
 
 class _Inputs:

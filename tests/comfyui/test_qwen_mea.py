@@ -9,20 +9,18 @@ the stock KSamplerAdvanced. On ComfyUI 0.3.64 (no ``attn1_patch`` in Qwen-Image'
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import comfy_models as cm
 from comfy_models import Graph, PromptFailed, run_prompt
+from dit_mea_support import DitGraphs, hostile_reference_kv
 
 SIZE = 128
 GRID = (SIZE // 16, SIZE // 16)
 LATENT = (SIZE // 8, SIZE // 8)
 TEXT = 8
-MEA = "MaX4ZeroMaskedExtendedAttention"
 S_MEA = 3.0
 TOL = 2e-4
 
@@ -46,51 +44,17 @@ def _mf():
     return cm.pack_module("nodes.mea_flux")
 
 
-@functools.lru_cache(maxsize=None)
-def _pair():
-    return cm.synthetic_pair(SIZE)
+GRAPHS = DitGraphs(size=SIZE, vae=cm.StubWanVAE, conditioning=cm.qwen_conditioning, latent=(1, 16, *LATENT),
+                   s_mea=S_MEA)
+_pair, _mea, _sampler, _run = GRAPHS.pair, GRAPHS.mea, GRAPHS.sampler, GRAPHS.run
 
 
 def _ref_latent(seed: int = 7) -> torch.Tensor:
     return torch.randn(1, 16, 1, *LATENT, generator=torch.Generator().manual_seed(seed))
 
 
-def _mea(g: Graph, model_link, *, target_mask=None, guidance="fused", blocks="all", contrast=1.25, positive=None):
-    pair = _pair()
-    return g.node(
-        MEA, model=model_link, vae=g.obj(cm.StubWanVAE(), "VAE"), reference=g.obj(pair["reference"], "IMAGE"),
-        garment_mask=g.obj(pair["garment_mask"], "MASK"),
-        target_mask=g.obj(pair["target_mask"] if target_mask is None else target_mask, "MASK"),
-        positive=g.obj(positive or cm.qwen_conditioning(3), "CONDITIONING"), guidance=guidance, s_mea=S_MEA,
-        contrast=contrast, start=0.0, end=1.0, layers="decoder 1/16 + 1/8 (paper)", reference_seed=0,
-        background="kept", flux_blocks=blocks,
-    )
-
-
-def _sampler(g: Graph, model_link, *, cfg=1.0, steps=1, positive=None, negative=None, seed=5):
-    return g.node(
-        "KSamplerAdvanced", model=model_link, add_noise="enable", noise_seed=seed, steps=steps, cfg=cfg,
-        sampler_name="euler", scheduler="simple",
-        positive=g.obj(positive or cm.qwen_conditioning(1), "CONDITIONING"),
-        negative=g.obj(negative or cm.qwen_conditioning(2), "CONDITIONING"),
-        latent_image=g.obj({"samples": torch.zeros(1, 16, *LATENT)}, "LATENT"),
-        start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable",
-    )
-
-
-def _run(models: dict, **mea_kw) -> dict:
-    g = Graph()
-    for name, (model, mea, samp) in models.items():
-        link = g.obj(model, "MODEL")
-        if mea != "stock":
-            link = _mea(g, link, **{**mea_kw, **mea})[0]
-        g.capture(_sampler(g, link, **samp)[0], name)
-    res = run_prompt(g)
-    return {name: res[name]["samples"] for name in models}
-
-
 def _region_tokens() -> torch.Tensor:
-    return _mf().token_mask(_pair()["target_mask"], GRID)[0]
+    return GRAPHS.region_tokens(GRID)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,36 +157,11 @@ def test_qwen_text_padding_mask_is_honoured_in_the_region_rows(comfy_env):
 
 @needs_hook
 def test_qwen_reference_keys_outside_the_garment_have_no_influence(comfy_env, monkeypatch):
-    mf = _mf()
     model = cm.small_qwen_image_model()
-
-    def hostile(q, k, v, pe=None, attn_mask=None, extra_options=None, **kw):
-        to = extra_options or {}
-        if to.get("uuids") is None or to.get("block_index") != 0:
-            return {}
-        patch = next((p for p in hostile.patches if list(to["uuids"]) == [p.ref_uuid]), None)
-        if patch is None:
-            return {}
-        start = int(to["img_slice"][0])
-        outside = ~mf.token_mask(patch.settings.garment_mask, patch.ref_grid)[0]
-        k, v = k.clone(), v.clone()
-        k[:, :, start:][:, :, outside] = 1e4
-        v[:, :, start:][:, :, outside] = -1e4
-        return {"k": k, "v": v}
-
-    hostile.patches = []
-    real_init = mf.FluxMeaPatch.__init__
-
-    def init(self, *a, **kw):
-        real_init(self, *a, **kw)
-        hostile.patches.append(self)
-
-    monkeypatch.setattr(mf.FluxMeaPatch, "__init__", init)
-    m2 = model.clone()
-    m2.set_model_attn1_patch(hostile)
+    m2, patches = hostile_reference_kv(monkeypatch, model, block_type=None)  # Qwen's joint blocks: any type
     out = _run({"plain": (model, {"blocks": "d0"}, {}), "hostile": (m2, {"blocks": "d0"}, {}),
                 "vanilla": (model, "stock", {})})
-    assert len(hostile.patches) == 2
+    assert len(patches) == 2
     assert torch.equal(out["plain"], out["hostile"])
     assert not torch.equal(out["plain"], out["vanilla"])
 
@@ -330,8 +269,7 @@ def test_qwen_flow_view_renders_on_the_1_16_grid(comfy_env):
     g = Graph()
     mea = _mea(g, g.obj(cm.small_qwen_image_model(), "MODEL"), contrast=1.0)
     samp = _sampler(g, mea[0])
-    view = g.node("MaX4ZeroFlowView", trace=mea[1], reference=g.obj(_pair()["reference"], "IMAGE"), samples=samp[0],
-                  layers="1/16 grid", step_start=0.0, step_end=1.0, tau=1.0, mode="absolute")
+    view = GRAPHS.flow_view(g, mea, samp, layers="1/16 grid")
     g.capture(view[0], "flow")
     g.capture(view[2], "reliance")
     res = run_prompt(g)
