@@ -4,7 +4,9 @@ Needs a ComfyUI checkout: ``COMFYUI_PATH=/path/to/ComfyUI python bench/bench_mea
 
 Same model, same run: a random-weight UNet with the SD1.5 block layout (``--model full``: the real
 SD1.5 widths, model_channels 320, 860 M parameters; ``--model small``: model_channels 32, the test
-model), sampled with ComfyUI's own ``comfy.sample.sample`` (euler, CFG 7.5, batch 1) at ``--size``
+model; ``--model reduced``: the browser check's and ``bench_workflows.py``'s reduced layout, one res block per
+level at 320 channels, 74 M parameters: ``--model full`` and ``--model reduced`` at one size tell how much longer
+a real SD1.5 step takes than the timing table's), sampled with ComfyUI's own ``comfy.sample.sample`` (euler, CFG 7.5, batch 1) at ``--size``
 pixels. The MEA window covers every step (start 0, end 1), so every timed step is an MEA step;
 paper mode adds one positive pass with MEA, both modes one reference row per step. Each mode is
 sampled once untimed (warm-up, first-call allocations), then ``--repeats`` times; the median seconds
@@ -26,8 +28,8 @@ Goals: fused ≤ 1.5× vanilla, paper ≤ 2.0× vanilla; recording the attention
 ``--clock cpu --threads 1`` measures per-thread CPU time on one thread: stable ratios on a machine
 shared with other jobs (wall time on a busy 2-core box varies by 2-4×).
 
-Usage: python bench/bench_mea_sampling.py [--model full|small] [--size 256] [--steps 3] [--repeats 2]
-       [--device cpu|cuda] [--threads N] [--clock wall|cpu]
+Usage: python bench/bench_mea_sampling.py [--model full|small|reduced] [--size 256] [--steps 3] [--repeats 2]
+       [--device cpu|cuda] [--threads N] [--clock wall|cpu] [--modes vanilla,fused]
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class Peak:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=("full", "small"), default="full")
+    ap.add_argument("--model", choices=("full", "small", "reduced"), default="full")
+    ap.add_argument("--modes", default="", help="only these rows, e.g. vanilla,fused (default: every row)")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
     ap.add_argument("--steps", type=int, default=3, help="sampling steps per timed run")
     ap.add_argument("--repeats", type=int, default=2)
@@ -120,8 +123,14 @@ def main() -> None:
     from max4zero.attention import policy
     from max4zero.nodes import mea_calls, mea_patch as mp
 
-    channels = 320 if args.model == "full" else 32
-    patcher = cm.small_sd15_model(inpaint=False, model_channels=channels, cached=False)
+    channels = 32 if args.model == "small" else 320
+    if args.model == "reduced":
+        import comfy.supported_models
+        from browser_support import sd15_small_unet_config
+
+        patcher = cm._random_unet_patcher(comfy.supported_models.SD15(sd15_small_unet_config(4)), 0)
+    else:
+        patcher = cm.small_sd15_model(inpaint=False, model_channels=channels, cached=False)
     n_params = sum(p.numel() for p in patcher.model.diffusion_model.parameters())
     lat_side = args.size // 8
     g = torch.Generator().manual_seed(0)
@@ -176,7 +185,10 @@ def main() -> None:
              ("fused sep", "fused", 1.25, False), ("paper sep", "paper", 1.25, False),
              ("fused rec", "fused", 1.25, True), ("paper rec", "paper", 1.25, True),
              ("fused ev2", "fused", 1.25, True)]
-    print(f"model: SD1.5 block layout, model_channels {channels} ({n_params / 1e6:.0f} M UNet parameters, "
+    if args.modes:
+        wanted = {m.strip() for m in args.modes.split(",")} | {"vanilla"}  # the ratios are to vanilla
+        cases = [c for c in cases if c[0] in wanted]
+    print(f"model: SD1.5 block layout ({args.model}), model_channels {channels} ({n_params / 1e6:.0f} M UNet parameters, "
           f"random weights); image {args.size}x{args.size} (latent {lat_side}x{lat_side}); euler, CFG 7.5, "
           f"batch 1; {args.steps} steps x {args.repeats} repeats; device {mm.get_torch_device()}; "
           f"threads {torch.get_num_threads()}; clock {args.clock}")
@@ -202,6 +214,8 @@ def main() -> None:
     base = results["vanilla"][0]
     # recording for a connected flow view: goal at most 10 % of a step over the same mode unrecorded
     for mode in ("fused", "paper"):
+        if f"{mode} rec" not in results or mode not in results:
+            continue
         rec, plain = results[f"{mode} rec"][0], results[mode][0]
         print(f"recording cost ({mode}): {rec / plain:.3f}x the unrecorded step (goal <= 1.10: "
               f"{'ok' if rec / plain <= 1.10 else 'MISS'})")
