@@ -36,7 +36,7 @@ import make_workflows as mw  # noqa: E402
 #: The quick setting a newcomer tries first on a slow machine: half the size, fewer steps, the 70 % split kept.
 QUICK = {"Working size": 256, "Total steps": 20, "Stage 1 ends at step": 14}
 NOT_MEASURED = {
-    "sdxl": "needs a full-size SDXL UNet (2.6 B parameters, ~14 GB of RAM in fp32)",
+    "sdxl": "needs a full-size SDXL UNet (2.6 B parameters, ~14 GB of RAM in fp32): run with --sdxl",
     "masks": "needs the real SAM 3.1 and BiRefNet weights",
     "flux_fill": "needs a full-size T5-XXL (13 GiB of free RAM) and FLUX.1 Fill (12 B parameters)",
     "flux2_klein": "needs the full-size FLUX.2 klein 4B (the check's reduced model says nothing about the time)",
