@@ -836,7 +836,7 @@ _LOAD_AS_JS = """async ([wf, name, restoreView]) => {
 def _check_template_view_rules(page, wf: dict, name: str) -> None:
     """What web/saved_view.js leaves to the core, in a frontend that fits templates: a template without the pack's
     marker is fitted (so the check above fails without the extension), and a load that asks not to restore a view
-    (undo, redo) keeps the view the user has."""
+    (undo, redo) or made with view restore turned off in the settings keeps the view the user has."""
     saved = wf["extra"]["ds"]
     other = json.loads(json.dumps(wf))
     del other["extra"]["max4zero"]
@@ -844,6 +844,14 @@ def _check_template_view_rules(page, wf: dict, name: str) -> None:
     assert fitted["scale"] < saved["scale"], f"{name}: a template without the marker is not fitted: {fitted}"
     kept = page.evaluate(_LOAD_AS_JS, [wf, f"{slug(name)}-kept-view.json", False])
     assert kept == fitted, f"{name}: restore_view=false moved the view: {fitted} -> {kept}"
+    # "Save and restore canvas position and zoom level" off: no view is restored, the pack's neither
+    setting = "async (v) => await window.app.extensionManager.setting.set('Comfy.EnableWorkflowViewRestore', v)"
+    page.evaluate(setting, False)
+    try:
+        off = page.evaluate(_LOAD_AS_JS, [wf, f"{slug(name)}-restore-off.json", True])
+    finally:
+        page.evaluate(setting, True)
+    assert off == kept, f"{name}: the view moved with view restore turned off: {kept} -> {off}"
 
 
 def _frontend_version() -> str:
