@@ -6,8 +6,8 @@ Same model, same run: a random-weight UNet with the SD1.5 block layout (``--mode
 SD1.5 widths, model_channels 320, 860 M parameters; ``--model small``: model_channels 32, the test
 model; ``--model reduced``: the browser check's and ``bench_workflows.py``'s reduced layout, one res block per
 level at 320 channels, 74 M parameters: ``--model full`` and ``--model reduced`` at one size tell how much longer
-a real SD1.5 step takes than the timing table's), sampled with ComfyUI's own ``comfy.sample.sample`` (euler, CFG 7.5, batch 1) at ``--size``
-pixels. The MEA window covers every step (start 0, end 1), so every timed step is an MEA step;
+a real SD1.5 step takes than the timing table's), sampled with ComfyUI's own ``comfy.sample.sample`` (euler,
+CFG 7.5, batch 1) at ``--size`` pixels. The MEA window covers every step (start 0, end 1), so every timed step is an MEA step;
 paper mode adds one positive pass with MEA, both modes one reference row per step. Each mode is
 sampled once untimed (warm-up, first-call allocations), then ``--repeats`` times; the median seconds
 per step is reported with the ratio to vanilla and the peak memory of one sampling run above the
@@ -188,8 +188,8 @@ def main() -> None:
     if args.modes:
         wanted = {m.strip() for m in args.modes.split(",")} | {"vanilla"}  # the ratios are to vanilla
         cases = [c for c in cases if c[0] in wanted]
-    print(f"model: SD1.5 block layout ({args.model}), model_channels {channels} ({n_params / 1e6:.0f} M UNet parameters, "
-          f"random weights); image {args.size}x{args.size} (latent {lat_side}x{lat_side}); euler, CFG 7.5, "
+    print(f"model: SD1.5 block layout ({args.model}), model_channels {channels} "
+          f"({n_params / 1e6:.0f} M UNet parameters, random weights); image {args.size}x{args.size} (latent {lat_side}x{lat_side}); euler, CFG 7.5, "
           f"batch 1; {args.steps} steps x {args.repeats} repeats; device {mm.get_torch_device()}; "
           f"threads {torch.get_num_threads()}; clock {args.clock}")
     results = {}

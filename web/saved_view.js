@@ -24,12 +24,8 @@ export function packSavedView(graph) {
 }
 
 function viewRestoreOn() {
-  const get = app.extensionManager?.setting?.get ?? app.ui?.settings?.getSettingValue?.bind(app.ui.settings);
-  try {
-    return get ? get.call(app.extensionManager?.setting, "Comfy.EnableWorkflowViewRestore") !== false : true;
-  } catch {
-    return true;
-  }
+  // the settings store of both frontends (1.27, 1.49); the core's own default is on
+  return app.extensionManager?.setting?.get?.("Comfy.EnableWorkflowViewRestore") !== false;
 }
 
 function showsANode(canvas) {

@@ -233,13 +233,18 @@ def available_ram_gb() -> Optional[float]:
     return None
 
 
+def _ram_skip_reason(what: str, needed_gb: float) -> Optional[str]:
+    """Why a run that loads ``what`` cannot be queued here (less than ``needed_gb`` GiB of RAM available), or None."""
+    free = available_ram_gb()
+    if free is not None and free < needed_gb:
+        return f"queueing {what}: {free:.1f} GiB of RAM available, {needed_gb:.0f} needed"
+    return None
+
+
 def klein_skip_reason() -> Optional[str]:
     """Why the FLUX.2 klein workflow cannot be queued here (too little free RAM for the Qwen3-4B), or None."""
-    free = available_ram_gb()
-    if free is not None and free < KLEIN_MIN_AVAILABLE_GB:
-        return (f"queueing the FLUX.2 klein workflow loads a full-size Qwen3-4B text encoder (fp8, ~4.4 GB, more while "
-                f"it encodes): {free:.1f} GiB of RAM available, {KLEIN_MIN_AVAILABLE_GB:.0f} needed")
-    return None
+    return _ram_skip_reason("the FLUX.2 klein workflow loads a full-size Qwen3-4B text encoder (fp8, ~4.4 GB, more "
+                            "while it encodes)", KLEIN_MIN_AVAILABLE_GB)
 
 
 #: RAM the klein run needs (the fp8 Qwen3-4B while it encodes), checked before building or queueing.
@@ -248,11 +253,8 @@ KLEIN_MIN_AVAILABLE_GB = 10.0
 
 def flux_skip_reason() -> Optional[str]:
     """Why the Flux Fill workflow cannot be queued here (too little free RAM for the T5-XXL), or None."""
-    free = available_ram_gb()
-    if free is not None and free < FLUX_MIN_AVAILABLE_GB:
-        return (f"queueing the Flux Fill workflow loads a full-size T5-XXL (fp8, ~11 GB peak): "
-                f"{free:.1f} GiB of RAM available, {FLUX_MIN_AVAILABLE_GB:.0f} needed")
-    return None
+    return _ram_skip_reason("the Flux Fill workflow loads a full-size T5-XXL (fp8, ~11 GB peak)",
+                            FLUX_MIN_AVAILABLE_GB)
 
 
 def ensure_flux(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1200) -> Path:
@@ -386,11 +388,8 @@ QWEN_MIN_AVAILABLE_GB = 14.0
 
 def qwen_skip_reason() -> Optional[str]:
     """Why the Qwen-Image-Edit workflow cannot be queued here (too little free RAM for its text encoder), or None."""
-    free = available_ram_gb()
-    if free is not None and free < QWEN_MIN_AVAILABLE_GB:
-        return (f"queueing the Qwen-Image-Edit workflow loads a full-size Qwen2.5-VL 7B text encoder (fp8, ~8.3 GB, "
-                f"more while it encodes): {free:.1f} GiB of RAM available, {QWEN_MIN_AVAILABLE_GB:.0f} needed")
-    return None
+    return _ram_skip_reason("the Qwen-Image-Edit workflow loads a full-size Qwen2.5-VL 7B text encoder (fp8, "
+                            "~8.3 GB, more while it encodes)", QWEN_MIN_AVAILABLE_GB)
 
 
 def ensure_qwen(comfyui_path: str, cache_root: Path = CACHE_ROOT, timeout: float = 1800) -> Path:
